@@ -1,0 +1,71 @@
+"""`scratchfs …` — thin command-line front end. Each command module registers its parsers.
+
+A command module exposes ``register(subparsers)``; every parser it adds sets
+``func=handler`` where ``handler(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import ScratchfsError
+
+log = logging.getLogger(__name__)
+
+# Modules that add subcommands, in the order they appear in --help.
+COMMAND_MODULES = (
+    "scratchfs.mount_cmd",
+    "scratchfs.image.cmd",
+    "scratchfs.keepalive.cli",
+)
+
+
+def setup_logging(debug: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scratchfs", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"scratchfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # command module not part of this build
+        mod.register(sub)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command: ScratchfsError → one line on stderr and its exit code."""
+    try:
+        return int(args.func(args) or 0)
+    except ScratchfsError as e:
+        log.debug("command failed", exc_info=True)
+        print(f"{args.prog_name if hasattr(args, 'prog_name') else 'scratchfs'}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("scratchfs: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
