@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "scratchfs.mount_cmd",
     "scratchfs.image.cmd",
     "scratchfs.keepalive.cli",
+    "scratchfs.jobs_cmd",
+    "scratchfs.status_cmd",
 )
 
 
