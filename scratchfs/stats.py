@@ -1,0 +1,240 @@
+"""Sliding-window throughput per dataset and per tier, with totals since start.
+
+The FUSE read path calls :meth:`ThroughputStats.record` once per read request it serves, so
+recording must stay cheap: one dict lookup and a handful of integer operations (O(1), no
+allocation once a dataset/tier pair has been seen).  Time is injected (``now`` in seconds from
+any monotonic origin); this module never reads a clock.
+
+The window is split into ``buckets`` time buckets of ``window / buckets`` seconds.  A request is
+counted in bucket ``floor(now / width)``; each dataset/tier pair keeps a ring of ``buckets``
+slots tagged with the bucket index they currently hold, so a slot left over from an earlier
+revolution of the ring is recognised as stale and reset on the next write (or ignored on read).
+
+The window at time ``now`` covers the current, partly elapsed bucket and the ``buckets - 1``
+buckets before it.  Throughput is the bytes counted there divided by the time they cover:
+``(buckets - 1) * width + (now - start of the current bucket)``, but never more than the time
+since the statistics started (so a freshly started daemon does not under-report by averaging
+over time it did not observe).
+
+Requests arriving with a time older than the window (a caller whose clock went backwards) still
+count in the totals but not in the window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+#: Tier names used by the read path.  Any other string is accepted as a tier too.
+SCRATCH = "scratch"
+CACHE = "cache"
+
+
+class _Ring:
+    """Counters of one dataset on one tier: a bucket ring plus totals."""
+
+    __slots__ = ("tags", "nbytes", "nreqs", "total_bytes", "total_reqs")
+
+    def __init__(self, n: int) -> None:
+        self.tags = [-1] * n  # bucket index each slot currently holds; -1 = never written
+        self.nbytes = [0] * n
+        self.nreqs = [0] * n
+        self.total_bytes = 0
+        self.total_reqs = 0
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """One dataset on one tier: window figures and totals since start."""
+
+    window_bytes: int
+    window_requests: int
+    rate: float  # bytes/s over the window
+    total_bytes: int
+    total_requests: int
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    """One dataset across tiers."""
+
+    name: str
+    tiers: Mapping[str, TierStats]
+    rate: float  # bytes/s over the window, all tiers together: the demand on this dataset
+    recent_rate: float  # bytes/s over the most recent `recent` part of the window
+    active_since: float | None  # start of the current run of activity (see ThroughputStats.snapshot)
+    window_bytes: int
+    total_bytes: int
+    total_requests: int
+
+    def tier_total(self, tier: str) -> int:
+        t = self.tiers.get(tier)
+        return t.total_bytes if t else 0
+
+    @property
+    def hit_ratio(self) -> float | None:
+        """Bytes served from the cache tier / all bytes served, since start (None: nothing read)."""
+        if self.total_bytes == 0:
+            return None
+        return self.tier_total(CACHE) / self.total_bytes
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    """All datasets at one instant; what the promotion policy consumes."""
+
+    now: float
+    window: float
+    span: float  # seconds the window figures really cover
+    datasets: Mapping[str, DatasetStats] = field(default_factory=dict)
+
+    def rate(self, name: str) -> float:
+        d = self.datasets.get(name)
+        return d.rate if d else 0.0
+
+    def recent_rate(self, name: str) -> float:
+        d = self.datasets.get(name)
+        return d.recent_rate if d else 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.total_bytes for d in self.datasets.values())
+
+    def tier_total(self, tier: str) -> int:
+        return sum(d.tier_total(tier) for d in self.datasets.values())
+
+    @property
+    def hit_ratio(self) -> float | None:
+        total = self.total_bytes
+        return self.tier_total(CACHE) / total if total else None
+
+
+class ThroughputStats:
+    """Per dataset, per tier: bytes and requests in a sliding window, and totals since start.
+
+    ``recent_fraction`` selects the part of the window reported as ``recent_rate`` (the newest
+    buckets only), which lets the policy notice a dataset that just became hot without waiting
+    for a whole window.
+    """
+
+    def __init__(self, window: float, buckets: int = 60, *, start: float = 0.0, recent_fraction: float = 0.25) -> None:
+        if not window > 0 or not math.isfinite(window):
+            raise ValueError(f"window must be a positive number of seconds, not {window!r}")
+        if buckets < 2:
+            raise ValueError("need at least 2 buckets")
+        if not 0 < recent_fraction <= 1:
+            raise ValueError("recent_fraction must be in (0, 1]")
+        self.window = float(window)
+        self.buckets = int(buckets)
+        self.width = self.window / self.buckets
+        self.start = float(start)
+        self.recent_buckets = max(1, round(self.buckets * recent_fraction))
+        self._rings: dict[tuple[str, str], _Ring] = {}
+        self._active_since: dict[str, float] = {}
+
+    # -- hot path -------------------------------------------------------------------------
+
+    def record(self, dataset: str, tier: str, nbytes: int, now: float) -> None:
+        """Count one request of *nbytes* served for *dataset* from *tier* at time *now*."""
+        ring = self._rings.get((dataset, tier))
+        if ring is None:
+            ring = self._rings[(dataset, tier)] = _Ring(self.buckets)
+        ring.total_bytes += nbytes
+        ring.total_reqs += 1
+        idx = int(now // self.width)
+        slot = idx % self.buckets
+        tag = ring.tags[slot]
+        if tag == idx:
+            ring.nbytes[slot] += nbytes
+            ring.nreqs[slot] += 1
+        elif tag < idx:
+            ring.tags[slot] = idx
+            ring.nbytes[slot] = nbytes
+            ring.nreqs[slot] = 1
+        # tag > idx: the slot holds newer data; a request this old is outside the window.
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def datasets(self) -> set[str]:
+        return {d for d, _ in self._rings}
+
+    def forget(self, dataset: str) -> None:
+        """Drop every counter of *dataset* (its image went away)."""
+        for key in [k for k in self._rings if k[0] == dataset]:
+            del self._rings[key]
+        self._active_since.pop(dataset, None)
+
+    def retain(self, datasets: Iterable[str]) -> None:
+        """Forget every dataset not in *datasets*."""
+        keep = set(datasets)
+        for key in [k for k in self._rings if k[0] not in keep]:
+            del self._rings[key]
+        for name in [n for n in self._active_since if n not in keep]:
+            del self._active_since[name]
+
+    def span(self, now: float) -> float:
+        """Seconds the window covers at *now* (see the module docstring)."""
+        idx = int(now // self.width)
+        covered = (self.buckets - 1) * self.width + (now - idx * self.width)
+        return max(min(covered, now - self.start), self.width)
+
+    def _oldest(self, ring: _Ring, idx: int) -> int | None:
+        lo = idx - self.buckets
+        tags = [t for t, nb in zip(ring.tags, ring.nbytes) if lo < t <= idx and nb]
+        return min(tags) if tags else None
+
+    def _sum(self, ring: _Ring, idx: int, nbuckets: int) -> tuple[int, int]:
+        lo = idx - nbuckets  # buckets lo+1 .. idx are in
+        b = r = 0
+        for tag, nb, nr in zip(ring.tags, ring.nbytes, ring.nreqs):
+            if lo < tag <= idx:
+                b += nb
+                r += nr
+        return b, r
+
+    def snapshot(self, now: float) -> StatsSnapshot:
+        """Figures at *now*.
+
+        Also tracks, per dataset, when its current run of activity began (``active_since``):
+        the start of the oldest bucket in the window holding bytes, remembered for as long as
+        every snapshot finds bytes in the window and forgotten once one finds none.  This relies
+        on snapshots being taken more often than once per window, as mountd's stats loop does.
+        """
+        idx = int(now // self.width)
+        span = self.span(now)
+        into = now - idx * self.width
+        recent_span = max(min((self.recent_buckets - 1) * self.width + into, now - self.start), self.width)
+        per: dict[str, dict[str, TierStats]] = {}
+        recent: dict[str, int] = {}
+        oldest: dict[str, int] = {}
+        for (name, tier), ring in self._rings.items():
+            wb, wr = self._sum(ring, idx, self.buckets)
+            if wb:
+                first = self._oldest(ring, idx)
+                if first is not None:
+                    oldest[name] = min(first, oldest.get(name, first))
+            rb, _ = self._sum(ring, idx, self.recent_buckets)
+            per.setdefault(name, {})[tier] = TierStats(wb, wr, wb / span, ring.total_bytes, ring.total_reqs)
+            recent[name] = recent.get(name, 0) + rb
+        out: dict[str, DatasetStats] = {}
+        for name, tiers in per.items():
+            wb = sum(t.window_bytes for t in tiers.values())
+            if wb == 0:
+                self._active_since.pop(name, None)
+            elif name not in self._active_since:
+                self._active_since[name] = max(oldest[name] * self.width, self.start)
+            out[name] = DatasetStats(
+                name=name,
+                tiers=tiers,
+                rate=wb / span,
+                recent_rate=recent[name] / recent_span,
+                active_since=self._active_since.get(name),
+                window_bytes=wb,
+                total_bytes=sum(t.total_bytes for t in tiers.values()),
+                total_requests=sum(t.total_requests for t in tiers.values()),
+            )
+        return StatsSnapshot(now=now, window=self.window, span=span, datasets=out)
