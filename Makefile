@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
-	squashfs-tools squashfs-tools-ng libsquashfs1 libsquashfs-dev squashfuse attr util-linux
+	squashfs-tools squashfs-tools-ng libsquashfs1 libsquashfs-dev squashfuse attr util-linux liblzo2-2
 
 .PHONY: deps venv test demo lint bench clean
 

@@ -1,0 +1,26 @@
+"""Our own squashfs reader over libsquashfs (squashfs-tools-ng 1.x) through ctypes."""
+
+from .cache import BlockCache
+from .errors import (
+    CorruptImageError,
+    ImageIOError,
+    LibraryError,
+    NotSquashfsError,
+    SquashfsError,
+    UnsupportedImageError,
+)
+from .image import DirListing, Image, ImageInfo, Inode
+
+__all__ = [
+    "BlockCache",
+    "CorruptImageError",
+    "DirListing",
+    "Image",
+    "ImageIOError",
+    "ImageInfo",
+    "Inode",
+    "LibraryError",
+    "NotSquashfsError",
+    "SquashfsError",
+    "UnsupportedImageError",
+]

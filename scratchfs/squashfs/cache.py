@@ -1,0 +1,94 @@
+"""A bounded LRU cache of decompressed blocks, shared by every thread reading an image.
+
+Loads are de-duplicated: when a block is being decompressed by one thread (a reader or a
+readahead worker), other threads asking for it wait for that result instead of decoding it
+again. Capacity is in bytes of block data.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+
+
+class BlockCache:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self._data: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._loading: dict[Hashable, Future[bytes]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+    def get(self, key: Hashable) -> bytes | None:
+        """The cached block or None; a hit refreshes its LRU position."""
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+                self.hits += 1
+            return data
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._data or key in self._loading
+
+    def _put_locked(self, key: Hashable, data: bytes) -> None:
+        old = self._data.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old)
+        if len(data) > self.capacity:
+            return
+        self._data[key] = data
+        self._bytes += len(data)
+        while self._bytes > self.capacity:
+            _, victim = self._data.popitem(last=False)
+            self._bytes -= len(victim)
+
+    def put(self, key: Hashable, data: bytes) -> None:
+        with self._lock:
+            self._put_locked(key, data)
+
+    def get_or_load(self, key: Hashable, load: Callable[[], bytes]) -> bytes:
+        """Return the block, loading it in this thread unless another thread already is."""
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return data
+            fut = self._loading.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._loading[key] = Future()
+                self.misses += 1
+        assert fut is not None
+        if not mine:
+            return fut.result()  # raises the loader's exception, if any
+        try:
+            data = load()
+        except BaseException as e:
+            with self._lock:
+                del self._loading[key]
+            fut.set_exception(e)
+            raise
+        with self._lock:
+            del self._loading[key]
+            self._put_locked(key, data)
+        fut.set_result(data)
+        return data
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0

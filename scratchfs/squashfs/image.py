@@ -1,0 +1,745 @@
+"""Reading a squashfs image through libsquashfs.
+
+Opening reads the superblock, the id table and the fragment table only. Inodes are read on
+demand by reference (our inode table is keyed by inode reference, never by path); directory
+listings and decoded inodes live in bounded LRU caches; data and fragment blocks are read
+whole (pread + the image's decompressor) into a bounded, shared :class:`BlockCache`.
+
+Thread safety: libsquashfs reader objects are not thread-safe, so every thread gets its own
+context (file handle, decompressor, metadata readers, xattr reader) on first use. What is
+shared is immutable after open (superblock copy, id list, fragment table, which is only looked
+up) or guarded by a lock (the caches).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+from . import _lib as L
+from ._lib import check, lib
+from .cache import BlockCache
+from .errors import CorruptImageError, ImageIOError, NotSquashfsError, SquashfsError, UnsupportedImageError
+
+_MODE_OF_TYPE = {
+    1: stat.S_IFDIR,
+    2: stat.S_IFREG,
+    3: stat.S_IFLNK,
+    4: stat.S_IFBLK,
+    5: stat.S_IFCHR,
+    6: stat.S_IFIFO,
+    7: stat.S_IFSOCK,
+}
+NO_FRAGMENT = 0xFFFFFFFF
+ABSENT = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    compression: str
+    block_size: int
+    inode_count: int
+    bytes_used: int
+    mkfs_time: int
+    fragment_count: int
+    id_count: int
+    has_fragments: bool
+    has_xattrs: bool
+    has_export_table: bool
+    no_fragments: bool
+    always_fragments: bool
+    duplicates: bool
+    version: str
+
+
+class Inode:
+    """A decoded inode: stat fields plus what reading its data needs. Immutable."""
+
+    __slots__ = (
+        "ino", "ref", "mode", "uid", "gid", "mtime", "size", "nlink", "rdev", "xattr_idx",
+        "blocks_start", "block_words", "_block_offsets", "frag_index", "frag_offset",
+        "dir_block", "dir_offset", "dir_size", "target",
+    )  # fmt: skip
+
+    ino: int
+    ref: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    size: int
+    nlink: int
+    rdev: int
+    xattr_idx: int
+    blocks_start: int
+    block_words: array[int] | None
+    _block_offsets: list[int] | None
+    frag_index: int
+    frag_offset: int
+    dir_block: int
+    dir_offset: int
+    dir_size: int
+    target: bytes
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def block_offsets(self) -> list[int]:
+        """Absolute on-disk offset of every data block (computed once)."""
+        offs = self._block_offsets
+        if offs is None:
+            words = self.block_words or ()
+            offs = list(accumulate((w & L.SQFS_BLOCK_SIZE_MASK for w in words), initial=self.blocks_start))
+            self._block_offsets = offs
+        return offs
+
+    def __repr__(self) -> str:
+        return f"<Inode {self.ino} ref={self.ref:#x} mode={self.mode:o} size={self.size}>"
+
+
+class _Context:
+    """One thread's libsquashfs objects. Never touched by another thread."""
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self.file = lib.sqfs_open_file(os.fsencode(image.path), L.SQFS_FILE_OPEN_READ_ONLY)
+        if not self.file:
+            raise ImageIOError(f"{image.path}: cannot open image")
+        self.cmp: Any = None
+        self.inode_reader = self.dir_reader = self.xattr_reader = None
+        try:
+            cfg = L.sqfs_compressor_config_t()
+            sb = image._super
+            check(
+                lib.sqfs_compressor_config_init(
+                    ctypes.byref(cfg), sb.compression_id, sb.block_size, L.SQFS_COMP_FLAG_UNCOMPRESS
+                ),
+                "compressor configuration",
+            )
+            self._keep: list[Any] = []
+            if sb.compression_id == L.SQFS_COMP_LZO:
+                cmp, self._keep = L.lzo.compressor()
+                self._do_block = lambda _c, src, n, out, lim: L.lzo.decompress_into(src, n, out, lim)
+            else:
+                cmp = ctypes.POINTER(L.sqfs_compressor_t)()
+                check(lib.sqfs_compressor_create(ctypes.byref(cfg), ctypes.byref(cmp)), "creating decompressor")
+                self._do_block = cmp.contents.do_block
+            self.cmp = cmp
+            if sb.flags & L.SQFS_FLAG_COMPRESSOR_OPTIONS:
+                check(cmp.contents.read_options(cmp, self.file), "reading compressor options")
+            self.outbuf = ctypes.create_string_buffer(sb.block_size)
+            self.inode_reader = lib.sqfs_meta_reader_create(
+                self.file, cmp, sb.inode_table_start, sb.directory_table_start
+            )
+            self.dir_reader = lib.sqfs_meta_reader_create(
+                self.file, cmp, sb.directory_table_start, image._dir_table_end
+            )
+            if not self.inode_reader or not self.dir_reader:
+                raise L.error_for(-1, "creating metadata readers")
+        except BaseException:
+            self.close()
+            raise
+
+    def decompress(self, raw: bytes, limit: int) -> bytes:
+        n = self._do_block(self.cmp, raw, len(raw), self.outbuf, limit)
+        if n <= 0:
+            raise CorruptImageError(f"{self.image.path}: data block does not decompress ({n})")
+        return ctypes.string_at(self.outbuf, n)
+
+    def xattrs(self) -> Any:
+        if self.xattr_reader is None:
+            xr = lib.sqfs_xattr_reader_create(0)
+            if not xr:
+                raise L.error_for(-1, "creating xattr reader")
+            try:
+                check(
+                    lib.sqfs_xattr_reader_load(xr, ctypes.byref(self.image._super), self.file, self.cmp),
+                    f"{self.image.path}: reading xattr table",
+                )
+            except BaseException:
+                L.destroy(xr)
+                raise
+            self.xattr_reader = xr
+        return self.xattr_reader
+
+    def close(self) -> None:
+        for name in ("xattr_reader", "dir_reader", "inode_reader"):
+            L.destroy(getattr(self, name, None))
+            setattr(self, name, None)
+        if self.cmp:
+            if not getattr(self, "_keep", None):
+                L.destroy(ctypes.cast(self.cmp, ctypes.c_void_p).value)
+            self.cmp = None
+        L.destroy(self.file)
+        self.file = None
+
+
+class _LRU(OrderedDict[Any, Any]):
+    """A small count-bounded LRU map (callers hold the image's metadata lock)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def lookup(self, key: Any) -> Any:
+        v = self.get(key)
+        if v is not None:
+            self.move_to_end(key)
+        return v
+
+    def store(self, key: Any, value: Any, weight: int = 1) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+class DirListing:
+    """A directory's entries in on-disk (sorted) order: names, inode refs, inode numbers."""
+
+    __slots__ = ("names", "refs", "inos", "index")
+
+    def __init__(self, names: list[bytes], refs: list[int], inos: list[int]) -> None:
+        self.names = names
+        self.refs = refs
+        self.inos = inos
+        self.index = {n: i for i, n in enumerate(names)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class Image:
+    """A squashfs image opened read-only. See the module docstring for threading rules."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        cache_size: int = 64 << 20,
+        block_cache: BlockCache | None = None,
+        inode_cache: int = 65536,
+        dir_cache_entries: int = 262144,
+    ) -> None:
+        self.path = Path(path)
+        self._closed = False
+        self._tls = threading.local()
+        self._contexts: list[_Context] = []
+        self._ctx_lock = threading.Lock()
+        self._meta_lock = threading.Lock()
+        self._frag_table: int | None = None
+        self.cache = block_cache if block_cache is not None else BlockCache(cache_size)
+        self._inodes = _LRU(inode_cache)
+        self._dirs = _LRU(1 << 30)
+        self._dir_entries = 0
+        self._dir_entry_limit = dir_cache_entries
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SquashfsError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise NotSquashfsError(f"{self.path}: is a directory, not a squashfs image") from None
+        except OSError as e:
+            raise ImageIOError(f"{self.path}: {e.strerror}") from None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], cache_size: int = 64 << 20, **kw: Any) -> Image:
+        return cls(path, cache_size=cache_size, **kw)
+
+    # ----------------------------------------------------------------- opening
+    def _open(self) -> None:
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
+            raise NotSquashfsError(f"{self.path}: not a regular file")
+        self.file_size = st.st_size if stat.S_ISREG(st.st_mode) else _blockdev_size(self._fd)
+        head = os.pread(self._fd, 4, 0)
+        if head != b"hsqs":
+            raise NotSquashfsError(f"{self.path}: not a squashfs image (no 'hsqs' magic)")
+        if self.file_size < ctypes.sizeof(L.sqfs_super_t):
+            raise CorruptImageError(f"{self.path}: truncated image ({self.file_size} bytes)")
+        sb = L.sqfs_super_t()
+        f = lib.sqfs_open_file(os.fsencode(self.path), L.SQFS_FILE_OPEN_READ_ONLY)
+        if not f:
+            raise ImageIOError(f"{self.path}: cannot open image")
+        try:
+            check(lib.sqfs_super_read(ctypes.byref(sb), f), f"{self.path}: superblock")
+        finally:
+            L.destroy(f)
+        self._super = sb
+        self._validate_super()
+        ctx = self._ctx()
+        self._ids = self._read_ids(ctx)
+        if sb.fragment_entry_count and sb.fragment_table_start != ABSENT:
+            tbl = lib.sqfs_frag_table_create(0)
+            if not tbl:
+                raise L.error_for(-1, "creating fragment table")
+            self._frag_table = tbl
+            check(
+                lib.sqfs_frag_table_read(tbl, ctx.file, ctypes.byref(sb), ctx.cmp),
+                f"{self.path}: fragment table",
+            )
+        self.root = self.inode_by_ref(sb.root_inode_ref)
+        if not self.root.is_dir:
+            raise CorruptImageError(f"{self.path}: root inode is not a directory")
+        self.info = ImageInfo(
+            compression=L.COMPRESSORS.get(sb.compression_id, str(sb.compression_id)),
+            block_size=sb.block_size,
+            inode_count=sb.inode_count,
+            bytes_used=sb.bytes_used,
+            mkfs_time=sb.modification_time,
+            fragment_count=sb.fragment_entry_count,
+            id_count=sb.id_count,
+            has_fragments=bool(sb.fragment_entry_count),
+            has_xattrs=sb.xattr_id_table_start != ABSENT and not sb.flags & L.SQFS_FLAG_NO_XATTRS,
+            has_export_table=sb.export_table_start != ABSENT and bool(sb.flags & L.SQFS_FLAG_EXPORTABLE),
+            no_fragments=bool(sb.flags & L.SQFS_FLAG_NO_FRAGMENTS),
+            always_fragments=bool(sb.flags & L.SQFS_FLAG_ALWAYS_FRAGMENTS),
+            duplicates=not sb.flags & L.SQFS_FLAG_NO_DUPLICATES,
+            version=f"{sb.version_major}.{sb.version_minor}",
+        )
+
+    def _validate_super(self) -> None:
+        sb = self._super
+        p = self.path
+        if sb.compression_id not in L.COMPRESSORS:
+            raise UnsupportedImageError(f"{p}: unknown compressor id {sb.compression_id}")
+        if sb.bytes_used > self.file_size:
+            raise CorruptImageError(
+                f"{p}: truncated image: superblock says {sb.bytes_used} bytes, file has {self.file_size}"
+            )
+        if sb.inode_count == 0:
+            raise CorruptImageError(f"{p}: superblock says the image has no inodes")
+        if not (ctypes.sizeof(L.sqfs_super_t) <= sb.inode_table_start < sb.directory_table_start < sb.bytes_used):
+            raise CorruptImageError(f"{p}: inode/directory table offsets out of order or beyond the image")
+        for name in ("id_table_start", "fragment_table_start", "export_table_start", "xattr_id_table_start"):
+            v = getattr(sb, name)
+            if v != ABSENT and v > sb.bytes_used:
+                raise CorruptImageError(f"{p}: {name.replace('_', ' ')} beyond the end of the image")
+        if sb.fragment_entry_count > self.file_size // 16 + 1:
+            raise CorruptImageError(f"{p}: absurd fragment count {sb.fragment_entry_count}")
+        if (sb.root_inode_ref >> 16) >= sb.directory_table_start - sb.inode_table_start:
+            raise CorruptImageError(f"{p}: root inode reference outside the inode table")
+        later = [
+            v
+            for v in (sb.fragment_table_start, sb.export_table_start, sb.id_table_start, sb.xattr_id_table_start)
+            if v != ABSENT and v > sb.directory_table_start
+        ]
+        self._dir_table_end = min(later) if later else sb.bytes_used
+
+    def _read_ids(self, ctx: _Context) -> list[int]:
+        sb = self._super
+        if sb.id_count == 0:
+            raise CorruptImageError(f"{self.path}: id table is empty")
+        tbl = lib.sqfs_id_table_create(0)
+        if not tbl:
+            raise L.error_for(-1, "creating id table")
+        try:
+            check(lib.sqfs_id_table_read(tbl, ctx.file, ctypes.byref(sb), ctx.cmp), f"{self.path}: id table")
+            out = ctypes.c_uint32()
+            ids = []
+            for i in range(sb.id_count):
+                check(lib.sqfs_id_table_index_to_id(tbl, i, ctypes.byref(out)), f"{self.path}: id table")
+                ids.append(out.value)
+            return ids
+        finally:
+            L.destroy(tbl)
+
+    def _ctx(self) -> _Context:
+        ctx: _Context | None = getattr(self._tls, "ctx", None)
+        if ctx is None:
+            if self._closed:
+                raise SquashfsError(f"{self.path}: image is closed")
+            ctx = _Context(self)
+            with self._ctx_lock:
+                self._contexts.append(ctx)
+            self._tls.ctx = ctx
+        return ctx
+
+    def close(self) -> None:
+        """Release everything. Callers make sure no other thread still reads."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._ctx_lock:
+            for ctx in self._contexts:
+                ctx.close()
+            self._contexts.clear()
+        if self._frag_table:
+            L.destroy(self._frag_table)
+            self._frag_table = None
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = -1
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ inodes
+    def inode_by_ref(self, ref: int) -> Inode:
+        """Decode the inode at reference *ref* ((metadata block << 16) | offset)."""
+        with self._meta_lock:
+            node = self._inodes.lookup(ref)
+        if node is not None:
+            return node
+        node = self._decode_inode(ref)
+        with self._meta_lock:
+            self._inodes.store(ref, node)
+        return node
+
+    def _decode_inode(self, ref: int) -> Inode:
+        ctx = self._ctx()
+        out = ctypes.POINTER(L.sqfs_inode_generic_t)()
+        check(
+            lib.sqfs_meta_reader_read_inode(
+                ctx.inode_reader, ctypes.byref(self._super), ref >> 16, ref & 0xFFFF, ctypes.byref(out)
+            ),
+            f"{self.path}: inode {ref:#x}",
+        )
+        try:
+            return self._convert(out, ref)
+        finally:
+            L.free(out)
+
+    def _convert(self, ptr: Any, ref: int) -> Inode:
+        g = ptr.contents
+        b = g.base
+        t = b.type
+        basic = t - 7 if t > 7 else t
+        if basic not in _MODE_OF_TYPE:
+            raise CorruptImageError(f"{self.path}: inode {ref:#x} has unknown type {t}")
+        ids = self._ids
+        if b.uid_idx >= len(ids) or b.gid_idx >= len(ids):
+            raise CorruptImageError(f"{self.path}: inode {ref:#x} has an id index beyond the id table")
+        n = Inode()
+        n.ino = b.inode_number
+        n.ref = ref
+        n.mode = _MODE_OF_TYPE[basic] | (b.mode & 0o7777)
+        n.uid = ids[b.uid_idx]
+        n.gid = ids[b.gid_idx]
+        n.mtime = b.mod_time
+        n.size = 0
+        n.nlink = 1
+        n.rdev = 0
+        n.blocks_start = 0
+        n.block_words = None
+        n._block_offsets = None
+        n.frag_index = NO_FRAGMENT
+        n.frag_offset = 0
+        n.dir_block = n.dir_offset = n.dir_size = 0
+        n.target = b""
+        x = ctypes.c_uint32(L.XATTR_NONE)
+        lib.sqfs_inode_get_xattr_index(ptr, ctypes.byref(x))
+        n.xattr_idx = x.value
+        d = g.data
+        if basic == 2:
+            if t == 2:
+                f = d.file
+                n.blocks_start, n.size = f.blocks_start, f.file_size
+                n.frag_index, n.frag_offset = f.fragment_index, f.fragment_offset
+            else:
+                fe = d.file_ext
+                n.blocks_start, n.size, n.nlink = fe.blocks_start, fe.file_size, fe.nlink
+                n.frag_index, n.frag_offset = fe.fragment_idx, fe.fragment_offset
+            count = g.payload_bytes_used // 4
+            words = array("I")
+            if count:
+                words.frombytes(ctypes.string_at(ctypes.addressof(g) + L.INODE_EXTRA_OFFSET, count * 4))
+            n.block_words = words
+            bs = self._super.block_size
+            full, tail = divmod(n.size, bs)
+            expect = full + (1 if tail and n.frag_index == NO_FRAGMENT else 0)
+            if count != expect:
+                raise CorruptImageError(f"{self.path}: inode {n.ino}: block list does not match file size")
+        elif basic == 1:
+            if t == 1:
+                dd = d.dir
+                n.dir_block, n.dir_offset, n.dir_size, n.nlink = dd.start_block, dd.offset, dd.size, dd.nlink
+            else:
+                de = d.dir_ext
+                n.dir_block, n.dir_offset, n.dir_size, n.nlink = de.start_block, de.offset, de.size, de.nlink
+            n.size = n.dir_size
+        elif basic == 3:
+            sl = d.slink_ext if t == 10 else d.slink
+            n.nlink = sl.nlink
+            n.size = sl.target_size
+            if sl.target_size > g.payload_bytes_used:
+                raise CorruptImageError(f"{self.path}: inode {n.ino}: symlink target truncated")
+            n.target = ctypes.string_at(ctypes.addressof(g) + L.INODE_EXTRA_OFFSET, sl.target_size)
+        elif basic in (4, 5):
+            dv = d.dev_ext if t > 7 else d.dev
+            n.nlink, n.rdev = dv.nlink, dv.devno
+        else:
+            ipc = d.ipc_ext if t > 7 else d.ipc
+            n.nlink = ipc.nlink
+        return n
+
+    # ------------------------------------------------------------- directories
+    def listing(self, dir_inode: Inode) -> DirListing:
+        """The entries of a directory (cached; bounded by total entries)."""
+        if not dir_inode.is_dir:
+            raise SquashfsError(f"inode {dir_inode.ino} is not a directory", -12)
+        with self._meta_lock:
+            lst = self._dirs.lookup(dir_inode.ref)
+        if lst is not None:
+            return lst
+        lst = self._read_dir(dir_inode)
+        with self._meta_lock:
+            if dir_inode.ref not in self._dirs:
+                self._dirs.store(dir_inode.ref, lst)
+                self._dir_entries += len(lst)
+                while self._dir_entries > self._dir_entry_limit and len(self._dirs) > 1:
+                    _, old = self._dirs.popitem(last=False)
+                    self._dir_entries -= len(old)
+        return lst
+
+    def _read_dir(self, dir_inode: Inode) -> DirListing:
+        ctx = self._ctx()
+        state = L.sqfs_readdir_state_t()
+        state.init.block = self._super.directory_table_start + dir_inode.dir_block
+        state.init.offset = dir_inode.dir_offset
+        state.init.size = dir_inode.dir_size
+        state.current.block = state.init.block
+        state.current.offset = state.init.offset
+        state.current.size = state.init.size
+        ent = ctypes.POINTER(L.sqfs_dir_entry_t)()
+        inum = ctypes.c_uint32()
+        iref = ctypes.c_uint64()
+        names: list[bytes] = []
+        refs: list[int] = []
+        inos: list[int] = []
+        readdir = lib.sqfs_meta_reader_readdir
+        limit = self._super.inode_count
+        what = f"{self.path}: directory of inode {dir_inode.ino}"
+        while True:
+            ret = readdir(ctx.dir_reader, ctypes.byref(state), ctypes.byref(ent), ctypes.byref(inum), ctypes.byref(iref))
+            if ret > 0:
+                break
+            check(ret, what)
+            try:
+                e = ent.contents
+                name = ctypes.string_at(ctypes.addressof(e) + L.DIR_ENTRY_NAME_OFFSET, e.size + 1)
+            finally:
+                L.free(ent)
+            if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+                raise CorruptImageError(f"{what}: invalid entry name {name!r}")
+            names.append(name)
+            refs.append(iref.value)
+            inos.append(inum.value)
+            if len(names) > limit:
+                raise CorruptImageError(f"{what}: more entries than inodes in the image")
+        return DirListing(names, refs, inos)
+
+    def lookup(self, dir_inode: Inode, name: bytes) -> Inode | None:
+        lst = self.listing(dir_inode)
+        i = lst.index.get(name)
+        if i is None:
+            return None
+        return self.inode_by_ref(lst.refs[i])
+
+    def listdir(self, dir_inode: Inode) -> list[tuple[bytes, Inode]]:
+        lst = self.listing(dir_inode)
+        return [(n, self.inode_by_ref(r)) for n, r in zip(lst.names, lst.refs)]
+
+    def walk(self, top: Inode | None = None) -> Iterator[tuple[bytes, Inode]]:
+        """Every entry, depth-first, paths relative to the root (b"" is the root)."""
+        start = top or self.root
+        yield b"", start
+        stack: list[tuple[bytes, Inode]] = [(b"", start)]
+        seen_dirs = {start.ref}
+        while stack:
+            prefix, d = stack.pop()
+            for name, node in self.listdir(d):
+                path = prefix + b"/" + name if prefix else name
+                yield path, node
+                if node.is_dir:
+                    if node.ref in seen_dirs:
+                        raise CorruptImageError(f"{self.path}: directory loop at {path!r}")
+                    seen_dirs.add(node.ref)
+                    stack.append((path, node))
+
+    def resolve(self, path: bytes | str) -> Inode:
+        """Resolve a path inside the image (no symlink following); ENOENT as SquashfsError."""
+        p = os.fsencode(path)
+        node = self.root
+        for part in p.split(b"/"):
+            if part in (b"", b"."):
+                continue
+            nxt = self.lookup(node, part) if node.is_dir else None
+            if nxt is None:
+                raise SquashfsError(f"{os.fsdecode(p)}: no such path in {self.path}", -13)
+            node = nxt
+        return node
+
+    # --------------------------------------------------------------- file data
+    def readlink(self, inode: Inode) -> bytes:
+        if not inode.is_symlink:
+            raise SquashfsError(f"inode {inode.ino} is not a symlink", -16)
+        return inode.target
+
+    def block_count(self, inode: Inode) -> int:
+        return len(inode.block_words or ())
+
+    def _load_block(self, off: int, word: int, expect: int) -> bytes:
+        n = word & L.SQFS_BLOCK_SIZE_MASK
+        bs = self._super.block_size
+        if n > bs or off + n > self._super.bytes_used:
+            raise CorruptImageError(f"{self.path}: data block at {off} has impossible size {n}")
+        raw = os.pread(self._fd, n, off)
+        if len(raw) != n:
+            raise ImageIOError(f"{self.path}: short read at {off} (image truncated?)")
+        data = raw if word & L.SQFS_BLOCK_UNCOMPRESSED else self._ctx().decompress(raw, bs)
+        if expect >= 0 and len(data) != expect:
+            raise CorruptImageError(f"{self.path}: data block at {off} decodes to {len(data)} bytes, expected {expect}")
+        return data
+
+    def block(self, inode: Inode, index: int) -> bytes:
+        """Decompressed data block *index* of a file (through the shared cache)."""
+        words = inode.block_words
+        assert words is not None
+        word = words[index]
+        bs = self._super.block_size
+        expect = bs if (index + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - index * bs
+        if word & L.SQFS_BLOCK_SIZE_MASK == 0:
+            return bytes(expect)  # sparse block
+        off = inode.block_offsets[index]
+        return self.cache.get_or_load((self._fd, off), lambda: self._load_block(off, word, expect))
+
+    def fragment_tail(self, inode: Inode) -> bytes:
+        """The tail end of a file stored in a fragment block."""
+        bs = self._super.block_size
+        tail = inode.size - len(inode.block_words or ()) * bs
+        if tail <= 0 or inode.frag_index == NO_FRAGMENT:
+            return b""
+        if self._frag_table is None:
+            raise CorruptImageError(f"{self.path}: inode {inode.ino} uses a fragment but the image has none")
+        fr = L.sqfs_fragment_t()
+        check(lib.sqfs_frag_table_lookup(self._frag_table, inode.frag_index, ctypes.byref(fr)), f"{self.path}: fragment {inode.frag_index}")
+        start, word = fr.start_offset, fr.size
+        data = self.cache.get_or_load((self._fd, start), lambda: self._load_block(start, word, -1))
+        o = inode.frag_offset
+        if o + tail > len(data):
+            raise CorruptImageError(f"{self.path}: inode {inode.ino}: fragment tail beyond its fragment block")
+        return data[o : o + tail]
+
+    def _piece(self, inode: Inode, index: int) -> bytes:
+        if index < len(inode.block_words or ()):
+            return self.block(inode, index)
+        return self.fragment_tail(inode)
+
+    def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        """Up to *size* bytes of a regular file from *offset* (short at EOF)."""
+        if not inode.is_file:
+            raise SquashfsError(f"inode {inode.ino} is not a regular file", -15)
+        end = min(inode.size, offset + size)
+        if offset >= end:
+            return b""
+        bs = self._super.block_size
+        first, last = offset // bs, (end - 1) // bs
+        if first == last:
+            base = first * bs
+            return self._piece(inode, first)[offset - base : end - base]
+        parts = []
+        for i in range(first, last + 1):
+            base = i * bs
+            piece = self._piece(inode, i)
+            parts.append(piece[max(offset, base) - base : min(end, base + bs) - base])
+        return b"".join(parts)
+
+    def cached_read(self, inode: Inode, offset: int, size: int) -> bytes | None:
+        """Like read() when every block needed is cached or sparse, else None (never decodes)."""
+        end = min(inode.size, offset + size)
+        if offset >= end:
+            return b""
+        bs = self._super.block_size
+        nblocks = len(inode.block_words or ())
+        cache = self.cache
+        for i in range(offset // bs, (end - 1) // bs + 1):
+            if i < nblocks:
+                word = inode.block_words[i]  # type: ignore[index]
+                if word & L.SQFS_BLOCK_SIZE_MASK and (self._fd, inode.block_offsets[i]) not in cache:
+                    return None
+            else:
+                fr = L.sqfs_fragment_t()
+                if self._frag_table is None or lib.sqfs_frag_table_lookup(self._frag_table, inode.frag_index, ctypes.byref(fr)) < 0:
+                    return None
+                if (self._fd, fr.start_offset) not in cache:
+                    return None
+        return self.read(inode, offset, size)
+
+    def missing_blocks(self, inode: Inode, first: int, count: int) -> list[int]:
+        """Indices in [first, first+count) of data blocks neither cached nor being loaded."""
+        words = inode.block_words or ()
+        offs = inode.block_offsets
+        out = []
+        for i in range(first, min(first + count, len(words))):
+            if words[i] & L.SQFS_BLOCK_SIZE_MASK and (self._fd, offs[i]) not in self.cache:
+                out.append(i)
+        return out
+
+    # ------------------------------------------------------------------ xattrs
+    def xattrs(self, inode: Inode) -> dict[bytes, bytes]:
+        if inode.xattr_idx == L.XATTR_NONE or not self.info.has_xattrs:
+            return {}
+        xr = self._ctx().xattrs()
+        desc = L.sqfs_xattr_id_t()
+        what = f"{self.path}: xattrs of inode {inode.ino}"
+        check(lib.sqfs_xattr_reader_get_desc(xr, inode.xattr_idx, ctypes.byref(desc)), what)
+        check(lib.sqfs_xattr_reader_seek_kv(xr, ctypes.byref(desc)), what)
+        out: dict[bytes, bytes] = {}
+        key = ctypes.POINTER(L.sqfs_xattr_entry_t)()
+        val = ctypes.POINTER(L.sqfs_xattr_value_t)()
+        if desc.count > 65536:
+            raise CorruptImageError(f"{what}: absurd count {desc.count}")
+        for _ in range(desc.count):
+            check(lib.sqfs_xattr_reader_read_key(xr, ctypes.byref(key)), what)
+            try:
+                check(lib.sqfs_xattr_reader_read_value(xr, key, ctypes.byref(val)), what)
+                try:
+                    k = key.contents
+                    # The decoded key carries its prefix ("user.") and a terminating NUL.
+                    name = ctypes.string_at(ctypes.addressof(k) + L.XATTR_KEY_OFFSET)
+                    v = val.contents
+                    value = ctypes.string_at(ctypes.addressof(v) + L.XATTR_VALUE_OFFSET, v.size)
+                finally:
+                    L.free(val)
+                prefix = lib.sqfs_get_xattr_prefix(k.type & 0xFF) or b""
+                out[name if name.startswith(prefix) else prefix + name] = value
+            finally:
+                L.free(key)
+        return out
+
+    def statfs_counts(self) -> tuple[int, int]:
+        """(bytes used by the image, inode count) for statfs."""
+        return self._super.bytes_used, self._super.inode_count
+
+
+def _blockdev_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
