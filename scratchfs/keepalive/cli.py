@@ -95,8 +95,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     prof = replace(base, **changes)
     save_profile(prof, make_default=not args.no_default)
     paths.state_dir(name, prof).mkdir(parents=True, exist_ok=True)
-    roots = ", ".join(map(str, prof.expanded_roots())) or ", ".join(prof.roots)
-    print(f"profile {name}: roots {roots}; purge when {prof.rule.describe()}; "
+    shown = ", ".join(map(str, prof.expanded_roots())) or ", ".join(prof.roots)
+    print(f"profile {name}: roots {shown}; purge when {prof.rule.describe()}; "
           f"refresh {'permitted' if not prof.refusal() else 'NOT permitted'}; written to {paths.config_file()}"
           + ("" if args.no_default else " (default profile)"))
     if prof.refusal():
