@@ -1,0 +1,618 @@
+"""Scheduled refreshes: a scrontab entry, a self-resubmitting Slurm job, or the user's crontab.
+
+Three ways to run ``refresh --all`` of a profile every N days:
+
+* ``scrontab`` — Slurm's cron: a marked block (``#SCRON`` options + one cron line) in the
+  user's scrontab. Preferred where the cluster enables it.
+* ``sbatch`` — a chain: each job refreshes and then submits its successor with
+  ``--begin=now+N``, also when the refresh failed or the job is being killed at its time limit
+  (a bash trap on TERM and on an early ``--signal=B:USR1``); an interrupted refresh resumes from
+  its checkpoint in the next link. At most one chain per user and profile: submissions happen
+  under a lock, after checking the queue for a job of the chain's name.
+* ``crontab`` — the login node's cron, for machines without Slurm.
+
+Cron cannot say "every N days" (``*/14`` in the day-of-month field restarts every month), so
+the cron modes fire daily (hourly / every minute for short test cadences) and the scheduled run
+itself checks, against the recorded start of the last successful run, whether the cadence has
+elapsed (:func:`is_due`). Everything here is written through ``scratchfs.state``; the schedule
+record lives in the profile's state directory, the job output in its log directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BusyError, EnvironmentProblem, ExternalFailure, UsageError
+from ..locking import Lock
+from ..state import atomic_write, atomic_write_json, read_json
+from . import paths
+from . import slurm as sl
+from .profiles import Profile
+
+log = logging.getLogger(__name__)
+
+MODES = ("scrontab", "sbatch", "crontab")
+STATE_VERSION = 1
+SCRIPT_NAME = "scheduled-refresh.sh"
+STATE_NAME = "schedule.json"
+LOCK_NAME = "schedule.lock"
+DAY = 86400.0
+MAX_RUNS_KEPT = 20
+
+
+# -- pure policy --------------------------------------------------------------------------------
+
+def job_name(profile_name: str) -> str:
+    """The Slurm job name of a profile's scheduled refresh (squeue is queried with -o, so
+    its length does not matter)."""
+    return f"scratchfs-keepalive-{profile_name}"
+
+
+def cron_slot(profile_name: str) -> tuple[int, int]:
+    """(minute, hour) for the daily run, spread over the night by a hash of the profile name."""
+    h = zlib.crc32(profile_name.encode())
+    return h % 60, 1 + (h // 60) % 5  # 01:00 – 05:59
+
+
+def cron_spec(every_s: float, profile_name: str) -> tuple[str, float]:
+    """(cron time fields, period of firing in seconds) for a cadence of *every_s* seconds."""
+    if every_s <= 0:
+        raise UsageError("the cadence must be positive")
+    minute, hour = cron_slot(profile_name)
+    if every_s < 3600:
+        return "* * * * *", 60.0
+    if every_s < DAY:
+        return f"{minute} * * * *", 3600.0
+    return f"{minute} {hour} * * *", DAY
+
+
+def is_due(last_ok_start: float | None, now: float, every_s: float, period_s: float) -> bool:
+    """Has the cadence elapsed since the last successful run started?
+
+    Cron fires every *period_s*; a run whose job started a little late must not push the next
+    one a whole period later, so half a period of slack is allowed.
+    """
+    if last_ok_start is None:
+        return True
+    return now - last_ok_start >= every_s - period_s / 2
+
+
+def next_begin_delay(last_ok_start: float | None, now: float, every_s: float) -> float:
+    """Seconds from *now* until a resubmitted chain link should start (0 when overdue)."""
+    if last_ok_start is None:
+        return 0.0
+    return max(0.0, last_ok_start + every_s - now)
+
+
+_TIME_RE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def parse_slurm_time(text: str) -> int:
+    """Slurm time limit → seconds: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``."""
+    t = text.strip()
+    m = _TIME_RE.fullmatch(t)
+    if not m:
+        raise UsageError(f"not a Slurm time limit: {text!r} (examples: 30, 04:00:00, 1-00:00:00)")
+    d, a, b, c = m.groups()
+    if d is not None:
+        hours, mins, secs = int(a), int(b or 0), int(c or 0)
+        return ((int(d) * 24 + hours) * 60 + mins) * 60 + secs
+    if b is None:
+        return int(a) * 60
+    if c is None:
+        return int(a) * 60 + int(b)
+    return (int(a) * 60 + int(b)) * 60 + int(c)
+
+
+def warning_lead(limit_s: int) -> int | None:
+    """Seconds before the time limit to warn the job (``--signal=B:USR1@lead``), or None when the
+    limit is too short for Slurm's ~1 minute signal resolution to be useful."""
+    if limit_s < 600:
+        return None
+    return min(300, max(120, limit_s // 20))
+
+
+def fmt_every(every_s: float) -> str:
+    if every_s % DAY == 0:
+        n = int(every_s // DAY)
+        return f"{n} day{'s' if n != 1 else ''}"
+    if every_s % 3600 == 0:
+        return f"{int(every_s // 3600)} h"
+    if every_s % 60 == 0:
+        return f"{int(every_s // 60)} min"
+    return f"{every_s:g} s"
+
+
+def parse_every(text: str | float | None, default_days: float) -> float:
+    """``--every``: a number of days (``14``) or a duration (``14d``, ``12h``, ``2m``) → seconds."""
+    from ..units import parse_duration
+
+    if text is None or text == "":
+        return default_days * DAY
+    s = str(text).strip()
+    secs = float(s) * DAY if re.fullmatch(r"\d+(\.\d+)?", s) else parse_duration(s)
+    if secs < 60:
+        raise UsageError(f"--every {text}: the shortest cadence is one minute")
+    return secs
+
+
+# -- marked blocks in crontab / scrontab ---------------------------------------------------------
+
+def block_begin(profile_name: str) -> str:
+    return f"# >>> scratchfs keepalive: profile {profile_name} >>>"
+
+
+def block_end(profile_name: str) -> str:
+    return f"# <<< scratchfs keepalive: profile {profile_name} <<<"
+
+
+def split_block(text: str, profile_name: str) -> tuple[list[str], list[str]]:
+    """(lines outside our block, lines inside it). An unterminated block ends at end of text."""
+    begin, end = block_begin(profile_name), block_end(profile_name)
+    outside: list[str] = []
+    inside: list[str] = []
+    state = 0  # 0 before/after, 1 inside
+    for line in text.splitlines():
+        if state == 0 and line.strip() == begin:
+            state = 1
+            continue
+        if state == 1:
+            if line.strip() == end:
+                state = 0
+                continue
+            inside.append(line)
+            continue
+        outside.append(line)
+    return outside, inside
+
+
+def with_block(text: str, profile_name: str, body: list[str]) -> str:
+    """*text* with our block replaced by *body* (or removed when *body* is empty)."""
+    outside, _ = split_block(text, profile_name)
+    while outside and not outside[-1].strip():
+        outside.pop()
+    lines = list(outside)
+    if body:
+        if lines:
+            lines.append("")
+        lines += [block_begin(profile_name), *body, block_end(profile_name)]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def disabled_lines(block: list[str]) -> list[str]:
+    """Cron lines of our block that Slurm disabled (``scancel`` of a cron job prefixes ``#DISABLED:``)."""
+    return [ln for ln in block if ln.lstrip().startswith("#DISABLED")]
+
+
+def active_cron_lines(block: list[str]) -> list[str]:
+    return [ln for ln in block if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+@dataclass
+class ScheduleState:
+    mode: str = ""
+    every_s: float = 14 * DAY
+    installed: float = 0.0
+    script: str = ""
+    chain_job_id: str = ""
+    last_ok_start: float | None = None
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    version: int = STATE_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def state_path(state_dir: Path) -> Path:
+    return state_dir / STATE_NAME
+
+
+def load_state(state_dir: Path) -> ScheduleState | None:
+    """The schedule record (None when nothing is installed; a damaged record is a warning and None)."""
+    try:
+        raw = read_json(state_path(state_dir))
+    except (OSError, ValueError) as e:
+        log.warning("schedule record %s unreadable (%s); treating as not installed", state_path(state_dir), e)
+        return None
+    if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION:
+        return None
+    fields = {k: raw[k] for k in ScheduleState.__dataclass_fields__ if k in raw}
+    try:
+        return ScheduleState(**fields)
+    except TypeError:
+        return None
+
+
+def save_state(state_dir: Path, st: ScheduleState | None) -> None:
+    if st is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state_path(state_dir))
+        return
+    st.runs = st.runs[-MAX_RUNS_KEPT:]
+    atomic_write_json(state_path(state_dir), st.to_json())
+
+
+@contextlib.contextmanager
+def locked(state_dir: Path, profile_name: str, wait: float = 120.0) -> Iterator[None]:
+    """The schedule lock of a profile: every submission and install happens under it, so two
+    submitters (a finishing chain link and ``repair``) never both submit."""
+    lock = Lock(state_dir / LOCK_NAME, what=f"scheduling of profile {profile_name}")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            lock.acquire()
+            break
+        except BusyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# -- the job script ------------------------------------------------------------------------------
+
+_CARRIED_ENV = ("XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "SLURM_CONF",
+                "SCRATCH_KEEPALIVE_PROFILE", "PYTHONPATH")
+
+
+def render_script(profile_name: str, python: str, env: dict[str, str]) -> str:
+    """The script every mode runs: ``script cron`` (checks the cadence) or ``script chain``."""
+    q = shlex.quote
+    exports = "\n".join(f"export {k}={q(env[k])}" for k in _CARRIED_ENV if env.get(k))
+    path = env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return f"""#!/bin/bash
+# scratchfs keepalive: scheduled refresh of profile {profile_name}.
+# Written by `scratch-keepalive install-cron`; rewritten on every install, do not edit.
+# Usage: {SCRIPT_NAME} cron|chain
+export PATH={q(path)}
+{exports}
+PY={q(python)}
+PROFILE={q(profile_name)}
+MODE="${{1:-cron}}"
+JOB="${{SLURM_JOB_ID:-}}"
+stamp() {{ date '+%Y-%m-%dT%H:%M:%S%z'; }}
+linked=0
+next_link() {{
+    [ "$MODE" = chain ] || return 0
+    [ "$linked" = 0 ] || return 0
+    linked=1
+    "$PY" -m scratchfs.keepalive.schedule_cli chain-next --profile "$PROFILE" --from-job "$JOB" \\
+        || echo "$(stamp) could not submit the next link (doctor will report the broken chain)"
+}}
+child=""
+on_signal() {{
+    echo "$(stamp) job $JOB got SIG$1: stopping the refresh (its checkpoint is kept) and chaining"
+    [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
+    next_link
+    [ -n "$child" ] && wait "$child"
+    exit 143
+}}
+trap 'on_signal TERM' TERM
+trap 'on_signal USR1' USR1
+trap 'on_signal INT' INT
+echo "$(stamp) scheduled refresh of profile $PROFILE ($MODE) on $(hostname) job ${{JOB:-none}}"
+"$PY" -m scratchfs.keepalive.schedule_cli scheduled-run --profile "$PROFILE" --mode "$MODE" --job "$JOB" &
+child=$!
+wait "$child"
+rc=$?
+child=""
+echo "$(stamp) refresh ended with status $rc"
+next_link
+exit "$rc"
+"""
+
+
+def write_script(profile_name: str, state_dir: Path, python: str | None = None,
+                 env: dict[str, str] | None = None) -> Path:
+    path = state_dir / SCRIPT_NAME
+    atomic_write(path, render_script(profile_name, python or sys.executable, dict(env or os.environ)), perms=0o755)
+    return path
+
+
+# -- submission ----------------------------------------------------------------------------------
+
+def sbatch_args(profile_name: str, profile: Profile, log_dir: Path, begin_in: float) -> list[str]:
+    s = profile.scheduler
+    args = [f"--job-name={job_name(profile_name)}", f"--output={log_dir}/scheduled-%j.out",
+            "--open-mode=append", f"--begin=now+{int(round(begin_in))}", f"--cpus-per-task={max(1, s.cpus)}",
+            "--ntasks=1", "--nodes=1"]
+    if s.account:
+        args.append(f"--account={s.account}")
+    if s.partition:
+        args.append(f"--partition={s.partition}")
+    if s.mem:
+        args.append(f"--mem={s.mem}")
+    if s.time_limit:
+        limit = parse_slurm_time(s.time_limit)
+        args.append(f"--time={s.time_limit}")
+        lead = warning_lead(limit)
+        if lead:
+            args.append(f"--signal=B:USR1@{lead}")
+    return args
+
+
+def scron_block(profile_name: str, profile: Profile, script: Path, log_dir: Path, every_s: float) -> list[str]:
+    spec, _ = cron_spec(every_s, profile_name)
+    s = profile.scheduler
+    opts = [f"--job-name={job_name(profile_name)}", f"--output={log_dir}/scheduled-%j.out", "--open-mode=append",
+            f"--cpus-per-task={max(1, s.cpus)}"]
+    if s.account:
+        opts.append(f"--account={s.account}")
+    if s.partition:
+        opts.append(f"--partition={s.partition}")
+    if s.mem:
+        opts.append(f"--mem={s.mem}")
+    if s.time_limit:
+        opts.append(f"--time={s.time_limit}")
+        lead = warning_lead(parse_slurm_time(s.time_limit))
+        if lead:
+            opts.append(f"--signal=B:USR1@{lead}")
+    return [f"# refresh every {fmt_every(every_s)}; managed by `scratch-keepalive install-cron` / `uninstall-cron`",
+            f"#SCRON {' '.join(opts)}",
+            f"{spec} {script} cron"]
+
+
+def cron_block(profile_name: str, script: Path, log_dir: Path, every_s: float) -> list[str]:
+    spec, _ = cron_spec(every_s, profile_name)
+    return [f"# refresh every {fmt_every(every_s)}; managed by `scratch-keepalive install-cron` / `uninstall-cron`",
+            f"{spec} {script} cron >> {log_dir}/scheduled-cron.log 2>&1"]
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` → scrontab if enabled, else sbatch if Slurm is there, else crontab."""
+    if mode in MODES:
+        return mode
+    if mode != "auto":
+        raise UsageError(f"unknown mode {mode!r} (auto, {', '.join(MODES)})")
+    state, detail = sl.scrontab_state()
+    if state == sl.SCRONTAB_ENABLED:
+        return "scrontab"
+    if sl.available():
+        log.info("scrontab unusable (%s); using a self-resubmitting job", detail)
+        return "sbatch"
+    import shutil
+
+    if shutil.which("crontab"):
+        return "crontab"
+    raise EnvironmentProblem("no scheduler found: neither Slurm (scrontab/sbatch) nor crontab is available")
+
+
+def _our_jobs(profile_name: str, exclude: str = "") -> list[sl.QueuedJob]:
+    user = sl.current_user()
+    return [j for j in sl.find_jobs(job_name(profile_name), user=user) if str(j.base_job) != exclude]
+
+
+def _submit_link(profile_name: str, profile: Profile, state_dir: Path, st: ScheduleState,
+                 begin_in: float) -> str:
+    ldir = paths.log_dir(profile_name, profile)
+    ldir.mkdir(parents=True, exist_ok=True)
+    jid = sl.sbatch(sbatch_args(profile_name, profile, ldir, begin_in), script_path=st.script,
+                    script_args=["chain"])
+    st.chain_job_id = str(jid)
+    return str(jid)
+
+
+def install(profile_name: str, profile: Profile, mode: str = "auto", every: str | float | None = None,
+            start_in: float = 0.0, now: float | None = None) -> tuple[ScheduleState, list[str]]:
+    """Install (idempotently) the scheduled refresh of a profile. Returns the state and what was done."""
+    mode = resolve_mode(mode)
+    every_s = parse_every(every, profile.scheduler.cadence_days)
+    sdir = paths.state_dir(profile_name, profile)
+    ldir = paths.log_dir(profile_name, profile)
+    sdir.mkdir(parents=True, exist_ok=True)
+    ldir.mkdir(parents=True, exist_ok=True)
+    done: list[str] = []
+    with locked(sdir, profile_name):
+        prev = load_state(sdir)
+        st = prev or ScheduleState()
+        if prev and prev.mode and prev.mode != mode:
+            done += _remove_artifacts(profile_name, prev.mode)
+        script = write_script(profile_name, sdir)
+        st.mode, st.every_s, st.script = mode, every_s, str(script)
+        st.installed = time.time() if now is None else now
+        if mode == "scrontab":
+            text = sl.scrontab_read()
+            new = with_block(text, profile_name, scron_block(profile_name, profile, script, ldir, every_s))
+            if new != text:
+                sl.scrontab_write(new)
+                done.append(f"scrontab: installed the block of profile {profile_name} (every {fmt_every(every_s)})")
+            else:
+                done.append("scrontab: block already installed")
+        elif mode == "crontab":
+            text = sl.crontab_read()
+            new = with_block(text, profile_name, cron_block(profile_name, script, ldir, every_s))
+            if new != text:
+                sl.crontab_write(new)
+                done.append(f"crontab: installed the block of profile {profile_name} (every {fmt_every(every_s)})")
+            else:
+                done.append("crontab: block already installed")
+        else:
+            existing = _our_jobs(profile_name)
+            if existing:
+                st.chain_job_id = str(existing[0].base_job)
+                done.append(f"sbatch: chain already present (job {existing[0].job_id}, {existing[0].state.lower()})")
+            else:
+                jid = _submit_link(profile_name, profile, sdir, st, start_in)
+                done.append(f"sbatch: submitted job {jid} (begins in {fmt_every(max(start_in, 60)) if start_in else 'now'}"
+                            f", then every {fmt_every(every_s)})")
+        save_state(sdir, st)
+    return st, done
+
+
+def _remove_artifacts(profile_name: str, mode: str) -> list[str]:
+    done: list[str] = []
+    if mode == "scrontab":
+        text = sl.scrontab_read()
+        _, block = split_block(text, profile_name)
+        if block:
+            sl.scrontab_write(with_block(text, profile_name, []))
+            done.append(f"scrontab: removed the block of profile {profile_name}")
+    elif mode == "crontab":
+        text = sl.crontab_read()
+        _, block = split_block(text, profile_name)
+        if block:
+            sl.crontab_write(with_block(text, profile_name, []))
+            done.append(f"crontab: removed the block of profile {profile_name}")
+    elif mode == "sbatch":
+        pending = [j for j in _our_jobs(profile_name) if j.state == "PENDING"]
+        running = [j for j in _our_jobs(profile_name) if j.state != "PENDING"]
+        if pending:
+            sl.scancel(sorted({j.base_job for j in pending}))
+            done.append(f"sbatch: cancelled pending job(s) {', '.join(str(j.job_id) for j in pending)}")
+        for j in running:
+            done.append(f"sbatch: job {j.job_id} is running; it finishes its refresh and submits no successor")
+    return done
+
+
+def uninstall(profile_name: str, profile: Profile) -> list[str]:
+    sdir = paths.state_dir(profile_name, profile)
+    done: list[str] = []
+    with locked(sdir, profile_name):
+        st = load_state(sdir)
+        modes = [st.mode] if st and st.mode else []
+        # also clean the other places, in case the record was lost
+        for m in MODES:
+            if m in modes:
+                continue
+            if m == "scrontab" and sl.scrontab_state()[0] == sl.SCRONTAB_ENABLED:
+                modes.append(m)
+            elif m == "crontab":
+                import shutil
+
+                if shutil.which("crontab"):
+                    modes.append(m)
+            elif m == "sbatch" and sl.available():
+                modes.append(m)
+        for m in modes:
+            try:
+                done += _remove_artifacts(profile_name, m)
+            except (EnvironmentProblem, ExternalFailure) as e:
+                if st and m == st.mode:
+                    raise
+                log.debug("skipping %s: %s", m, e)
+        save_state(sdir, None)
+    if not done:
+        done.append(f"nothing was installed for profile {profile_name}")
+    return done
+
+
+def chain_next(profile_name: str, profile: Profile, from_job: str = "", now: float | None = None) -> str:
+    """Submit the next link of the chain unless one is already queued (or the chain was removed)."""
+    sdir = paths.state_dir(profile_name, profile)
+    now = time.time() if now is None else now
+    with locked(sdir, profile_name):
+        st = load_state(sdir)
+        if st is None or st.mode != "sbatch":
+            return f"no chain installed for profile {profile_name}; no successor submitted"
+        others = _our_jobs(profile_name, exclude=from_job)
+        if others:
+            st.chain_job_id = str(others[0].base_job)
+            save_state(sdir, st)
+            return f"chain already continues with job {others[0].job_id}; not submitting another"
+        jid = _submit_link(profile_name, profile, sdir, st, st.every_s)
+        save_state(sdir, st)
+        return f"submitted job {jid} to begin in {fmt_every(st.every_s)}"
+
+
+def repair(profile_name: str, profile: Profile, state_dir: Path | None = None,
+           now: float | None = None) -> list[str]:
+    """Restore a broken schedule: resubmit a chain with no queued job, reinstall a removed or
+    Slurm-disabled scrontab/crontab block. Returns what was done."""
+    sdir = state_dir or paths.state_dir(profile_name, profile)
+    now = time.time() if now is None else now
+    st = load_state(sdir)
+    if st is None or not st.mode:
+        return []
+    done: list[str] = []
+    ldir = paths.log_dir(profile_name, profile)
+    with locked(sdir, profile_name):
+        st = load_state(sdir) or st
+        if not Path(st.script).exists():
+            write_script(profile_name, sdir)
+            done.append(f"rewrote the missing job script {st.script}")
+        if st.mode == "sbatch":
+            if not _our_jobs(profile_name):
+                delay = next_begin_delay(st.last_ok_start, now, st.every_s)
+                jid = _submit_link(profile_name, profile, sdir, st, delay)
+                save_state(sdir, st)
+                done.append(f"resubmitted the broken chain: job {jid} begins in "
+                            f"{fmt_every(round(delay)) if delay >= 60 else 'less than a minute'}")
+        elif st.mode in ("scrontab", "crontab"):
+            read, write = ((sl.scrontab_read, sl.scrontab_write) if st.mode == "scrontab"
+                           else (sl.crontab_read, sl.crontab_write))
+            text = read()
+            _, block = split_block(text, profile_name)
+            if disabled_lines(block) or not active_cron_lines(block):
+                body = (scron_block(profile_name, profile, Path(st.script), ldir, st.every_s) if st.mode == "scrontab"
+                        else cron_block(profile_name, Path(st.script), ldir, st.every_s))
+                write(with_block(text, profile_name, body))
+                done.append(f"{st.mode}: reinstalled the {'disabled' if block else 'missing'} block of profile "
+                            f"{profile_name}")
+    return done
+
+
+# -- findings for doctor ------------------------------------------------------------------------
+
+def findings(profile_name: str, profile: Profile, state_dir: Path | None = None,
+             now: float | None = None) -> list[dict[str, Any]]:
+    """Health of the schedule as doctor findings (dicts with severity, message, check, fix)."""
+    sdir = state_dir or paths.state_dir(profile_name, profile)
+    now = time.time() if now is None else now
+    st = load_state(sdir)
+    out: list[dict[str, Any]] = []
+
+    def add(sev: str, msg: str, fix: str = "") -> None:
+        out.append({"severity": sev, "message": msg, "check": "schedule", "fix": fix})
+
+    if st is None or not st.mode:
+        add("info", f"no scheduled refresh for profile {profile_name} (scratch-keepalive install-cron)")
+        return out
+    try:
+        if st.mode == "sbatch":
+            jobs = _our_jobs(profile_name)
+            if not jobs:
+                add("error", f"refresh chain broken: no pending or running job named {job_name(profile_name)} "
+                             f"(last link {st.chain_job_id or 'unknown'})", "resubmit the chain")
+            elif len({j.base_job for j in jobs}) > 1:
+                add("warning", f"{len(jobs)} jobs named {job_name(profile_name)} queued: "
+                               + ", ".join(str(j.job_id) for j in jobs), "")
+            else:
+                j = jobs[0]
+                add("ok", f"refresh chain: job {j.job_id} {j.state.lower()} ({j.reason})")
+        else:
+            text = sl.scrontab_read() if st.mode == "scrontab" else sl.crontab_read()
+            _, block = split_block(text, profile_name)
+            if disabled_lines(block):
+                add("error", f"{st.mode} entry of profile {profile_name} was disabled by Slurm "
+                             f"(#DISABLED, e.g. after scancel): {disabled_lines(block)[0].strip()}",
+                    "reinstall the entry")
+            elif not active_cron_lines(block):
+                add("error", f"{st.mode} entry of profile {profile_name} is missing", "reinstall the entry")
+            else:
+                add("ok", f"{st.mode} entry installed: every {fmt_every(st.every_s)}")
+    except (EnvironmentProblem, ExternalFailure) as e:
+        add("warning", f"cannot check the {st.mode} schedule: {e}")
+    last = st.runs[-1] if st.runs else None
+    if last and last.get("rc") not in (0, None) and last.get("end"):
+        add("warning", f"the last scheduled run (job {last.get('job') or '-'}) ended with status {last.get('rc')}; "
+                       f"see {paths.log_dir(profile_name, profile)}")
+    if st.last_ok_start is not None and now - st.last_ok_start > st.every_s * 1.5 + DAY:
+        add("warning", f"no successful scheduled run since {time.strftime('%Y-%m-%d %H:%M', time.localtime(st.last_ok_start))}")
+    return out
+
