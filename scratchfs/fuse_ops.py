@@ -1,0 +1,465 @@
+"""The FUSE adapter: the only module that imports pyfuse3.
+
+Inode numbers: a FUSE inode is ``(slot << 32) | squashfs inode number`` of the dataset in
+that slot. Slot 0 is the single dataset of ``scratchfs mount``, whose root is swapped with
+FUSE inode 1. (Namespaces of many datasets, as mountd serves, use slots >= 1 under a
+synthetic root.) The kernel only asks about inodes it learnt from lookup/readdirplus, so
+``_nodes`` holds exactly those, with their lookup counts, and forget() drops them: memory is
+bounded by the kernel's inode cache, not by the image.
+
+Errors: every handler is wrapped; a FUSEError passes, a known error becomes its errno
+through ERRNO_TABLE, anything else is logged once with its traceback and becomes EIO. No
+exception can end pyfuse3's main loop.
+
+Requests stay on the trio thread while they are cheap (metadata, cached blocks). Decoding
+a block that is not cached runs in a worker thread (each with its own libsquashfs context);
+sequential readers get readahead into the shared block cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from .squashfs import CorruptImageError, Image, ImageIOError, Inode, LibraryError, SquashfsError
+from .squashfs.errors import NotSquashfsError, UnsupportedImageError
+from .tiers import Dataset
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+TIMEOUT = 24 * 3600.0  # images are immutable: let the kernel cache entries and attributes
+SLOT_SHIFT = 32
+MASK32 = (1 << SLOT_SHIFT) - 1
+
+# The one errno table: exception class → errno given to the kernel (first match wins).
+ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
+    (LibraryError, errno.ENOMEM),  # libsquashfs could not allocate
+    (UnsupportedImageError, errno.EOPNOTSUPP),
+    (CorruptImageError, errno.EIO),
+    (NotSquashfsError, errno.EIO),  # image replaced under us by something else
+    (ImageIOError, errno.EIO),
+    (SquashfsError, errno.EIO),
+    (FileNotFoundError, errno.ESTALE),  # backing image vanished
+)
+
+_T = TypeVar("_T")
+
+
+def errno_for(exc: BaseException) -> int:
+    for cls, err in ERRNO_TABLE:
+        if isinstance(exc, cls):
+            return err
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+class _Node:
+    __slots__ = ("dataset", "ref", "lookups")
+
+    def __init__(self, dataset: Dataset, ref: int) -> None:
+        self.dataset = dataset
+        self.ref = ref
+        self.lookups = 0
+
+
+class _Handle:
+    __slots__ = ("dataset", "inode", "next_off", "streak")
+
+    def __init__(self, dataset: Dataset, inode: Inode) -> None:
+        self.dataset = dataset
+        self.inode = inode
+        self.next_off = 0
+        self.streak = 0
+
+
+def _guard(fn: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+    """Turn every failure of a handler into a FUSEError (see module docstring)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> _T:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except (SquashfsError, OSError) as e:
+            self._report(fn.__name__, args, e)
+            raise pyfuse3.FUSEError(errno_for(e)) from None
+        except Exception as e:
+            self._report(fn.__name__, args, e, unexpected=True)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    """Read-only FUSE operations over one dataset (slot 0) or a namespace of datasets."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        subdir: Inode | None = None,
+        workers: int | None = None,
+        readahead_bytes: int = 4 << 20,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self._root_inode = subdir or dataset.image.root
+        self._root_sqfs = self._root_inode.ino
+        self._nodes: dict[int, _Node] = {ROOT: _Node(dataset, self._root_inode.ref)}
+        self._nodes[ROOT].lookups = 1
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._pool = ThreadPoolExecutor(max_workers=workers or max(2, os.cpu_count() or 2), thread_name_prefix="sqfs")
+        self._readahead_bytes = readahead_bytes
+        self._reported: set[tuple[str, str]] = set()
+        self._bad_lock = threading.Lock()
+        self.bad_files: set[tuple[str, int]] = set()
+
+    # ---------------------------------------------------------------- plumbing
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _report(self, op: str, args: tuple[Any, ...], exc: BaseException, unexpected: bool = False) -> None:
+        """Log a failure once per (operation, error kind, object); repeats go to DEBUG."""
+        key = (op, f"{type(exc).__name__}:{args[0] if args else ''}")
+        if key in self._reported:
+            log.debug("%s%r failed again: %s", op, args[:1], exc)
+            return
+        if len(self._reported) < 100000:
+            self._reported.add(key)
+        if unexpected:
+            log.error("unexpected error in %s%r, answering EIO", op, args[:1], exc_info=exc)
+        else:
+            log.warning("%s%r: %s (errno %d)", op, args[:1], exc, errno_for(exc))
+
+    def _fuse_ino(self, ds: Dataset, sq: int) -> int:
+        if ds.slot == 0:
+            if sq == self._root_sqfs:
+                return ROOT
+            if sq == ROOT:
+                return self._root_sqfs
+        return (ds.slot << SLOT_SHIFT) | sq
+
+    def _node(self, ino: int) -> _Node:
+        node = self._nodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def _inode(self, ino: int) -> tuple[Dataset, Inode]:
+        node = self._node(ino)
+        return node.dataset, node.dataset.image.inode_by_ref(node.ref)
+
+    def _attrs(self, ds: Dataset, n: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._fuse_ino(ds, n.ino)
+        a.generation = 0
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = n.mode
+        a.st_nlink = n.nlink
+        a.st_uid = n.uid
+        a.st_gid = n.gid
+        a.st_rdev = n.rdev
+        a.st_size = n.size
+        a.st_blksize = 4096
+        a.st_blocks = (n.size + 511) // 512
+        t = n.mtime * 1_000_000_000
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = t
+        return a
+
+    def _remember(self, ds: Dataset, n: Inode, count: int = 1) -> int:
+        ino = self._fuse_ino(ds, n.ino)
+        node = self._nodes.get(ino)
+        if node is None:
+            node = self._nodes[ino] = _Node(ds, n.ref)
+        node.lookups += count
+        return ino
+
+    # ---------------------------------------------------------------- metadata
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        ds, parent = self._inode(parent_inode)
+        if not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b".":
+            child: Inode | None = parent
+        elif name == b"..":
+            raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves '..' itself
+        else:
+            child = ds.image.lookup(parent, name)
+        if child is None:
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0  # negative entry, cached by the kernel for entry_timeout
+            neg.entry_timeout = TIMEOUT
+            return neg
+        self._remember(ds, child)
+        return self._attrs(ds, child)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            node = self._nodes.get(ino)
+            if node is None or ino == ROOT:
+                continue
+            node.lookups -= n
+            if node.lookups <= 0:
+                del self._nodes[ino]
+
+    @_guard
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        ds, n = self._inode(inode)
+        return self._attrs(ds, n)
+
+    @_guard
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        ds, n = self._inode(inode)
+        if not n.is_symlink:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return n.target
+
+    @_guard
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        ds, n = self._inode(inode)
+        if not n.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        ds, d = self._inode(fh)
+        img = ds.image
+        lst = img.listing(d)
+        refs = lst.refs
+        names = lst.names
+        for i in range(start_id, len(names)):
+            child = img.inode_by_ref(refs[i])
+            if not pyfuse3.readdir_reply(token, names[i], self._attrs(ds, child), i + 1):
+                break
+            self._remember(ds, child)
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_guard
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        img = self.dataset.image
+        used, inodes = img.statfs_counts()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = img.info.block_size
+        s.f_frsize = img.info.block_size
+        s.f_blocks = (used + s.f_frsize - 1) // s.f_frsize
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = inodes
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 256
+        return s
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        ds, n = self._inode(inode)
+        value = ds.image.xattrs(n).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        ds, n = self._inode(inode)
+        return list(ds.image.xattrs(n))
+
+    @_guard
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self._node(inode)
+        return True
+
+    # -------------------------------------------------------------------- data
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        ds, n = self._inode(inode)
+        if not n.is_file:
+            raise pyfuse3.FUSEError(errno.EISDIR if n.is_dir else errno.EINVAL)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(ds, n)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False, nonseekable=False)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        ds = h.dataset
+        img = ds.begin()
+        nbytes = 0
+        try:
+            n = h.inode
+            # No await between taking the image and a cached read: the fast path is synchronous.
+            data = img.cached_read(n, off, size)
+            if data is None:
+                data = await self._in_worker(img.read, n, off, size)
+            nbytes = len(data)
+        except SquashfsError as e:
+            with self._bad_lock:
+                self.bad_files.add((ds.name, h.inode.ino))
+            self._report("read", (f"{ds.name}:{h.inode.ino}",), e)
+            raise pyfuse3.FUSEError(errno_for(e)) from None
+        finally:
+            ds.end(img, nbytes)
+        if off == h.next_off:
+            h.streak += 1
+            if h.streak >= 2:
+                self._readahead(img, n, off + nbytes)
+        else:
+            h.streak = 0
+        h.next_off = off + nbytes
+        return data
+
+    def _readahead(self, img: Image, n: Inode, pos: int) -> None:
+        bs = img.info.block_size
+        first = pos // bs
+        count = max(2, self._readahead_bytes // bs)
+        for i in img.missing_blocks(n, first, count):
+            self._pool.submit(_prefetch, img, n, i)
+
+    async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run *fn* in the decode pool; wake this task when it is done."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: list[Any] = []
+
+        def job() -> None:
+            try:
+                box.append((True, fn(*args)))
+            except BaseException as e:  # handed to the awaiting task
+                box.append((False, e))
+            token.run_sync_soon(done.set)
+
+        self._pool.submit(job)
+        await done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # ---------------------------------------------- everything else: read-only
+    async def setattr(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def setxattr(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mkdir(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def unlink(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rmdir(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def symlink(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rename(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def create(self, *args: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def write(self, *args: Any) -> int:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+
+def _prefetch(img: Image, n: Inode, index: int) -> None:
+    try:
+        img.block(n, index)
+    except Exception:  # the reader that needs this block will see and report the error
+        log.debug("readahead of block %d of inode %d failed", index, n.ino, exc_info=True)
+
+
+def mount_options(fsname: str, allow_other: bool = False, debug: bool = False) -> set[str]:
+    opts = set(pyfuse3.default_options) - {"default_permissions"}
+    opts |= {"ro", "nosuid", "nodev", "default_permissions", f"fsname={fsname}", "subtype=scratchfs"}
+    if allow_other:
+        opts.add("allow_other")
+    if debug:
+        opts.add("debug")
+    return opts
+
+
+async def serve(ops: Operations, mountpoint: str, options: set[str], on_ready: Callable[[], None] | None = None) -> None:
+    """Mount, serve until unmounted or SIGTERM/SIGINT, then unmount cleanly."""
+    import signal
+
+    pyfuse3.init(ops, mountpoint, options)
+    unmounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def announce() -> None:
+                # A stat through the mount proves the loop serves; it must not run before main().
+                await trio.to_thread.run_sync(os.stat, mountpoint)
+                if on_ready is not None:
+                    await trio.to_thread.run_sync(on_ready)
+
+            nursery.start_soon(announce)
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                    async for sig in sigs:
+                        if sig == signal.SIGHUP:
+                            continue
+                        log.info("signal %d: unmounting %s", sig, mountpoint)
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(watch_signals)
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            nursery.cancel_scope.cancel()
+        unmounted = True
+    finally:
+        pyfuse3.close(unmount=True)
+        ops.close()
+        log.info("%s %s", "unmounted" if unmounted else "stopped serving", mountpoint)
+
+
+def is_fuse_supported() -> bool:
+    return os.path.exists("/dev/fuse")
+
+
+__all__ = ["Operations", "serve", "mount_options", "errno_for", "ERRNO_TABLE"]

@@ -1,0 +1,69 @@
+"""Datasets: one logical image that may live on several tiers (scratch, local SSD).
+
+Copies on every tier are byte-identical, so inode references and block offsets are the
+same on each: switching a dataset to another tier is replacing ``Dataset.image``. Open file
+handles hold the Dataset, not the Image, so their next read goes to the new tier; a read
+already in flight finishes on the image it started with (which is only closed once no read
+uses it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .squashfs import Image
+
+
+class Dataset:
+    """A named image with an active tier. ``slot`` numbers it inside a namespace."""
+
+    def __init__(self, name: str, image: Image, tier: str = "scratch", slot: int = 0) -> None:
+        self.name = name
+        self.image = image
+        self.tier = tier
+        self.slot = slot
+        self._users: dict[int, int] = {}  # id(image) → reads in flight
+        self._lock = threading.Lock()
+        self._retired: list[tuple[Image, Callable[[Image], None] | None]] = []
+        self.on_read: Callable[[Dataset, str, int], None] | None = None
+
+    def begin(self) -> Image:
+        """Take the active image for one read; pair with end()."""
+        with self._lock:
+            img = self.image
+            self._users[id(img)] = self._users.get(id(img), 0) + 1
+            return img
+
+    def end(self, img: Image, nbytes: int, tier: str | None = None) -> None:
+        done: list[tuple[Image, Callable[[Image], None] | None]] = []
+        with self._lock:
+            left = self._users[id(img)] - 1
+            if left:
+                self._users[id(img)] = left
+            else:
+                del self._users[id(img)]
+                done = [r for r in self._retired if r[0] is img]
+                self._retired = [r for r in self._retired if r[0] is not img]
+        if self.on_read is not None:
+            self.on_read(self, tier or self.tier, nbytes)
+        for old, cb in done:
+            _finish(old, cb)
+
+    def swap(self, image: Image, tier: str, on_idle: Callable[[Image], None] | None = None) -> None:
+        """Make *image* active; the old one is closed (then *on_idle* called) once idle."""
+        with self._lock:
+            old = self.image
+            self.image = image
+            self.tier = tier
+            busy = id(old) in self._users
+            if busy:
+                self._retired.append((old, on_idle))
+        if not busy and old is not image:
+            _finish(old, on_idle)
+
+
+def _finish(img: Image, cb: Callable[[Image], None] | None) -> None:
+    img.close()
+    if cb is not None:
+        cb(img)
