@@ -67,7 +67,7 @@ class ScanResult:
 
 def read_records(f: IO[bytes], result: ScanResult, want_payload: bool = True) -> Iterator[tuple[int, bytes]]:
     """Yield (offset, payload) of valid records; fill *result*. Payload is b"" if not wanted."""
-    size = os.fstat(f.fileno()).st_size
+    size = f.seek(0, os.SEEK_END)
     off = 0
     f.seek(0)
     while off < size:

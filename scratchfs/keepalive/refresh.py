@@ -234,8 +234,8 @@ def _run(profile_name: str, profile: Profile, entry: DatasetEntry, res: RunResul
         wstats = WalkStats()
         t0 = time.monotonic()
         info = ck.write_plan(plan_p, header, units if units is not None else plan_tree(base, unit_size, wstats))
-        log.info("%s: planned %d entries in %d units (%d dirs, %d mounts skipped) in %.1fs", name, info.entries,
-                 info.units, wstats.dirs, wstats.skipped_mounts, time.monotonic() - t0)
+        log.info("%s: planned %s: %d entries in %d units (%d dirs, %d mounts skipped) in %.1fs", name, info.plan_id,
+                 info.entries, info.units, wstats.dirs, wstats.skipped_mounts, time.monotonic() - t0)
         done = {}
         journal = ck.Journal(jour_p, info.plan_id)
     res.plan_created = float(info.header.get("created", 0.0))
