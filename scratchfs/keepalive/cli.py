@@ -227,8 +227,14 @@ def _run_log(name: str, profile: Profile, label: str) -> tuple[str, logging.Hand
     d = paths.log_dir(name, profile)
     d.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
-    path = d / f"refresh-{label}-{stamp}-{os.getpid()}.log"
-    h = logging.FileHandler(path, encoding="utf-8")
+    n = 0
+    while True:  # a new file for every run, even two runs of one process within a second
+        path = d / f"refresh-{label}-{stamp}-{os.getpid()}{f'.{n}' if n else ''}.log"
+        try:
+            h = logging.FileHandler(path, mode="x", encoding="utf-8")
+            break
+        except FileExistsError:
+            n += 1
     h.setLevel(logging.DEBUG)
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
     return str(path), h

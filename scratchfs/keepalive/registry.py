@@ -143,6 +143,19 @@ def check_allowed(path: Path, profile: Profile) -> Path:
     return real
 
 
+def _read_magic(path: Path) -> bytes:
+    """First 4 bytes, read with O_NOATIME where allowed: looking must not count as access."""
+    noatime = getattr(os, "O_NOATIME", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | noatime)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4)
+    finally:
+        os.close(fd)
+
+
 def classify(path: Path) -> str:
     """'tree' for a directory, 'image' for a squashfs file; anything else is refused."""
     try:
@@ -154,9 +167,8 @@ def classify(path: Path) -> str:
     if stat_mod.S_ISDIR(st.st_mode):
         return "tree"
     if stat_mod.S_ISREG(st.st_mode):
-        with open(path, "rb") as f:
-            if f.read(4) == SQUASHFS_MAGIC:
-                return "image"
+        if _read_magic(path) == SQUASHFS_MAGIC:
+            return "image"
         raise UsageError(f"{path} is neither a directory nor a squashfs image")
     raise UsageError(f"{path} is neither a directory nor a squashfs image")
 
