@@ -25,10 +25,11 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from ..locking import Lock
 from ..state import atomic_write, atomic_write_json, read_json
 from . import paths
 from . import slurm as sl
-from .profiles import Profile
+from .profiles import Profile, SchedulerDefaults
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,17 @@ def job_name(profile_name: str) -> str:
     return f"scratchfs-keepalive-{profile_name}"
 
 
-def cron_slot(profile_name: str) -> tuple[int, int]:
-    """(minute, hour) for the daily run, spread over the night by a hash of the profile name."""
-    h = zlib.crc32(profile_name.encode())
+def cron_slot(seed: str) -> tuple[int, int]:
+    """(minute, hour) for the daily run, spread over the night by a hash of *seed*."""
+    h = zlib.crc32(seed.encode())
     return h % 60, 1 + (h // 60) % 5  # 01:00 – 05:59
 
 
-def cron_spec(every_s: float, profile_name: str) -> tuple[str, float]:
+def cron_spec(every_s: float, seed: str) -> tuple[str, float]:
     """(cron time fields, period of firing in seconds) for a cadence of *every_s* seconds."""
     if every_s <= 0:
         raise UsageError("the cadence must be positive")
-    minute, hour = cron_slot(profile_name)
+    minute, hour = cron_slot(seed)
     if every_s < 3600:
         return "* * * * *", 60.0
     if every_s < DAY:
@@ -147,19 +148,53 @@ def parse_every(text: str | float | None, default_days: float) -> float:
     return secs
 
 
+# -- what is scheduled ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """Something run on a schedule: a profile's ``refresh --all``, or the tracked-jobs watcher."""
+
+    key: str  # in the block markers: "keepalive: profile br200" / "jobs watcher"
+    job_name: str
+    state_dir: Path
+    log_dir: Path
+    scheduler: SchedulerDefaults
+    select: tuple[str, ...]  # schedule_cli arguments naming this target
+    command: tuple[str, ...]  # what a due run executes
+    default_every_s: float
+
+    @property
+    def seed(self) -> str:
+        return self.key
+
+
+def keepalive_target(profile_name: str, profile: Profile) -> Target:
+    return Target(
+        key=f"keepalive: profile {profile_name}",
+        job_name=job_name(profile_name),
+        state_dir=paths.state_dir(profile_name, profile),
+        log_dir=paths.log_dir(profile_name, profile),
+        scheduler=profile.scheduler,
+        select=("--profile", profile_name),
+        command=(sys.executable, "-m", "scratchfs.keepalive.cli", "refresh", "--all", "--no-progress",
+                 "--profile", profile_name),
+        default_every_s=profile.scheduler.cadence_days * DAY,
+    )
+
+
 # -- marked blocks in crontab / scrontab ---------------------------------------------------------
 
-def block_begin(profile_name: str) -> str:
-    return f"# >>> scratchfs keepalive: profile {profile_name} >>>"
+def block_begin(key: str) -> str:
+    return f"# >>> scratchfs {key} >>>"
 
 
-def block_end(profile_name: str) -> str:
-    return f"# <<< scratchfs keepalive: profile {profile_name} <<<"
+def block_end(key: str) -> str:
+    return f"# <<< scratchfs {key} <<<"
 
 
-def split_block(text: str, profile_name: str) -> tuple[list[str], list[str]]:
+def split_block(text: str, key: str) -> tuple[list[str], list[str]]:
     """(lines outside our block, lines inside it). An unterminated block ends at end of text."""
-    begin, end = block_begin(profile_name), block_end(profile_name)
+    begin, end = block_begin(key), block_end(key)
     outside: list[str] = []
     inside: list[str] = []
     state = 0  # 0 before/after, 1 inside
@@ -177,16 +212,17 @@ def split_block(text: str, profile_name: str) -> tuple[list[str], list[str]]:
     return outside, inside
 
 
-def with_block(text: str, profile_name: str, body: list[str]) -> str:
-    """*text* with our block replaced by *body* (or removed when *body* is empty)."""
-    outside, _ = split_block(text, profile_name)
+def with_block(text: str, key: str, body: list[str]) -> str:
+    """*text* with our block replaced by *body* (or removed when *body* is empty); the other
+    lines keep their order."""
+    outside, _ = split_block(text, key)
     while outside and not outside[-1].strip():
         outside.pop()
     lines = list(outside)
     if body:
         if lines:
             lines.append("")
-        lines += [block_begin(profile_name), *body, block_end(profile_name)]
+        lines += [block_begin(key), *body, block_end(key)]
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -246,10 +282,10 @@ def save_state(state_dir: Path, st: ScheduleState | None) -> None:
 
 
 @contextlib.contextmanager
-def locked(state_dir: Path, profile_name: str, wait: float = 120.0) -> Iterator[None]:
-    """The schedule lock of a profile: every submission and install happens under it, so two
-    submitters (a finishing chain link and ``repair``) never both submit."""
-    lock = Lock(state_dir / LOCK_NAME, what=f"scheduling of profile {profile_name}")
+def locked(state_dir: Path, what: str, wait: float = 120.0) -> Iterator[None]:
+    """The schedule lock: every submission and install happens under it, so two submitters
+    (a finishing chain link and ``repair``) never both submit."""
+    lock = Lock(state_dir / LOCK_NAME, what=f"scheduling of {what}")
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -271,19 +307,19 @@ _CARRIED_ENV = ("XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME", "XDG_CACHE
                 "SCRATCH_KEEPALIVE_PROFILE", "PYTHONPATH")
 
 
-def render_script(profile_name: str, python: str, env: dict[str, str]) -> str:
+def render_script(t: Target, python: str, env: dict[str, str]) -> str:
     """The script every mode runs: ``script cron`` (checks the cadence) or ``script chain``."""
     q = shlex.quote
     exports = "\n".join(f"export {k}={q(env[k])}" for k in _CARRIED_ENV if env.get(k))
     path = env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    select = " ".join(q(a) for a in t.select)
     return f"""#!/bin/bash
-# scratchfs keepalive: scheduled refresh of profile {profile_name}.
-# Written by `scratch-keepalive install-cron`; rewritten on every install, do not edit.
+# scratchfs {t.key}: scheduled run.
+# Written by install-cron / install-watcher; rewritten on every install, do not edit.
 # Usage: {SCRIPT_NAME} cron|chain
 export PATH={q(path)}
 {exports}
 PY={q(python)}
-PROFILE={q(profile_name)}
 MODE="${{1:-cron}}"
 JOB="${{SLURM_JOB_ID:-}}"
 stamp() {{ date '+%Y-%m-%dT%H:%M:%S%z'; }}
@@ -292,12 +328,12 @@ next_link() {{
     [ "$MODE" = chain ] || return 0
     [ "$linked" = 0 ] || return 0
     linked=1
-    "$PY" -m scratchfs.keepalive.schedule_cli chain-next --profile "$PROFILE" --from-job "$JOB" \\
-        || echo "$(stamp) could not submit the next link (doctor will report the broken chain)"
+    "$PY" -m scratchfs.keepalive.schedule_cli chain-next {select} --from-job "$JOB" \\
+        || echo "$(stamp) could not submit the next link (doctor reports the broken chain)"
 }}
 child=""
 on_signal() {{
-    echo "$(stamp) job $JOB got SIG$1: stopping the refresh (its checkpoint is kept) and chaining"
+    echo "$(stamp) job $JOB got SIG$1: stopping the run (its checkpoint is kept) and chaining"
     [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
     next_link
     [ -n "$child" ] && wait "$child"
@@ -306,52 +342,28 @@ on_signal() {{
 trap 'on_signal TERM' TERM
 trap 'on_signal USR1' USR1
 trap 'on_signal INT' INT
-echo "$(stamp) scheduled refresh of profile $PROFILE ($MODE) on $(hostname) job ${{JOB:-none}}"
-"$PY" -m scratchfs.keepalive.schedule_cli scheduled-run --profile "$PROFILE" --mode "$MODE" --job "$JOB" &
+echo "$(stamp) scheduled run of {t.key} ($MODE) on $(hostname), job ${{JOB:-none}}"
+"$PY" -m scratchfs.keepalive.schedule_cli scheduled-run {select} --mode "$MODE" --job "$JOB" &
 child=$!
 wait "$child"
 rc=$?
 child=""
-echo "$(stamp) refresh ended with status $rc"
+echo "$(stamp) run ended with status $rc"
 next_link
 exit "$rc"
 """
 
 
-def write_script(profile_name: str, state_dir: Path, python: str | None = None,
-                 env: dict[str, str] | None = None) -> Path:
-    path = state_dir / SCRIPT_NAME
-    atomic_write(path, render_script(profile_name, python or sys.executable, dict(env or os.environ)), perms=0o755)
+def write_script(t: Target, python: str | None = None, env: dict[str, str] | None = None) -> Path:
+    path = t.state_dir / SCRIPT_NAME
+    atomic_write(path, render_script(t, python or sys.executable, dict(env or os.environ)), perms=0o755)
     return path
 
 
 # -- submission ----------------------------------------------------------------------------------
 
-def sbatch_args(profile_name: str, profile: Profile, log_dir: Path, begin_in: float) -> list[str]:
-    s = profile.scheduler
-    args = [f"--job-name={job_name(profile_name)}", f"--output={log_dir}/scheduled-%j.out",
-            "--open-mode=append", f"--begin=now+{int(round(begin_in))}", f"--cpus-per-task={max(1, s.cpus)}",
-            "--ntasks=1", "--nodes=1"]
-    if s.account:
-        args.append(f"--account={s.account}")
-    if s.partition:
-        args.append(f"--partition={s.partition}")
-    if s.mem:
-        args.append(f"--mem={s.mem}")
-    if s.time_limit:
-        limit = parse_slurm_time(s.time_limit)
-        args.append(f"--time={s.time_limit}")
-        lead = warning_lead(limit)
-        if lead:
-            args.append(f"--signal=B:USR1@{lead}")
-    return args
-
-
-def scron_block(profile_name: str, profile: Profile, script: Path, log_dir: Path, every_s: float) -> list[str]:
-    spec, _ = cron_spec(every_s, profile_name)
-    s = profile.scheduler
-    opts = [f"--job-name={job_name(profile_name)}", f"--output={log_dir}/scheduled-%j.out", "--open-mode=append",
-            f"--cpus-per-task={max(1, s.cpus)}"]
+def _resource_opts(s: SchedulerDefaults) -> list[str]:
+    opts = [f"--cpus-per-task={max(1, s.cpus)}"]
     if s.account:
         opts.append(f"--account={s.account}")
     if s.partition:
@@ -363,15 +375,27 @@ def scron_block(profile_name: str, profile: Profile, script: Path, log_dir: Path
         lead = warning_lead(parse_slurm_time(s.time_limit))
         if lead:
             opts.append(f"--signal=B:USR1@{lead}")
-    return [f"# refresh every {fmt_every(every_s)}; managed by `scratch-keepalive install-cron` / `uninstall-cron`",
+    return opts
+
+
+def sbatch_args(t: Target, begin_in: float) -> list[str]:
+    return [f"--job-name={t.job_name}", f"--output={t.log_dir}/scheduled-%j.out", "--open-mode=append",
+            f"--begin=now+{int(round(begin_in))}", "--ntasks=1", "--nodes=1", *_resource_opts(t.scheduler)]
+
+
+def scron_block(t: Target, script: Path, every_s: float) -> list[str]:
+    spec, _ = cron_spec(every_s, t.seed)
+    opts = [f"--job-name={t.job_name}", f"--output={t.log_dir}/scheduled-%j.out", "--open-mode=append",
+            *_resource_opts(t.scheduler)]
+    return [f"# every {fmt_every(every_s)}; managed by scratchfs (install-cron / uninstall-cron)",
             f"#SCRON {' '.join(opts)}",
             f"{spec} {script} cron"]
 
 
-def cron_block(profile_name: str, script: Path, log_dir: Path, every_s: float) -> list[str]:
-    spec, _ = cron_spec(every_s, profile_name)
-    return [f"# refresh every {fmt_every(every_s)}; managed by `scratch-keepalive install-cron` / `uninstall-cron`",
-            f"{spec} {script} cron >> {log_dir}/scheduled-cron.log 2>&1"]
+def cron_block(t: Target, script: Path, every_s: float) -> list[str]:
+    spec, _ = cron_spec(every_s, t.seed)
+    return [f"# every {fmt_every(every_s)}; managed by scratchfs (install-cron / uninstall-cron)",
+            f"{spec} {script} cron >> {t.log_dir}/scheduled-cron.log 2>&1"]
 
 
 def resolve_mode(mode: str) -> str:
@@ -386,233 +410,225 @@ def resolve_mode(mode: str) -> str:
     if sl.available():
         log.info("scrontab unusable (%s); using a self-resubmitting job", detail)
         return "sbatch"
-    import shutil
-
     if shutil.which("crontab"):
         return "crontab"
     raise EnvironmentProblem("no scheduler found: neither Slurm (scrontab/sbatch) nor crontab is available")
 
 
-def _our_jobs(profile_name: str, exclude: str = "") -> list[sl.QueuedJob]:
-    user = sl.current_user()
-    return [j for j in sl.find_jobs(job_name(profile_name), user=user) if str(j.base_job) != exclude]
+def _our_jobs(t: Target, exclude: str = "") -> list[sl.QueuedJob]:
+    return [j for j in sl.find_jobs(t.job_name, user=sl.current_user()) if str(j.base_job) != exclude]
 
 
-def _submit_link(profile_name: str, profile: Profile, state_dir: Path, st: ScheduleState,
-                 begin_in: float) -> str:
-    ldir = paths.log_dir(profile_name, profile)
-    ldir.mkdir(parents=True, exist_ok=True)
-    jid = sl.sbatch(sbatch_args(profile_name, profile, ldir, begin_in), script_path=st.script,
-                    script_args=["chain"])
+def _submit_link(t: Target, st: ScheduleState, begin_in: float) -> str:
+    t.log_dir.mkdir(parents=True, exist_ok=True)
+    jid = sl.sbatch(sbatch_args(t, begin_in), script_path=st.script, script_args=["chain"])
     st.chain_job_id = str(jid)
     return str(jid)
 
 
-def install(profile_name: str, profile: Profile, mode: str = "auto", every: str | float | None = None,
-            start_in: float = 0.0, now: float | None = None) -> tuple[ScheduleState, list[str]]:
-    """Install (idempotently) the scheduled refresh of a profile. Returns the state and what was done."""
+def _crontab_io(mode: str) -> tuple[Callable[[], str], Callable[[str], None]]:
+    return (sl.scrontab_read, sl.scrontab_write) if mode == "scrontab" else (sl.crontab_read, sl.crontab_write)
+
+
+def _block_for(t: Target, mode: str, script: Path, every_s: float) -> list[str]:
+    return scron_block(t, script, every_s) if mode == "scrontab" else cron_block(t, script, every_s)
+
+
+def install_target(t: Target, mode: str = "auto", every: str | float | None = None, start_in: float = 0.0,
+                   now: float | None = None) -> tuple[ScheduleState, list[str]]:
+    """Install (idempotently) the schedule of *t*. Returns the state and what was done."""
     mode = resolve_mode(mode)
-    every_s = parse_every(every, profile.scheduler.cadence_days)
-    sdir = paths.state_dir(profile_name, profile)
-    ldir = paths.log_dir(profile_name, profile)
-    sdir.mkdir(parents=True, exist_ok=True)
-    ldir.mkdir(parents=True, exist_ok=True)
+    every_s = parse_every(every, t.default_every_s / DAY)
+    t.state_dir.mkdir(parents=True, exist_ok=True)
+    t.log_dir.mkdir(parents=True, exist_ok=True)
     done: list[str] = []
-    with locked(sdir, profile_name):
-        prev = load_state(sdir)
+    with locked(t.state_dir, t.key):
+        prev = load_state(t.state_dir)
         st = prev or ScheduleState()
         if prev and prev.mode and prev.mode != mode:
-            done += _remove_artifacts(profile_name, prev.mode)
-        script = write_script(profile_name, sdir)
+            done += _remove_artifacts(t, prev.mode)
+        script = write_script(t)
         st.mode, st.every_s, st.script = mode, every_s, str(script)
         st.installed = time.time() if now is None else now
-        if mode == "scrontab":
-            text = sl.scrontab_read()
-            new = with_block(text, profile_name, scron_block(profile_name, profile, script, ldir, every_s))
+        if mode in ("scrontab", "crontab"):
+            read, write = _crontab_io(mode)
+            text = read()
+            new = with_block(text, t.key, _block_for(t, mode, script, every_s))
             if new != text:
-                sl.scrontab_write(new)
-                done.append(f"scrontab: installed the block of profile {profile_name} (every {fmt_every(every_s)})")
+                write(new)
+                done.append(f"{mode}: installed the block of {t.key} (every {fmt_every(every_s)})")
             else:
-                done.append("scrontab: block already installed")
-        elif mode == "crontab":
-            text = sl.crontab_read()
-            new = with_block(text, profile_name, cron_block(profile_name, script, ldir, every_s))
-            if new != text:
-                sl.crontab_write(new)
-                done.append(f"crontab: installed the block of profile {profile_name} (every {fmt_every(every_s)})")
-            else:
-                done.append("crontab: block already installed")
+                done.append(f"{mode}: block of {t.key} already installed")
         else:
-            existing = _our_jobs(profile_name)
+            existing = _our_jobs(t)
             if existing:
                 st.chain_job_id = str(existing[0].base_job)
                 done.append(f"sbatch: chain already present (job {existing[0].job_id}, {existing[0].state.lower()})")
             else:
-                jid = _submit_link(profile_name, profile, sdir, st, start_in)
-                done.append(f"sbatch: submitted job {jid} (begins in {fmt_every(max(start_in, 60)) if start_in else 'now'}"
-                            f", then every {fmt_every(every_s)})")
-        save_state(sdir, st)
+                jid = _submit_link(t, st, start_in)
+                done.append(f"sbatch: submitted job {jid} (first run "
+                            f"{'in ' + fmt_every(start_in) if start_in else 'now'}, then every {fmt_every(every_s)})")
+        save_state(t.state_dir, st)
     return st, done
 
 
-def _remove_artifacts(profile_name: str, mode: str) -> list[str]:
+def _remove_artifacts(t: Target, mode: str) -> list[str]:
     done: list[str] = []
-    if mode == "scrontab":
-        text = sl.scrontab_read()
-        _, block = split_block(text, profile_name)
+    if mode in ("scrontab", "crontab"):
+        read, write = _crontab_io(mode)
+        text = read()
+        _, block = split_block(text, t.key)
         if block:
-            sl.scrontab_write(with_block(text, profile_name, []))
-            done.append(f"scrontab: removed the block of profile {profile_name}")
-    elif mode == "crontab":
-        text = sl.crontab_read()
-        _, block = split_block(text, profile_name)
-        if block:
-            sl.crontab_write(with_block(text, profile_name, []))
-            done.append(f"crontab: removed the block of profile {profile_name}")
+            write(with_block(text, t.key, []))
+            done.append(f"{mode}: removed the block of {t.key}")
     elif mode == "sbatch":
-        pending = [j for j in _our_jobs(profile_name) if j.state == "PENDING"]
-        running = [j for j in _our_jobs(profile_name) if j.state != "PENDING"]
+        jobs = _our_jobs(t)
+        pending = [j for j in jobs if j.state == "PENDING"]
         if pending:
             sl.scancel(sorted({j.base_job for j in pending}))
             done.append(f"sbatch: cancelled pending job(s) {', '.join(str(j.job_id) for j in pending)}")
-        for j in running:
-            done.append(f"sbatch: job {j.job_id} is running; it finishes its refresh and submits no successor")
+        for j in jobs:
+            if j.state != "PENDING":
+                done.append(f"sbatch: job {j.job_id} is {j.state.lower()}; it finishes and submits no successor")
     return done
 
 
-def uninstall(profile_name: str, profile: Profile) -> list[str]:
-    sdir = paths.state_dir(profile_name, profile)
+def uninstall_target(t: Target) -> list[str]:
     done: list[str] = []
-    with locked(sdir, profile_name):
-        st = load_state(sdir)
+    with locked(t.state_dir, t.key):
+        st = load_state(t.state_dir)
         modes = [st.mode] if st and st.mode else []
         # also clean the other places, in case the record was lost
-        for m in MODES:
-            if m in modes:
-                continue
-            if m == "scrontab" and sl.scrontab_state()[0] == sl.SCRONTAB_ENABLED:
-                modes.append(m)
-            elif m == "crontab":
-                import shutil
-
-                if shutil.which("crontab"):
-                    modes.append(m)
-            elif m == "sbatch" and sl.available():
-                modes.append(m)
+        if "scrontab" not in modes and sl.scrontab_state()[0] == sl.SCRONTAB_ENABLED:
+            modes.append("scrontab")
+        if "crontab" not in modes and shutil.which("crontab"):
+            modes.append("crontab")
+        if "sbatch" not in modes and sl.available():
+            modes.append("sbatch")
         for m in modes:
             try:
-                done += _remove_artifacts(profile_name, m)
+                done += _remove_artifacts(t, m)
             except (EnvironmentProblem, ExternalFailure) as e:
                 if st and m == st.mode:
                     raise
                 log.debug("skipping %s: %s", m, e)
-        save_state(sdir, None)
-    if not done:
-        done.append(f"nothing was installed for profile {profile_name}")
-    return done
+        save_state(t.state_dir, None)
+    return done or [f"nothing was installed for {t.key}"]
 
 
-def chain_next(profile_name: str, profile: Profile, from_job: str = "", now: float | None = None) -> str:
+def chain_next_target(t: Target, from_job: str = "") -> str:
     """Submit the next link of the chain unless one is already queued (or the chain was removed)."""
-    sdir = paths.state_dir(profile_name, profile)
-    now = time.time() if now is None else now
-    with locked(sdir, profile_name):
-        st = load_state(sdir)
+    with locked(t.state_dir, t.key):
+        st = load_state(t.state_dir)
         if st is None or st.mode != "sbatch":
-            return f"no chain installed for profile {profile_name}; no successor submitted"
-        others = _our_jobs(profile_name, exclude=from_job)
+            return f"no chain installed for {t.key}; no successor submitted"
+        others = _our_jobs(t, exclude=from_job)
         if others:
             st.chain_job_id = str(others[0].base_job)
-            save_state(sdir, st)
+            save_state(t.state_dir, st)
             return f"chain already continues with job {others[0].job_id}; not submitting another"
-        jid = _submit_link(profile_name, profile, sdir, st, st.every_s)
-        save_state(sdir, st)
+        jid = _submit_link(t, st, st.every_s)
+        save_state(t.state_dir, st)
         return f"submitted job {jid} to begin in {fmt_every(st.every_s)}"
 
 
-def repair(profile_name: str, profile: Profile, state_dir: Path | None = None,
-           now: float | None = None) -> list[str]:
+def repair_target(t: Target, now: float | None = None) -> list[str]:
     """Restore a broken schedule: resubmit a chain with no queued job, reinstall a removed or
     Slurm-disabled scrontab/crontab block. Returns what was done."""
-    sdir = state_dir or paths.state_dir(profile_name, profile)
     now = time.time() if now is None else now
-    st = load_state(sdir)
-    if st is None or not st.mode:
+    if load_state(t.state_dir) is None:
         return []
     done: list[str] = []
-    ldir = paths.log_dir(profile_name, profile)
-    with locked(sdir, profile_name):
-        st = load_state(sdir) or st
+    with locked(t.state_dir, t.key):
+        st = load_state(t.state_dir)
+        if st is None or not st.mode:
+            return []
         if not Path(st.script).exists():
-            write_script(profile_name, sdir)
+            st.script = str(write_script(t))
             done.append(f"rewrote the missing job script {st.script}")
         if st.mode == "sbatch":
-            if not _our_jobs(profile_name):
+            if not _our_jobs(t):
                 delay = next_begin_delay(st.last_ok_start, now, st.every_s)
-                jid = _submit_link(profile_name, profile, sdir, st, delay)
-                save_state(sdir, st)
-                done.append(f"resubmitted the broken chain: job {jid} begins in "
-                            f"{fmt_every(round(delay)) if delay >= 60 else 'less than a minute'}")
-        elif st.mode in ("scrontab", "crontab"):
-            read, write = ((sl.scrontab_read, sl.scrontab_write) if st.mode == "scrontab"
-                           else (sl.crontab_read, sl.crontab_write))
+                jid = _submit_link(t, st, delay)
+                done.append(f"resubmitted the broken chain of {t.key}: job {jid} begins "
+                            f"{'in ' + fmt_every(round(delay)) if delay >= 60 else 'now'}")
+        else:
+            read, write = _crontab_io(st.mode)
             text = read()
-            _, block = split_block(text, profile_name)
+            _, block = split_block(text, t.key)
             if disabled_lines(block) or not active_cron_lines(block):
-                body = (scron_block(profile_name, profile, Path(st.script), ldir, st.every_s) if st.mode == "scrontab"
-                        else cron_block(profile_name, Path(st.script), ldir, st.every_s))
-                write(with_block(text, profile_name, body))
-                done.append(f"{st.mode}: reinstalled the {'disabled' if block else 'missing'} block of profile "
-                            f"{profile_name}")
+                write(with_block(text, t.key, _block_for(t, st.mode, Path(st.script), st.every_s)))
+                done.append(f"{st.mode}: reinstalled the {'disabled' if block else 'missing'} block of {t.key}")
+        save_state(t.state_dir, st)
     return done
 
 
-# -- findings for doctor ------------------------------------------------------------------------
-
-def findings(profile_name: str, profile: Profile, state_dir: Path | None = None,
-             now: float | None = None) -> list[dict[str, Any]]:
+def findings_target(t: Target, now: float | None = None) -> list[dict[str, Any]]:
     """Health of the schedule as doctor findings (dicts with severity, message, check, fix)."""
-    sdir = state_dir or paths.state_dir(profile_name, profile)
     now = time.time() if now is None else now
-    st = load_state(sdir)
+    st = load_state(t.state_dir)
     out: list[dict[str, Any]] = []
 
     def add(sev: str, msg: str, fix: str = "") -> None:
         out.append({"severity": sev, "message": msg, "check": "schedule", "fix": fix})
 
     if st is None or not st.mode:
-        add("info", f"no scheduled refresh for profile {profile_name} (scratch-keepalive install-cron)")
+        add("info", f"nothing scheduled for {t.key} (install-cron)")
         return out
     try:
         if st.mode == "sbatch":
-            jobs = _our_jobs(profile_name)
+            jobs = _our_jobs(t)
             if not jobs:
-                add("error", f"refresh chain broken: no pending or running job named {job_name(profile_name)} "
+                add("error", f"chain broken: no pending or running job named {t.job_name} "
                              f"(last link {st.chain_job_id or 'unknown'})", "resubmit the chain")
             elif len({j.base_job for j in jobs}) > 1:
-                add("warning", f"{len(jobs)} jobs named {job_name(profile_name)} queued: "
-                               + ", ".join(str(j.job_id) for j in jobs), "")
+                add("warning", f"{len(jobs)} jobs named {t.job_name} queued: "
+                               + ", ".join(str(j.job_id) for j in jobs))
             else:
-                j = jobs[0]
-                add("ok", f"refresh chain: job {j.job_id} {j.state.lower()} ({j.reason})")
+                add("ok", f"chain: job {jobs[0].job_id} {jobs[0].state.lower()} ({jobs[0].reason})")
         else:
-            text = sl.scrontab_read() if st.mode == "scrontab" else sl.crontab_read()
-            _, block = split_block(text, profile_name)
+            read, _ = _crontab_io(st.mode)
+            _, block = split_block(read(), t.key)
             if disabled_lines(block):
-                add("error", f"{st.mode} entry of profile {profile_name} was disabled by Slurm "
-                             f"(#DISABLED, e.g. after scancel): {disabled_lines(block)[0].strip()}",
-                    "reinstall the entry")
+                add("error", f"{st.mode} entry of {t.key} was disabled by Slurm (e.g. after scancel): "
+                             f"{disabled_lines(block)[0].strip()}", "reinstall the entry")
             elif not active_cron_lines(block):
-                add("error", f"{st.mode} entry of profile {profile_name} is missing", "reinstall the entry")
+                add("error", f"{st.mode} entry of {t.key} is missing", "reinstall the entry")
             else:
                 add("ok", f"{st.mode} entry installed: every {fmt_every(st.every_s)}")
     except (EnvironmentProblem, ExternalFailure) as e:
-        add("warning", f"cannot check the {st.mode} schedule: {e}")
+        add("warning", f"cannot check the {st.mode} schedule of {t.key}: {e}")
     last = st.runs[-1] if st.runs else None
-    if last and last.get("rc") not in (0, None) and last.get("end"):
+    if last and last.get("end") and last.get("rc") not in (0, 1):
         add("warning", f"the last scheduled run (job {last.get('job') or '-'}) ended with status {last.get('rc')}; "
-                       f"see {paths.log_dir(profile_name, profile)}")
+                       f"see {t.log_dir}")
     if st.last_ok_start is not None and now - st.last_ok_start > st.every_s * 1.5 + DAY:
-        add("warning", f"no successful scheduled run since {time.strftime('%Y-%m-%d %H:%M', time.localtime(st.last_ok_start))}")
+        add("warning", "no successful scheduled run since "
+                       + time.strftime("%Y-%m-%d %H:%M", time.localtime(st.last_ok_start)))
     return out
 
+
+# -- the keepalive API (profiles) ------------------------------------------------------------------
+
+def install(profile_name: str, profile: Profile, mode: str = "auto", every: str | float | None = None,
+            start_in: float = 0.0, now: float | None = None) -> tuple[ScheduleState, list[str]]:
+    return install_target(keepalive_target(profile_name, profile), mode, every, start_in, now)
+
+
+def uninstall(profile_name: str, profile: Profile) -> list[str]:
+    return uninstall_target(keepalive_target(profile_name, profile))
+
+
+def chain_next(profile_name: str, profile: Profile, from_job: str = "") -> str:
+    return chain_next_target(keepalive_target(profile_name, profile), from_job)
+
+
+def repair(profile_name: str, profile: Profile, state_dir: Path | None = None,
+           now: float | None = None) -> list[str]:
+    """What ``scratch-keepalive repair`` calls: restore a broken chain or a disabled entry."""
+    return repair_target(keepalive_target(profile_name, profile), now)
+
+
+def findings(profile_name: str, profile: Profile, state_dir: Path | None = None,
+             now: float | None = None) -> list[dict[str, Any]]:
+    return findings_target(keepalive_target(profile_name, profile), now)

@@ -111,32 +111,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- verbs run by the scheduled job --------------------------------------------------------------
 
-def refresh_command(profile_name: str) -> list[str]:
-    return [sys.executable, "-m", "scratchfs.keepalive.cli", "refresh", "--all", "--no-progress",
-            "--profile", profile_name]
+def _target(args: argparse.Namespace) -> sch.Target:
+    if getattr(args, "watcher", False):
+        from ..jobs import watcher_target
+
+        return watcher_target()
+    return sch.keepalive_target(*load_profile(args.profile))
 
 
 def cmd_scheduled_run(args: argparse.Namespace) -> int:
-    """Check the cadence (cron modes), run ``refresh --all`` in a child, record the outcome."""
-    name, profile = load_profile(args.profile)
-    sdir = paths.state_dir(name, profile)
+    """Check the cadence (cron modes), run the target's command in a child, record the outcome."""
+    t = _target(args)
+    sdir, name = t.state_dir, t.key
     now = time.time()
     with sch.locked(sdir, name):
         st = sch.load_state(sdir)
         if st is None or not st.mode:
-            print(f"profile {name}: no schedule installed; nothing to do")
+            print(f"{name}: no schedule installed; nothing to do")
             return 0
         if args.mode == "cron":
-            _, period = sch.cron_spec(st.every_s, name)
+            _, period = sch.cron_spec(st.every_s, t.seed)
             if not sch.is_due(st.last_ok_start, now, st.every_s, period):
-                print(f"profile {name}: not due (last successful run started "
+                print(f"{name}: not due (last successful run started "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(st.last_ok_start or 0))}, "
                       f"every {sch.fmt_every(st.every_s)})")
                 return 0
         run: dict[str, Any] = {"start": now, "job": args.job or "", "mode": args.mode, "pid": os.getpid()}
         st.runs.append(run)
         sch.save_state(sdir, st)
-    cmd = refresh_command(name)
+    cmd = list(t.command)
     log.info("running %s", " ".join(cmd))
     child = subprocess.Popen(cmd)
     got: list[int] = []
@@ -160,13 +163,12 @@ def cmd_scheduled_run(args: argparse.Namespace) -> int:
         if rc in (0, 1) and not got:  # 1: partial (some files failed) — the pass is complete
             st.last_ok_start = now
         sch.save_state(sdir, st)
-    print(f"refresh --all of profile {name} ended with status {rc}" + (" after a stop signal" if got else ""))
+    print(f"{name}: run ended with status {rc}" + (" after a stop signal" if got else ""))
     return rc
 
 
 def cmd_chain_next(args: argparse.Namespace) -> int:
-    name, profile = load_profile(args.profile)
-    print(sch.chain_next(name, profile, from_job=args.from_job or ""))
+    print(sch.chain_next_target(_target(args), from_job=args.from_job or ""))
     return 0
 
 
@@ -199,9 +201,11 @@ def register_keepalive(sub: Any) -> None:
     p = cmd("scheduled-run", cmd_scheduled_run, None, "run by the scheduled job: refresh --all if due")
     p.add_argument("--mode", choices=("cron", "chain"), default="cron")
     p.add_argument("--job", default="")
+    p.add_argument("--watcher", action="store_true", help="the tracked-jobs watcher instead of a profile")
 
     p = cmd("chain-next", cmd_chain_next, None, "run by a chain job: submit its successor")
     p.add_argument("--from-job", default="")
+    p.add_argument("--watcher", action="store_true", help="the tracked-jobs watcher instead of a profile")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
