@@ -1,0 +1,47 @@
+"""Shared fixtures: per-session caches of source trees and squashfs images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests import imagegen
+
+
+class ImageCache:
+    """Builds source trees and images on first use, once per test session."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self._trees: dict[tuple[bool, bool], Path] = {}
+        self._images: dict[str, Path] = {}
+
+    def tree(self, *, big_sparse: bool, with_names: bool) -> Path:
+        key = (big_sparse, with_names)
+        if key not in self._trees:
+            path = self.base / f"tree-big{int(big_sparse)}-names{int(with_names)}"
+            imagegen.build_full_tree(path, big_sparse=big_sparse, with_names=with_names)
+            self._trees[key] = path
+        return self._trees[key]
+
+    def image(self, spec: imagegen.ImageSpec) -> Path:
+        if spec.name not in self._images:
+            src = self.tree(big_sparse=spec.tree == "full+big", with_names=spec.builder != "gensquashfs-packfile")
+            self._images[spec.name] = imagegen.build_image(spec, src, self.base / f"{spec.name}.sqfs")
+        return self._images[spec.name]
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> ImageCache:
+    return ImageCache(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def need_mounts() -> None:
+    """Kernel loop mounts need root; FUSE needs /dev/fuse."""
+    if os.geteuid() != 0:
+        pytest.skip("kernel squashfs loop mounts need root")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is missing")
