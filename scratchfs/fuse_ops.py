@@ -23,9 +23,9 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -53,6 +53,7 @@ ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
 )
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 def errno_for(exc: BaseException) -> int:
@@ -74,22 +75,24 @@ class _Node:
 
 
 class _Handle:
-    __slots__ = ("dataset", "inode", "next_off", "streak")
+    __slots__ = ("dataset", "inode", "next_off")
 
     def __init__(self, dataset: Dataset, inode: Inode) -> None:
         self.dataset = dataset
         self.inode = inode
         self.next_off = 0
-        self.streak = 0
 
 
-def _guard(fn: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+def _guard(fn: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
     """Turn every failure of a handler into a FUSEError (see module docstring)."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Operations, *args: Any) -> _T:
+    async def wrapper(*args: _P.args, **kw: _P.kwargs) -> _T:
+        self = args[0]
+        assert isinstance(self, Operations)
+        args = args[1:]  # type: ignore[assignment]
         try:
-            return await fn(self, *args)
+            return await fn(self, *args, **kw)  # type: ignore[arg-type]
         except pyfuse3.FUSEError:
             raise
         except (SquashfsError, OSError) as e:
@@ -212,7 +215,7 @@ class Operations(pyfuse3.Operations):
         self._remember(ds, child)
         return self._attrs(ds, child)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             node = self._nodes.get(ino)
             if node is None or ino == ROOT:
@@ -304,68 +307,49 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False, nonseekable=False)
 
     @_guard
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> Any:
         h = self._handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         ds = h.dataset
+        n = h.inode
         img = ds.begin()
         nbytes = 0
         try:
-            n = h.inode
-            # No await between taking the image and a cached read: the fast path is synchronous.
-            data = img.cached_read(n, off, size)
+            # Cached blocks are served at once. Blocks a readahead worker is decoding are
+            # awaited; what nobody is decoding is decoded right here (a thread hop costs
+            # more than decoding one block), and sequential readers get readahead.
+            data = img.read_view(n, off, size, load=False)
             if data is None:
-                data = await self._in_worker(img.read, n, off, size)
+                futs = img.loading(n, off, size)
+                if futs:
+                    await _wait_futures(futs)
+                data = img.read_view(n, off, size, load=True)
+            assert data is not None
             nbytes = len(data)
         except SquashfsError as e:
             with self._bad_lock:
-                self.bad_files.add((ds.name, h.inode.ino))
-            self._report("read", (f"{ds.name}:{h.inode.ino}",), e)
+                self.bad_files.add((ds.name, n.ino))
+            self._report("read", (f"{ds.name}:{n.ino}",), e)
             raise pyfuse3.FUSEError(errno_for(e)) from None
         finally:
             ds.end(img, nbytes)
-        if off == h.next_off:
-            h.streak += 1
-            if h.streak >= 2:
-                self._readahead(img, n, off + nbytes)
-        else:
-            h.streak = 0
+        if off == h.next_off and off + nbytes < n.size:
+            self._readahead(img, n, off + nbytes)
         h.next_off = off + nbytes
         return data
 
     def _readahead(self, img: Image, n: Inode, pos: int) -> None:
         bs = img.info.block_size
-        first = pos // bs
         count = max(2, self._readahead_bytes // bs)
-        for i in img.missing_blocks(n, first, count):
+        for i in img.missing_blocks(n, pos // bs, count):
             self._pool.submit(_prefetch, img, n, i)
-
-    async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run *fn* in the decode pool; wake this task when it is done."""
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        box: list[Any] = []
-
-        def job() -> None:
-            try:
-                box.append((True, fn(*args)))
-            except BaseException as e:  # handed to the awaiting task
-                box.append((False, e))
-            token.run_sync_soon(done.set)
-
-        self._pool.submit(job)
-        await done.wait()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
-    async def flush(self, fh: int) -> None:
-        return None
+    # flush() is not overridden: pyfuse3's default answers ENOSYS, after which the kernel
+    # stops sending FLUSH at all, saving a round trip on every close.
 
     # ---------------------------------------------- everything else: read-only
     async def setattr(self, *args: Any) -> pyfuse3.EntryAttributes:
@@ -403,6 +387,24 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, *args: Any) -> int:
         raise pyfuse3.FUSEError(errno.EROFS)
+
+
+async def _wait_futures(futs: list[Any]) -> None:
+    """Wait, without blocking the trio thread, for futures completed by worker threads."""
+    token = trio.lowlevel.current_trio_token()
+    for fut in futs:
+        if fut.done():
+            continue
+        ev = trio.Event()
+
+        def wake(_f: Any, ev: trio.Event = ev) -> None:
+            try:
+                token.run_sync_soon(ev.set)
+            except trio.RunFinishedError:
+                pass
+
+        fut.add_done_callback(wake)
+        await ev.wait()
 
 
 def _prefetch(img: Image, n: Inode, index: int) -> None:

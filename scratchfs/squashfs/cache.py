@@ -43,6 +43,11 @@ class BlockCache:
         with self._lock:
             return key in self._data or key in self._loading
 
+    def loading(self, key: Hashable) -> Future[bytes] | None:
+        """The future of a load of *key* in progress in another thread, if any."""
+        with self._lock:
+            return self._loading.get(key)
+
     def _put_locked(self, key: Hashable, data: bytes) -> None:
         old = self._data.pop(key, None)
         if old is not None:

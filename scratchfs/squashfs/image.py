@@ -20,6 +20,7 @@ import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -66,7 +67,7 @@ class Inode:
 
     __slots__ = (
         "ino", "ref", "mode", "uid", "gid", "mtime", "size", "nlink", "rdev", "xattr_idx",
-        "blocks_start", "block_words", "_block_offsets", "frag_index", "frag_offset",
+        "blocks_start", "block_words", "_block_offsets", "frag_index", "frag_offset", "frag_loc",
         "dir_block", "dir_offset", "dir_size", "target",
     )  # fmt: skip
 
@@ -85,6 +86,7 @@ class Inode:
     _block_offsets: list[int] | None
     frag_index: int
     frag_offset: int
+    frag_loc: tuple[int, int] | None
     dir_block: int
     dir_offset: int
     dir_size: int
@@ -246,6 +248,7 @@ class Image:
         self._ctx_lock = threading.Lock()
         self._meta_lock = threading.Lock()
         self._frag_table: int | None = None
+        self._frag_lookup = lib.sqfs_frag_table_lookup
         self.cache = block_cache if block_cache is not None else BlockCache(cache_size)
         self._inodes = _LRU(inode_cache)
         self._dirs = _LRU(1 << 30)
@@ -452,6 +455,7 @@ class Image:
         n._block_offsets = None
         n.frag_index = NO_FRAGMENT
         n.frag_offset = 0
+        n.frag_loc = None
         n.dir_block = n.dir_offset = n.dir_size = 0
         n.target = b""
         x = ctypes.c_uint32(L.XATTR_NONE)
@@ -565,7 +569,7 @@ class Image:
 
     def listdir(self, dir_inode: Inode) -> list[tuple[bytes, Inode]]:
         lst = self.listing(dir_inode)
-        return [(n, self.inode_by_ref(r)) for n, r in zip(lst.names, lst.refs)]
+        return [(n, self.inode_by_ref(r)) for n, r in zip(lst.names, lst.refs, strict=True)]
 
     def walk(self, top: Inode | None = None) -> Iterator[tuple[bytes, Inode]]:
         """Every entry, depth-first, paths relative to the root (b"" is the root)."""
@@ -621,77 +625,111 @@ class Image:
 
     def block(self, inode: Inode, index: int) -> bytes:
         """Decompressed data block *index* of a file (through the shared cache)."""
+        piece = self._block(inode, index, True)
+        assert piece is not None
+        return piece
+
+    def _block(self, inode: Inode, index: int, load: bool) -> bytes | None:
         words = inode.block_words
         assert words is not None
         word = words[index]
         bs = self._super.block_size
-        expect = bs if (index + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - index * bs
-        if word & L.SQFS_BLOCK_SIZE_MASK == 0:
-            return bytes(expect)  # sparse block
+        if word & L.SQFS_BLOCK_SIZE_MASK == 0:  # sparse block
+            return bytes(bs if (index + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - index * bs)
         off = inode.block_offsets[index]
-        return self.cache.get_or_load((self._fd, off), lambda: self._load_block(off, word, expect))
+        key = (self._fd, off)
+        if not load:
+            return self.cache.get(key)
+        expect = bs if (index + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - index * bs
+        return self.cache.get_or_load(key, lambda: self._load_block(off, word, expect))
 
-    def fragment_tail(self, inode: Inode) -> bytes:
-        """The tail end of a file stored in a fragment block."""
-        bs = self._super.block_size
-        tail = inode.size - len(inode.block_words or ()) * bs
+    def _fragment(self, inode: Inode) -> tuple[int, int]:
+        """(on-disk start, size word) of the file's fragment block, memoized on the inode."""
+        loc = inode.frag_loc
+        if loc is None:
+            if self._frag_table is None:
+                raise CorruptImageError(f"{self.path}: inode {inode.ino} uses a fragment but the image has none")
+            fr = L.sqfs_fragment_t()
+            check(self._frag_lookup(self._frag_table, inode.frag_index, ctypes.byref(fr)),
+                  f"{self.path}: fragment {inode.frag_index}")  # fmt: skip
+            loc = inode.frag_loc = (fr.start_offset, fr.size)
+        return loc
+
+    def _tail(self, inode: Inode, load: bool) -> memoryview | bytes | None:
+        """The tail end of a file stored in a fragment block (a view, no copy)."""
+        tail = inode.size - len(inode.block_words or ()) * self._super.block_size
         if tail <= 0 or inode.frag_index == NO_FRAGMENT:
             return b""
-        if self._frag_table is None:
-            raise CorruptImageError(f"{self.path}: inode {inode.ino} uses a fragment but the image has none")
-        fr = L.sqfs_fragment_t()
-        check(lib.sqfs_frag_table_lookup(self._frag_table, inode.frag_index, ctypes.byref(fr)), f"{self.path}: fragment {inode.frag_index}")
-        start, word = fr.start_offset, fr.size
-        data = self.cache.get_or_load((self._fd, start), lambda: self._load_block(start, word, -1))
+        start, word = self._fragment(inode)
+        key = (self._fd, start)
+        if load:
+            data: bytes | None = self.cache.get_or_load(key, lambda: self._load_block(start, word, -1))
+        else:
+            data = self.cache.get(key)
+            if data is None:
+                return None
+        assert data is not None
         o = inode.frag_offset
         if o + tail > len(data):
             raise CorruptImageError(f"{self.path}: inode {inode.ino}: fragment tail beyond its fragment block")
-        return data[o : o + tail]
+        return memoryview(data)[o : o + tail]
 
-    def _piece(self, inode: Inode, index: int) -> bytes:
-        if index < len(inode.block_words or ()):
-            return self.block(inode, index)
-        return self.fragment_tail(inode)
+    def read_view(self, inode: Inode, offset: int, size: int, load: bool = True) -> memoryview | bytes | None:
+        """Up to *size* bytes from *offset* as a bytes-like object, without copying when possible.
 
-    def read(self, inode: Inode, offset: int, size: int) -> bytes:
-        """Up to *size* bytes of a regular file from *offset* (short at EOF)."""
+        With ``load=False`` nothing is decoded: None when a needed block is not cached.
+        """
         if not inode.is_file:
             raise SquashfsError(f"inode {inode.ino} is not a regular file", -15)
         end = min(inode.size, offset + size)
         if offset >= end:
             return b""
         bs = self._super.block_size
+        nblocks = len(inode.block_words or ())
         first, last = offset // bs, (end - 1) // bs
-        if first == last:
-            base = first * bs
-            return self._piece(inode, first)[offset - base : end - base]
-        parts = []
+        parts: list[memoryview | bytes] = []
         for i in range(first, last + 1):
+            piece = self._block(inode, i, load) if i < nblocks else self._tail(inode, load)
+            if piece is None:
+                return None
             base = i * bs
-            piece = self._piece(inode, i)
-            parts.append(piece[max(offset, base) - base : min(end, base + bs) - base])
-        return b"".join(parts)
+            lo = max(offset, base) - base
+            hi = min(end, base + bs) - base
+            parts.append(piece[lo:hi] if isinstance(piece, memoryview) else memoryview(piece)[lo:hi])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def cached_read(self, inode: Inode, offset: int, size: int) -> bytes | None:
-        """Like read() when every block needed is cached or sparse, else None (never decodes)."""
+    def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        """Up to *size* bytes of a regular file from *offset* (short at EOF)."""
+        data = self.read_view(inode, offset, size, True)
+        assert data is not None
+        return bytes(data)
+
+    def fragment_tail(self, inode: Inode) -> bytes:
+        view = self._tail(inode, True)
+        assert view is not None
+        return bytes(view)
+
+    def loading(self, inode: Inode, offset: int, size: int) -> list[Future[bytes]]:
+        """Futures of blocks of this range that another thread is decoding right now."""
         end = min(inode.size, offset + size)
         if offset >= end:
-            return b""
+            return []
         bs = self._super.block_size
-        nblocks = len(inode.block_words or ())
-        cache = self.cache
+        words = inode.block_words or ()
+        out = []
         for i in range(offset // bs, (end - 1) // bs + 1):
-            if i < nblocks:
-                word = inode.block_words[i]  # type: ignore[index]
-                if word & L.SQFS_BLOCK_SIZE_MASK and (self._fd, inode.block_offsets[i]) not in cache:
-                    return None
+            if i < len(words):
+                if not words[i] & L.SQFS_BLOCK_SIZE_MASK:
+                    continue
+                key = (self._fd, inode.block_offsets[i])
+            elif inode.frag_index != NO_FRAGMENT:
+                key = (self._fd, self._fragment(inode)[0])
             else:
-                fr = L.sqfs_fragment_t()
-                if self._frag_table is None or lib.sqfs_frag_table_lookup(self._frag_table, inode.frag_index, ctypes.byref(fr)) < 0:
-                    return None
-                if (self._fd, fr.start_offset) not in cache:
-                    return None
-        return self.read(inode, offset, size)
+                continue
+            fut = self.cache.loading(key)
+            if fut is not None:
+                out.append(fut)
+        return out
 
     def missing_blocks(self, inode: Inode, first: int, count: int) -> list[int]:
         """Indices in [first, first+count) of data blocks neither cached nor being loaded."""
