@@ -197,6 +197,13 @@ def run_repair(profile_name: str | None, today: dt.date) -> tuple[list[str], lis
                 actions.append(f"{f.dataset}: path vanished, disabled with a note")
         except (ScratchfsError, OSError) as e:
             actions.append(f"{f.dataset}: could not {f.fix}: {e}")
+    if any(f.check == "schedule" and f.fix for f in findings):
+        from . import schedule
+
+        try:
+            actions += schedule.repair(name, profile, paths.state_dir(name, profile))
+        except (ScratchfsError, OSError) as e:
+            actions.append(f"schedule: could not repair: {e}")
     if actions:
         _, findings = run_doctor(name, today)
     return actions, findings
