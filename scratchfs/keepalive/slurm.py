@@ -187,7 +187,7 @@ def scrontab_state() -> tuple[str, str]:
     if shutil.which("scrontab") is None:
         return SCRONTAB_MISSING, "scrontab is not installed"
     p = _run(["scrontab", "-l"], check=False)
-    err = (p.stderr or "").strip()
+    err = ((p.stderr or "") + (p.stdout or "")).strip()
     if p.returncode == 0:
         return SCRONTAB_ENABLED, ""
     low = err.lower()
@@ -202,9 +202,10 @@ def scrontab_read() -> str:
     p = _run(["scrontab", "-l"], check=False)
     if p.returncode == 0:
         return p.stdout
-    if "no crontab" in (p.stderr or "").lower():
+    said = ((p.stderr or "") + (p.stdout or "")).strip()
+    if "no crontab" in said.lower():
         return ""
-    raise ExternalFailure(f"scrontab -l failed: {(p.stderr or '').strip() or p.returncode}")
+    raise ExternalFailure(f"scrontab -l failed: {said or p.returncode}")
 
 
 def scrontab_write(text: str) -> None:
@@ -222,9 +223,10 @@ def crontab_read() -> str:
     p = _run(["crontab", "-l"], check=False)
     if p.returncode == 0:
         return p.stdout
-    if "no crontab" in (p.stderr or "").lower():
+    said = ((p.stderr or "") + (p.stdout or "")).strip()
+    if "no crontab" in said.lower():
         return ""
-    raise ExternalFailure(f"crontab -l failed: {(p.stderr or '').strip() or p.returncode}")
+    raise ExternalFailure(f"crontab -l failed: {said or p.returncode}")
 
 
 def crontab_write(text: str) -> None:

@@ -229,6 +229,8 @@ class Cluster:
     user: str = TEST_USER
     pids: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # daemons started by this process, reaped in stop()
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     @property
     def pid_file(self) -> Path:
@@ -253,10 +255,11 @@ class Cluster:
         if os.geteuid() != 0:
             raise HarnessError("the Slurm harness needs root (it starts munged, slurmctld and slurmd)")
         t0 = time.monotonic()
-        self.timings.update(install())
+        installed = install()
         if SLURM_CONF.exists() and MARKER not in SLURM_CONF.read_text():
             raise HarnessError(f"{SLURM_CONF} exists and was not written by this harness; refusing to replace it")
         self.load()
+        self.timings = dict(installed)
         if any(_alive(p) for p in self.pids.values()):
             _say("stopping a previous harness cluster first")
             self.stop()
@@ -308,6 +311,7 @@ class Cluster:
         finally:
             log.close()
         self.pids[name] = p.pid
+        self.procs[name] = p
         self.save()
         return p.pid
 
@@ -354,6 +358,11 @@ class Cluster:
                 _terminate(pid)
         for pid in stepd:
             _terminate(pid, grace=5)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.procs = {}
         self.pids = {}
         self.timings["stop_s"] = round(time.monotonic() - t0, 1)
         if self.run_dir.exists():
