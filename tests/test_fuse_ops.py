@@ -1,0 +1,141 @@
+"""Tier (b): FUSE handlers awaited in-process, no mount (readdir needs a kernel token and is
+covered by the real-mount tests)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+
+from scratchfs.fuse_ops import ERRNO_TABLE, Operations, errno_for
+from scratchfs.squashfs import CorruptImageError, Image, ImageIOError, LibraryError, SquashfsError
+from scratchfs.tiers import Dataset
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("src")
+    (src / "dir").mkdir()
+    (src / "dir" / "a.txt").write_bytes(b"hello\n" * 50_000)
+    (src / "small").write_bytes(b"tiny")
+    os.symlink("dir/a.txt", src / "link")
+    os.setxattr(src / "small", "user.color", b"blue")
+    out = tmp_path_factory.mktemp("img") / "t.sqfs"
+    subprocess.run(["mksquashfs", str(src), str(out), "-noappend", "-quiet", "-no-progress"], check=True)
+    return out
+
+
+def run(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+    return trio.run(fn, *args)
+
+
+@pytest.fixture
+def ops(image: Path) -> Operations:
+    o = Operations(Dataset("t", Image.open(image)))
+    yield o
+    o.close()
+    o.dataset.image.close()
+
+
+def fuse_errno(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        run(fn, *args)
+    return ei.value.errno
+
+
+def test_lookup_getattr_read(ops: Operations) -> None:
+    d = run(ops.lookup, pyfuse3.ROOT_INODE, b"dir", None)
+    assert d.st_mode & 0o170000 == 0o040000
+    f = run(ops.lookup, d.st_ino, b"a.txt", None)
+    assert f.st_size == 300_000 and f.entry_timeout > 3600 and f.attr_timeout > 3600
+    assert run(ops.getattr, f.st_ino, None).st_size == 300_000
+    fi = run(ops.open, f.st_ino, os.O_RDONLY, None)
+    assert fi.keep_cache
+    data = run(ops.read, fi.fh, 5, 100_000)
+    assert bytes(data) == (b"hello\n" * 50_000)[5:100_005]
+    assert bytes(run(ops.read, fi.fh, 299_990, 4096)) == (b"hello\n" * 50_000)[299_990:]
+    run(ops.release, fi.fh)
+    assert fuse_errno(ops.read, fi.fh, 0, 10) == errno.EBADF
+
+
+def test_negative_lookup_is_cacheable(ops: Operations) -> None:
+    neg = run(ops.lookup, pyfuse3.ROOT_INODE, b"nope", None)
+    assert neg.st_ino == 0 and neg.entry_timeout > 0
+
+
+def test_readlink_xattrs_statfs(ops: Operations) -> None:
+    ln = run(ops.lookup, pyfuse3.ROOT_INODE, b"link", None)
+    assert run(ops.readlink, ln.st_ino, None) == b"dir/a.txt"
+    sm = run(ops.lookup, pyfuse3.ROOT_INODE, b"small", None)
+    assert run(ops.listxattr, sm.st_ino, None) == [b"user.color"]
+    assert run(ops.getxattr, sm.st_ino, b"user.color", None) == b"blue"
+    assert fuse_errno(ops.getxattr, sm.st_ino, b"user.nope", None) == errno.ENODATA
+    st = run(ops.statfs, None)
+    assert st.f_files > 0 and st.f_bfree == 0
+
+
+def test_writes_are_refused(ops: Operations) -> None:
+    sm = run(ops.lookup, pyfuse3.ROOT_INODE, b"small", None)
+    assert fuse_errno(ops.open, sm.st_ino, os.O_WRONLY, None) == errno.EROFS
+    assert fuse_errno(ops.mkdir, pyfuse3.ROOT_INODE, b"x", 0o755, None) == errno.EROFS
+    assert fuse_errno(ops.unlink, pyfuse3.ROOT_INODE, b"small", None) == errno.EROFS
+    assert fuse_errno(ops.access, sm.st_ino, os.W_OK, None) == errno.EROFS
+
+
+def test_forget_drops_nodes_and_stale_inode_is_estale(ops: Operations) -> None:
+    sm = run(ops.lookup, pyfuse3.ROOT_INODE, b"small", None)
+    run(ops.forget, [(sm.st_ino, 1)])
+    assert fuse_errno(ops.getattr, sm.st_ino, None) == errno.ESTALE
+    assert run(ops.getattr, pyfuse3.ROOT_INODE, None).st_ino == pyfuse3.ROOT_INODE
+
+
+def test_unexpected_exception_becomes_eio_logged_once(
+    ops: Operations, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_a: Any) -> Any:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(ops.dataset.image, "lookup", broken)
+    with caplog.at_level(logging.DEBUG, logger="scratchfs.fuse_ops"):
+        for _ in range(3):
+            assert fuse_errno(ops.lookup, pyfuse3.ROOT_INODE, b"dir", None) == errno.EIO
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_corrupt_block_is_eio_for_that_file_only(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
+    img = ops.dataset.image
+    a = run(ops.lookup, run(ops.lookup, pyfuse3.ROOT_INODE, b"dir", None).st_ino, b"a.txt", None)
+    sm = run(ops.lookup, pyfuse3.ROOT_INODE, b"small", None)
+    real = img._load_block
+
+    def load(off: int, word: int, expect: int) -> bytes:
+        if expect > 4:  # only the big file's blocks
+            raise CorruptImageError("damaged block")
+        return real(off, word, expect)
+
+    monkeypatch.setattr(img, "_load_block", load)
+    img.cache.clear()
+    fa = run(ops.open, a.st_ino, os.O_RDONLY, None)
+    assert fuse_errno(ops.read, fa.fh, 0, 4096) == errno.EIO
+    fs = run(ops.open, sm.st_ino, os.O_RDONLY, None)
+    assert bytes(run(ops.read, fs.fh, 0, 4096)) == b"tiny"
+    assert ops.bad_files == {("t", img.resolve("dir/a.txt").ino)}
+
+
+def test_errno_table() -> None:
+    assert errno_for(CorruptImageError("x")) == errno.EIO
+    assert errno_for(ImageIOError("x")) == errno.EIO
+    assert errno_for(LibraryError("x")) == errno.ENOMEM
+    assert errno_for(SquashfsError("x")) == errno.EIO
+    assert errno_for(PermissionError(errno.EACCES, "x")) == errno.EACCES
+    assert errno_for(ValueError("x")) == errno.EIO
+    assert all(isinstance(e, int) and e > 0 for _, e in ERRNO_TABLE)
