@@ -37,6 +37,23 @@ class WalkStats:
     errors: int = 0
 
 
+_PROC_FD = b"/proc/self/fd/%d"
+_HAVE_PROC = os.path.isdir("/proc/self/fd")
+
+
+def _leaf_listing(fd: int) -> list[bytes] | None:
+    """Names of a directory without subdirectories, or None when it may have some.
+
+    A link count of exactly 2 means no subdirectory on filesystems that keep directory link
+    counts (ext4, xfs, Lustre, GPFS; others report 1 and take the general path). Such a
+    directory is listed with ``listdir`` through ``/proc/self/fd`` — bytes names, no per-entry
+    objects — about three times cheaper than ``scandir``.
+    """
+    if not _HAVE_PROC or os.fstat(fd).st_nlink != 2:
+        return None
+    return os.listdir(_PROC_FD % fd)
+
+
 def walk_groups(base: str, stats: WalkStats | None = None) -> Iterator[Group]:
     """Yield (reldir, sorted names) for every directory under *base*, itself first as ``.``."""
     stats = stats or WalkStats()
@@ -52,20 +69,24 @@ def walk_groups(base: str, stats: WalkStats | None = None) -> Iterator[Group]:
                 names: list[bytes] = []
                 subdirs: list[bytes] = []
                 try:
-                    with os.scandir(fd) as it:
-                        for e in it:
-                            name = e.name.encode(_FSENC, _FSERR)
-                            if e.is_dir(follow_symlinks=False):
-                                try:
-                                    if e.stat(follow_symlinks=False).st_dev != dev:
-                                        stats.skipped_mounts += 1
-                                        log.debug("not crossing into mount %r", os.path.join(rel, name))
+                    leaf = _leaf_listing(fd)
+                    if leaf is not None:
+                        names = leaf
+                    else:
+                        with os.scandir(fd) as it:
+                            for e in it:
+                                name = e.name.encode(_FSENC, _FSERR)
+                                if e.is_dir(follow_symlinks=False):
+                                    try:
+                                        if e.stat(follow_symlinks=False).st_dev != dev:
+                                            stats.skipped_mounts += 1
+                                            log.debug("not crossing into mount %r", os.path.join(rel, name))
+                                            continue
+                                    except OSError:
+                                        stats.errors += 1
                                         continue
-                                except OSError:
-                                    stats.errors += 1
-                                    continue
-                                subdirs.append(name)
-                            names.append(name)
+                                    subdirs.append(name)
+                                names.append(name)
                 except OSError as e:
                     stats.errors += 1
                     log.warning("cannot list %s: %s", os.fsdecode(os.path.join(os.fsencode(base), rel)), e.strerror)
