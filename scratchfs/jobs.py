@@ -43,7 +43,10 @@ STATE_VERSION = 1
 DEFAULT_BACKOFF_S = 60.0
 MAX_BACKOFF_S = 6 * 3600.0
 DEFAULT_MAX_RELAUNCHES = 10
-LAUNCH_GRACE_S = 30.0  # a job just launched may not be visible yet (when the command was not sbatch)
+# A job launched by a command that printed no job id (a wrapper script, say) may reach the queue
+# a little later: such a launch is given this long before it counts as dead. With a job id from
+# sbatch no grace is needed: sbatch returns once the controller holds the job.
+LAUNCH_GRACE_S = 30.0
 HISTORY_KEPT = 30
 WATCHER_JOB_NAME = "scratchfs-jobs-watcher"
 
@@ -66,6 +69,7 @@ class TrackedJob:
     cancelled: bool = False
     relaunches: int = 0
     last_launch: float | None = None
+    last_launch_id: str = ""  # job id printed by the last launch ('' if none could be read)
     last_seen: float | None = None
     job_ids: list[str] = field(default_factory=list)
     added: float = 0.0
@@ -103,7 +107,7 @@ def decide(job: TrackedJob, active_ids: list[str], indicator_exists: bool, now: 
         return Decision("alive", "in the queue: " + ", ".join(active_ids[:5]) + (" …" if len(active_ids) > 5 else ""))
     if indicator_exists:
         return Decision("finish", f"no job in the queue and {job.indicator} exists")
-    if job.last_launch is not None and now - job.last_launch < LAUNCH_GRACE_S:
+    if job.last_launch is not None and not job.last_launch_id and now - job.last_launch < LAUNCH_GRACE_S:
         return Decision("grace", "launched moments ago; waiting for it to show in the queue")
     if job.relaunches >= job.max_relaunches:
         return Decision("limit", f"relaunch limit reached ({job.relaunches}/{job.max_relaunches})")
@@ -216,6 +220,7 @@ def launch(job: TrackedJob, now: float, why: str, counted: bool = True) -> str:
     """Run the command, record the attempt (counted against the limit unless *counted* is False)."""
     rc, jid, tail = run_launch_command(job)
     job.last_launch = now
+    job.last_launch_id = jid
     if counted:
         job.relaunches += 1
     if rc == 0:

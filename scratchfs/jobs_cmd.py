@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 from . import jobs
@@ -94,9 +95,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     interval = parse_duration(args.interval) if not str(args.interval).isdigit() else float(args.interval) * 60
 
     def report(rep: jobs.PassReport) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
         for line in rep.lines:
-            log.info("%s", line)
-        sys.stdout.flush()
+            print(f"{stamp}{line}", flush=True)
 
     if not args.once:
         log.info("watching tracked jobs every %.0f s (Ctrl-C stops)", interval)

@@ -133,7 +133,7 @@ def test_sbatch_chain_refreshes_submits_successor_and_repair_restores_one(user: 
     assert _oldest_atime(tree) > before + 30 * DAY
     sched = _schedule(u)
     assert sched["chain_job_id"] == q[0][0] and sched["last_ok_start"] is not None
-    out = open(_state_dir(u) / "logs" / f"scheduled-{first}.out").read()
+    out = (_state_dir(u) / "logs" / f"scheduled-{first}.out").read_text()
     assert "submitted job" in out, out
 
     # installing again does not start a second chain
