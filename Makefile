@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
 	squashfs-tools squashfs-tools-ng libsquashfs1 libsquashfs-dev squashfuse attr util-linux liblzo2-2
 
-.PHONY: deps venv test demo lint bench clean
+.PHONY: deps slurm-deps venv test demo lint bench clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -26,7 +26,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: deps $(VENV)/.installed
 
-test: venv
+# Slurm, munge and cron for the tests marked `slurm`; scrontab is built from Debian's source
+# package of the installed version when missing (the harness does it idempotently).
+slurm-deps: deps
+	$(PYTHON) tests/slurm/harness.py install
+
+test: venv slurm-deps
 	$(PY) -m pytest
 
 demo: venv
