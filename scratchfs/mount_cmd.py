@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,14 +51,14 @@ def register(sub: Any) -> None:
 
 # ---------------------------------------------------------------------- checks
 def mount_entries() -> dict[str, str]:
-    """mountpoint → filesystem type, from /proc/self/mountinfo."""
+    """mountpoint → filesystem type, from /proc/self/mountinfo (octal escapes decoded)."""
     out: dict[str, str] = {}
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             parts = line.split()
             sep = parts.index(b"-")
-            mp = parts[4].decode("unicode_escape")
-            out[mp] = parts[sep + 1].decode()
+            mp = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), parts[4])
+            out[os.fsdecode(mp)] = parts[sep + 1].decode()
     return out
 
 
