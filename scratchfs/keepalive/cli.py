@@ -81,7 +81,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         changes["rule"] = replace(rule, stated=True)
     if args.refresh is not None:
         changes["refresh_permitted"] = args.refresh
-    for k in ("candidate_list", "state_dir", "log_dir", "workers", "unit_size", "description"):
+    for k in ("candidate_list", "state_dir", "log_dir", "workers", "unit_size", "description", "max_rate"):
         v = getattr(args, k)
         if v is not None:
             changes[k] = v
@@ -269,6 +269,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
                 continue
             try:
                 r = refresh_dataset(name, profile, e, today=_today(), workers=args.workers, unit_size=args.unit_size,
+                                    max_rate=args.max_rate,
                                     method=args.method, stop=stop, progress=False if args.no_progress else None,
                                     log_path=log_path)
             except ScratchfsError as err:
@@ -369,6 +370,7 @@ def add_commands(sub: Any) -> Any:
     p.add_argument("--log-dir")
     p.add_argument("--description")
     p.add_argument("--workers", type=int)
+    p.add_argument("--max-rate", type=float, help="refresh at most this many entries per second (0: unlimited)")
     p.add_argument("--unit-size", type=int)
     for k in ("account", "partition", "mem", "time-limit"):
         p.add_argument(f"--{k}", help="scheduler default")
@@ -396,6 +398,7 @@ def add_commands(sub: Any) -> Any:
     p.add_argument("--name")
     p.add_argument("--all", action="store_true", help="every enabled, unexpired dataset of the profile")
     p.add_argument("--workers", type=int, help="parallel workers (default: the profile's)")
+    p.add_argument("--max-rate", type=float, help="entries per second at most (default: the profile's; 0: unlimited)")
     p.add_argument("--unit-size", type=int, help="entries per checkpointed unit (default: the profile's)")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true")

@@ -85,6 +85,7 @@ class Profile:
     log_dir: str = ""
     workers: int = 4
     unit_size: int = 2000
+    max_rate: float = 0.0  # entries refreshed per second at most (0: unlimited), for shared metadata servers
     scheduler: SchedulerDefaults = field(default_factory=SchedulerDefaults)
     builtin: bool = False
 
@@ -252,6 +253,10 @@ def profile_from_dict(name: str, d: Mapping[str, Any], base: Profile | None = No
                 simple[k] = int(d[k])
                 if simple[k] < 1:
                     raise ValueError(f"{k} must be at least 1")
+        if "max_rate" in d:
+            simple["max_rate"] = float(d["max_rate"])
+            if simple["max_rate"] < 0:
+                raise ValueError("max_rate must not be negative")
         if "refresh_permitted" in d:
             simple["refresh_permitted"] = bool(d["refresh_permitted"])
         if "roots" in d:

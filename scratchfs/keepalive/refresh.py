@@ -180,6 +180,7 @@ def refresh_dataset(
     progress: bool | None = None,
     log_path: str = "",
     owner: LockOwner | None = None,
+    max_rate: float | None = None,
 ) -> RunResult:
     """Refresh one dataset (see the module docstring). Raises ScratchfsError on refusal."""
     refusal = profile.refusal()
@@ -210,12 +211,14 @@ def refresh_dataset(
             base, units = plan_file(entry.path)
         else:
             base, units = entry.path, None
-        return _run(profile_name, profile, entry, res, ddir, base, units, workers, unit_size, method, stop, progress)
+        rate = profile.max_rate if max_rate is None else max_rate
+        return _run(profile_name, profile, entry, res, ddir, base, units, workers, unit_size, method, stop, progress,
+                    rate)
 
 
 def _run(profile_name: str, profile: Profile, entry: DatasetEntry, res: RunResult, ddir: Path, base: str,
          units: list[list[ck.Group]] | None, workers: int, unit_size: int, method: str,
-         stop: threading.Event | None, progress: bool | None) -> RunResult:
+         stop: threading.Event | None, progress: bool | None, max_rate: float = 0.0) -> RunResult:
     name = entry.name
     plan_p, jour_p = ddir / ck.PLAN_NAME, ddir / ck.JOURNAL_NAME
     loaded = _load_checkpoint(ddir, name, base)
@@ -260,6 +263,7 @@ def _run(profile_name: str, profile: Profile, entry: DatasetEntry, res: RunResul
             ok, errs, samp = execute_unit(base_fd, groups, touch)
             return {"u": uid, "n": n, "ok": ok, "e": errs, "err": samp, "p": pid, "t": round(time.time(), 3)}
 
+        paced_until = time.monotonic()  # max_rate: a unit of n entries may start n/max_rate after the last
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="refresh") as pool:
             pending: set[Future[dict[str, Any]]] = set()
             exhausted = False
@@ -269,6 +273,16 @@ def _run(profile_name: str, profile: Profile, entry: DatasetEntry, res: RunResul
                     if nxt is None:
                         exhausted = True
                         break
+                    if max_rate > 0:
+                        delay = paced_until - time.monotonic()
+                        if delay > 0:
+                            if stop is not None:
+                                stop.wait(delay)
+                            else:
+                                time.sleep(delay)
+                        if stop is not None and stop.is_set():
+                            break  # the unit was not started: not journaled, the next run does it
+                        paced_until = max(paced_until, time.monotonic()) + nxt[1] / max_rate
                     pending.add(pool.submit(work, *nxt))
                 if not pending:
                     break
