@@ -257,11 +257,11 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "sqfs_compressor_config_init": (c_int, [P(sqfs_compressor_config_t), c_int, c_size_t, c_uint16]),
     "sqfs_compressor_create": (c_int, [P(sqfs_compressor_config_t), P(P(sqfs_compressor_t))]),
     "sqfs_meta_reader_create": (c_void_p, [c_void_p, P(sqfs_compressor_t), c_uint64, c_uint64]),
-    "sqfs_meta_reader_read_inode": (c_int, [c_void_p, P(sqfs_super_t), c_uint64, c_size_t, P(P(sqfs_inode_generic_t))]),
+    "sqfs_meta_reader_read_inode": (c_int, [c_void_p, P(sqfs_super_t), c_uint64, c_size_t, P(c_void_p)]),
     "sqfs_readdir_state_init": (c_int, [P(sqfs_readdir_state_t), P(sqfs_super_t), P(sqfs_inode_generic_t)]),
     "sqfs_meta_reader_readdir": (
         c_int,
-        [c_void_p, P(sqfs_readdir_state_t), P(P(sqfs_dir_entry_t)), P(c_uint32), P(c_uint64)],
+        [c_void_p, P(sqfs_readdir_state_t), P(c_void_p), P(c_uint32), P(c_uint64)],
     ),
     "sqfs_id_table_create": (c_void_p, [c_uint32]),
     "sqfs_id_table_read": (c_int, [c_void_p, c_void_p, P(sqfs_super_t), P(sqfs_compressor_t)]),

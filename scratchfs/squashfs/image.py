@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
+import struct
 import threading
 from array import array
 from collections import OrderedDict
@@ -41,6 +42,17 @@ _MODE_OF_TYPE = {
     7: stat.S_IFSOCK,
 }
 NO_FRAGMENT = 0xFFFFFFFF
+# Field layouts of sqfs_inode_generic_t (little-endian x86/arm hosts; checked by tests):
+# the 16-byte base + payload counters, then the type-specific union at offset 24.
+_INODE_HEAD = struct.Struct("<HHHHIIII")
+_FILE = struct.Struct("<IIII")
+_FILE_EXT = struct.Struct("<QQQIIII")
+_DIR = struct.Struct("<IIHHI")
+_DIR_EXT = struct.Struct("<IIIIHHI")
+_U32 = struct.Struct("<I")
+_U32X2 = struct.Struct("<II")
+_U32X3 = struct.Struct("<III")
+_DIR_ENTRY = struct.Struct("<HhHH")
 ABSENT = 0xFFFFFFFFFFFFFFFF
 
 
@@ -249,6 +261,9 @@ class Image:
         self._meta_lock = threading.Lock()
         self._frag_table: int | None = None
         self._frag_lookup = lib.sqfs_frag_table_lookup
+        self._read_inode = lib.sqfs_meta_reader_read_inode
+        self._readdir = lib.sqfs_meta_reader_readdir
+        self._free = lib.sqfs_free
         self.cache = block_cache if block_cache is not None else BlockCache(cache_size)
         self._inodes = _LRU(inode_cache)
         self._dirs = _LRU(1 << 30)
@@ -292,6 +307,7 @@ class Image:
         finally:
             L.destroy(f)
         self._super = sb
+        self._super_ptr = ctypes.pointer(sb)
         self._validate_super()
         ctx = self._ctx()
         self._ids = self._read_ids(ctx)
@@ -418,35 +434,34 @@ class Image:
 
     def _decode_inode(self, ref: int) -> Inode:
         ctx = self._ctx()
-        out = ctypes.POINTER(L.sqfs_inode_generic_t)()
+        out = ctypes.c_void_p()
         check(
-            lib.sqfs_meta_reader_read_inode(
-                ctx.inode_reader, ctypes.byref(self._super), ref >> 16, ref & 0xFFFF, ctypes.byref(out)
-            ),
+            self._read_inode(ctx.inode_reader, self._super_ptr, ref >> 16, ref & 0xFFFF, ctypes.byref(out)),
             f"{self.path}: inode {ref:#x}",
         )
+        addr = out.value
         try:
-            return self._convert(out, ref)
+            return self._convert(addr, ref)
         finally:
-            L.free(out)
+            self._free(addr)
 
-    def _convert(self, ptr: Any, ref: int) -> Inode:
-        g = ptr.contents
-        b = g.base
-        t = b.type
+    def _convert(self, addr: int, ref: int) -> Inode:
+        """Decode a sqfs_inode_generic_t at *addr* (layout of libsquashfs 1.x, see _lib)."""
+        head = ctypes.string_at(addr, L.INODE_EXTRA_OFFSET)
+        t, mode, uid_idx, gid_idx, mtime, ino, _avail, used = _INODE_HEAD.unpack_from(head)
         basic = t - 7 if t > 7 else t
         if basic not in _MODE_OF_TYPE:
             raise CorruptImageError(f"{self.path}: inode {ref:#x} has unknown type {t}")
         ids = self._ids
-        if b.uid_idx >= len(ids) or b.gid_idx >= len(ids):
+        if uid_idx >= len(ids) or gid_idx >= len(ids):
             raise CorruptImageError(f"{self.path}: inode {ref:#x} has an id index beyond the id table")
         n = Inode()
-        n.ino = b.inode_number
+        n.ino = ino
         n.ref = ref
-        n.mode = _MODE_OF_TYPE[basic] | (b.mode & 0o7777)
-        n.uid = ids[b.uid_idx]
-        n.gid = ids[b.gid_idx]
-        n.mtime = b.mod_time
+        n.mode = _MODE_OF_TYPE[basic] | (mode & 0o7777)
+        n.uid = ids[uid_idx]
+        n.gid = ids[gid_idx]
+        n.mtime = mtime
         n.size = 0
         n.nlink = 1
         n.rdev = 0
@@ -458,50 +473,44 @@ class Image:
         n.frag_loc = None
         n.dir_block = n.dir_offset = n.dir_size = 0
         n.target = b""
-        x = ctypes.c_uint32(L.XATTR_NONE)
-        lib.sqfs_inode_get_xattr_index(ptr, ctypes.byref(x))
-        n.xattr_idx = x.value
-        d = g.data
+        n.xattr_idx = L.XATTR_NONE
         if basic == 2:
             if t == 2:
-                f = d.file
-                n.blocks_start, n.size = f.blocks_start, f.file_size
-                n.frag_index, n.frag_offset = f.fragment_index, f.fragment_offset
+                n.blocks_start, n.frag_index, n.frag_offset, n.size = _FILE.unpack_from(head, 24)
             else:
-                fe = d.file_ext
-                n.blocks_start, n.size, n.nlink = fe.blocks_start, fe.file_size, fe.nlink
-                n.frag_index, n.frag_offset = fe.fragment_idx, fe.fragment_offset
-            count = g.payload_bytes_used // 4
+                n.blocks_start, n.size, _sparse, n.nlink, n.frag_index, n.frag_offset, n.xattr_idx = _FILE_EXT.unpack_from(head, 24)
+            count = used // 4
             words = array("I")
             if count:
-                words.frombytes(ctypes.string_at(ctypes.addressof(g) + L.INODE_EXTRA_OFFSET, count * 4))
+                words.frombytes(ctypes.string_at(addr + L.INODE_EXTRA_OFFSET, count * 4))
             n.block_words = words
             bs = self._super.block_size
             full, tail = divmod(n.size, bs)
-            expect = full + (1 if tail and n.frag_index == NO_FRAGMENT else 0)
-            if count != expect:
+            if count != full + (1 if tail and n.frag_index == NO_FRAGMENT else 0):
                 raise CorruptImageError(f"{self.path}: inode {n.ino}: block list does not match file size")
         elif basic == 1:
             if t == 1:
-                dd = d.dir
-                n.dir_block, n.dir_offset, n.dir_size, n.nlink = dd.start_block, dd.offset, dd.size, dd.nlink
+                n.dir_block, n.nlink, n.dir_size, n.dir_offset, _parent = _DIR.unpack_from(head, 24)
             else:
-                de = d.dir_ext
-                n.dir_block, n.dir_offset, n.dir_size, n.nlink = de.start_block, de.offset, de.size, de.nlink
+                n.nlink, n.dir_size, n.dir_block, _parent, _icount, n.dir_offset, n.xattr_idx = _DIR_EXT.unpack_from(head, 24)
             n.size = n.dir_size
         elif basic == 3:
-            sl = d.slink_ext if t == 10 else d.slink
-            n.nlink = sl.nlink
-            n.size = sl.target_size
-            if sl.target_size > g.payload_bytes_used:
+            if t == 3:
+                n.nlink, n.size = _U32X2.unpack_from(head, 24)
+            else:
+                n.nlink, n.size, n.xattr_idx = _U32X3.unpack_from(head, 24)
+            if n.size > used:
                 raise CorruptImageError(f"{self.path}: inode {n.ino}: symlink target truncated")
-            n.target = ctypes.string_at(ctypes.addressof(g) + L.INODE_EXTRA_OFFSET, sl.target_size)
+            n.target = ctypes.string_at(addr + L.INODE_EXTRA_OFFSET, n.size)
         elif basic in (4, 5):
-            dv = d.dev_ext if t > 7 else d.dev
-            n.nlink, n.rdev = dv.nlink, dv.devno
+            if t > 7:
+                n.nlink, n.rdev, n.xattr_idx = _U32X3.unpack_from(head, 24)
+            else:
+                n.nlink, n.rdev = _U32X2.unpack_from(head, 24)
+        elif t > 7:
+            n.nlink, n.xattr_idx = _U32X2.unpack_from(head, 24)
         else:
-            ipc = d.ipc_ext if t > 7 else d.ipc
-            n.nlink = ipc.nlink
+            (n.nlink,) = _U32.unpack_from(head, 24)
         return n
 
     # ------------------------------------------------------------- directories
@@ -532,26 +541,31 @@ class Image:
         state.current.block = state.init.block
         state.current.offset = state.init.offset
         state.current.size = state.init.size
-        ent = ctypes.POINTER(L.sqfs_dir_entry_t)()
+        ent = ctypes.c_void_p()
         inum = ctypes.c_uint32()
         iref = ctypes.c_uint64()
         names: list[bytes] = []
         refs: list[int] = []
         inos: list[int] = []
-        readdir = lib.sqfs_meta_reader_readdir
+        readdir = self._readdir
+        free = self._free
+        string_at = ctypes.string_at
+        args = (ctx.dir_reader, ctypes.byref(state), ctypes.byref(ent), ctypes.byref(inum), ctypes.byref(iref))
         limit = self._super.inode_count
         what = f"{self.path}: directory of inode {dir_inode.ino}"
+        hdr = L.DIR_ENTRY_NAME_OFFSET
         while True:
-            ret = readdir(ctx.dir_reader, ctypes.byref(state), ctypes.byref(ent), ctypes.byref(inum), ctypes.byref(iref))
+            ret = readdir(*args)
             if ret > 0:
                 break
             check(ret, what)
+            addr = ent.value
             try:
-                e = ent.contents
-                name = ctypes.string_at(ctypes.addressof(e) + L.DIR_ENTRY_NAME_OFFSET, e.size + 1)
+                size = _DIR_ENTRY.unpack_from(string_at(addr, hdr))[3]
+                name = string_at(addr + hdr, size + 1)
             finally:
-                L.free(ent)
-            if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+                free(addr)
+            if b"/" in name or b"\0" in name or name in (b".", b".."):
                 raise CorruptImageError(f"{what}: invalid entry name {name!r}")
             names.append(name)
             refs.append(iref.value)
