@@ -440,6 +440,8 @@ class Image:
             f"{self.path}: inode {ref:#x}",
         )
         addr = out.value
+        if not addr:
+            raise CorruptImageError(f"{self.path}: inode {ref:#x} could not be read")
         try:
             return self._convert(addr, ref)
         finally:
@@ -560,6 +562,8 @@ class Image:
                 break
             check(ret, what)
             addr = ent.value
+            if not addr:
+                raise CorruptImageError(f"{what}: unreadable entry")
             try:
                 size = _DIR_ENTRY.unpack_from(string_at(addr, hdr))[3]
                 name = string_at(addr + hdr, size + 1)
