@@ -472,13 +472,13 @@ def read_superblock(data: bytes | Path) -> dict[str, int]:
     if isinstance(data, Path):
         with open(data, "rb") as f:
             data = f.read(SUPERBLOCK_SIZE)
-    return dict(zip(SUPERBLOCK_FIELDS, struct.unpack_from(SUPERBLOCK_FORMAT, data)))
+    return dict(zip(SUPERBLOCK_FIELDS, struct.unpack_from(SUPERBLOCK_FORMAT, data), strict=True))
 
 
 def field_offset(name: str) -> tuple[int, int]:
     """(byte offset, size) of a superblock field."""
     off = 0
-    for fname, code in zip(SUPERBLOCK_FIELDS, SUPERBLOCK_FORMAT[1:]):
+    for fname, code in zip(SUPERBLOCK_FIELDS, SUPERBLOCK_FORMAT[1:], strict=True):
         size = struct.calcsize("<" + code)
         if fname == name:
             return off, size
@@ -489,3 +489,70 @@ def field_offset(name: str) -> tuple[int, int]:
 def set_superblock_field(data: bytearray, name: str, value: int) -> None:
     off, size = field_offset(name)
     data[off:off + size] = value.to_bytes(size, "little")
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating structures, so damage can be aimed (gzip or uncompressed metadata only)
+
+@dataclass(frozen=True)
+class MetaBlock:
+    offset: int  # of the 2-byte header
+    size: int  # of the stored payload
+    compressed: bool
+
+    @property
+    def payload(self) -> slice:
+        return slice(self.offset + 2, self.offset + 2 + self.size)
+
+
+def metadata_blocks(data: bytes, start: int, end: int) -> list[MetaBlock]:
+    """The metadata blocks stored back to back in [start, end)."""
+    out = []
+    pos = start
+    while pos + 2 <= end:
+        head = int.from_bytes(data[pos:pos + 2], "little")
+        size = head & 0x7FFF
+        out.append(MetaBlock(pos, size, not head & 0x8000))
+        pos += 2 + size
+    return out
+
+
+def unpack_meta(data: bytes, block: MetaBlock) -> bytes:
+    raw = data[block.payload]
+    return zlib.decompress(raw) if block.compressed else raw
+
+
+def fragment_table(data: bytes) -> list[tuple[int, int]]:
+    """(start, size word) of every fragment block (gzip or uncompressed metadata)."""
+    sb = read_superblock(data)
+    count = sb["fragment_count"]
+    out: list[tuple[int, int]] = []
+    ptr = sb["fragment_table_start"]
+    while len(out) < count:
+        block_at = int.from_bytes(data[ptr:ptr + 8], "little")
+        head = int.from_bytes(data[block_at:block_at + 2], "little")
+        blk = unpack_meta(data, MetaBlock(block_at, head & 0x7FFF, not head & 0x8000))
+        for i in range(0, len(blk), 16):
+            start, size, _ = struct.unpack_from("<QII", blk, i)
+            out.append((start, size))
+        ptr += 8
+    return out[:count]
+
+
+def root_inode_location(data: bytes) -> tuple[MetaBlock, int]:
+    """(inode-table block holding the root inode, the root directory's directory-table block offset)."""
+    sb = read_superblock(data)
+    ref = sb["root_inode"]
+    blocks = metadata_blocks(data, sb["inode_table_start"], sb["directory_table_start"])
+    by_rel = {b.offset - sb["inode_table_start"]: i for i, b in enumerate(blocks)}
+    i = by_rel[ref >> 16]
+    raw = b"".join(unpack_meta(data, b) for b in blocks[i:i + 2])
+    off = ref & 0xFFFF
+    itype = struct.unpack_from("<H", raw, off)[0]
+    if itype == 1:  # basic directory: start_block u32 after the 16-byte common header
+        dir_block = struct.unpack_from("<I", raw, off + 16)[0]
+    elif itype == 8:  # extended directory: nlink, file_size, start_block
+        dir_block = struct.unpack_from("<I", raw, off + 24)[0]
+    else:
+        raise ValueError(f"root inode has type {itype}")
+    return blocks[i], dir_block

@@ -127,12 +127,13 @@ class Entry:
     mtime_ns: int
     rdev: int
     target: bytes | None = None
-    xattrs: dict[bytes, bytes] | str | None = None  # a str is an error name (tolerant snapshots)
-    sha256: str | None = None  # "large" for files compared by compare_large_files; error name on failure
+    xattrs: dict[bytes, bytes] | None = None  # None: listxattr said ENOTSUP
+    sha256: str | None = None  # "large" for files compared by compare_large_files
     ino: int = field(default=0, compare=False)
+    errors: list[str] = field(default_factory=list, compare=False)  # tolerant snapshots: "what:ERRNO"
 
     def fields(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if k != "ino"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("ino", "errors")}
 
 
 def type_name(mode: int) -> str:
@@ -168,9 +169,9 @@ def snapshot(root: Path, *, tolerant: bool = False,
              on_entry: Callable[[bytes, Entry], None] | None = None) -> dict[bytes, Entry]:  # fmt: skip
     """Every path under `root` (b"" for the root itself) → Entry.
 
-    With `tolerant`, an OSError while reading a path's content, target or xattrs is recorded
-    as its errno name in that field (and a failing lstat/listdir as an Entry of type "error:…")
-    instead of raised, so damaged images can be snapshotted.
+    With `tolerant`, an OSError while reading a path (lstat, xattrs, content, target, listing)
+    is recorded in the Entry's `errors` as "what:ERRNO" (the field it hid stays None) instead of
+    raised, so damaged images can be snapshotted.
     """
     r = os.fsencode(root)
     out: dict[bytes, Entry] = {}
@@ -183,7 +184,7 @@ def snapshot(root: Path, *, tolerant: bool = False,
         except OSError as e:
             if not tolerant:
                 raise
-            out[rel] = Entry("error:" + _err(e), 0, 0, 0, 0, 0, 0, 0)
+            out[rel] = Entry("unknown", 0, 0, 0, 0, 0, 0, 0, errors=["lstat:" + _err(e)])
             continue
         ent = Entry(type_name(st.st_mode), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
                     st.st_mtime_ns, st.st_rdev, ino=st.st_ino)  # fmt: skip
@@ -191,9 +192,10 @@ def snapshot(root: Path, *, tolerant: bool = False,
             names = os.listxattr(full, follow_symlinks=False)
             ent.xattrs = {os.fsencode(n): os.getxattr(full, n, follow_symlinks=False) for n in names}
         except OSError as e:
-            if not tolerant:
-                raise
-            ent.xattrs = _err(e)
+            if e.errno != errno.ENOTSUP:  # ENOTSUP leaves xattrs None, as for an image without xattrs
+                if not tolerant:
+                    raise
+                ent.errors.append("xattrs:" + _err(e))
         try:
             if ent.type == "symlink":
                 ent.target = os.readlink(full)
@@ -204,12 +206,7 @@ def snapshot(root: Path, *, tolerant: bool = False,
         except OSError as e:
             if not tolerant:
                 raise
-            if ent.type == "symlink":
-                ent.target = _err(e).encode()
-            elif ent.type == "file":
-                ent.sha256 = _err(e)
-            else:
-                ent.type = "error:listdir:" + _err(e)
+            ent.errors.append({"symlink": "readlink", "file": "read", "dir": "listdir"}[ent.type] + ":" + _err(e))
         out[rel] = ent
         if on_entry:
             on_entry(rel, ent)
@@ -220,7 +217,7 @@ def hardlink_groups(snap: dict[bytes, Entry]) -> set[frozenset[bytes]]:
     """Sets of non-directory paths that share an inode number within one mount (size > 1)."""
     by_ino: dict[int, set[bytes]] = {}
     for path, ent in snap.items():
-        if ent.type != "dir" and not ent.type.startswith("error"):
+        if ent.type != "dir" and not ent.errors:
             by_ino.setdefault(ent.ino, set()).add(path)
     return {frozenset(v) for v in by_ino.values() if len(v) > 1}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,3 +264,20 @@ def test_diff_reports_each_field() -> None:
     assert any("hard-link group" in line for line in mounts.diff(base, changed))
     del changed[b"b"]
     assert any("missing" in line for line in mounts.diff(base, changed))
+
+
+@pytest.mark.parametrize("builder", ["mksquashfs", "gensquashfs"])
+def test_image_without_xattr_table(builder: str, need_mounts: None, tmp_path: Path) -> None:
+    """No xattr table at all (mksquashfs -no-xattrs; gensquashfs without --keep-xattr)."""
+    src = tmp_path / "src"
+    imagegen.build_fuzz_seed_tree(src)
+    image = tmp_path / "img.sqfs"
+    if builder == "mksquashfs":
+        cmd = ["mksquashfs", str(src), str(image), "-quiet", "-no-progress", "-no-xattrs", "-comp", "zstd"]
+    else:
+        cmd = ["gensquashfs", "-q", "-D", str(src), "-c", "zstd", str(image)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert imagegen.read_superblock(image)["xattr_id_table_start"] == imagegen.NO_TABLE
+    with mounts.kernel_mount(image, tmp_path / "k") as k, mounts.scratchfs_mount(image, tmp_path / "f") as f:
+        problems = mounts.diff(mounts.snapshot(k), mounts.snapshot(f.path))
+    assert not problems, "\n".join(problems)
