@@ -130,6 +130,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._pool = ThreadPoolExecutor(max_workers=workers or max(2, os.cpu_count() or 2), thread_name_prefix="sqfs")
         self._readahead_bytes = readahead_bytes
+        self._reads_waiting = 0  # read requests being served right now (this one included)
         self._reported: set[tuple[str, str]] = set()
         self._bad_lock = threading.Lock()
         self.bad_files: set[tuple[str, int]] = set()
@@ -315,6 +316,7 @@ class Operations(pyfuse3.Operations):
         n = h.inode
         img = ds.begin()
         nbytes = 0
+        self._reads_waiting += 1
         try:
             # Cached blocks are served at once. Blocks a readahead worker is decoding are
             # awaited; what nobody is decoding is decoded right here (a thread hop costs
@@ -324,7 +326,12 @@ class Operations(pyfuse3.Operations):
                 futs = img.loading(n, off, size)
                 if futs:
                     await _wait_futures(futs)
-                data = img.read_view(n, off, size, load=True)
+                if self._reads_waiting > 1:
+                    # Other reads are in flight: decode in a worker so they proceed meanwhile
+                    # and several cores decode at once.
+                    data = await self._in_worker(img.read_view, n, off, size)
+                else:
+                    data = img.read_view(n, off, size, load=True)
             assert data is not None
             nbytes = len(data)
         except SquashfsError as e:
@@ -333,11 +340,18 @@ class Operations(pyfuse3.Operations):
             self._report("read", (f"{ds.name}:{n.ino}",), e)
             raise pyfuse3.FUSEError(errno_for(e)) from None
         finally:
+            self._reads_waiting -= 1
             ds.end(img, nbytes)
         if off == h.next_off and off + nbytes < n.size:
             self._readahead(img, n, off + nbytes)
         h.next_off = off + nbytes
         return data
+
+    async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run *fn* in the decode pool and wake this task when it is done."""
+        fut = self._pool.submit(fn, *args)
+        await _wait_futures([fut])
+        return fut.result()
 
     def _readahead(self, img: Image, n: Inode, pos: int) -> None:
         bs = img.info.block_size
