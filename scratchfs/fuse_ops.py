@@ -22,6 +22,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from .namespace import Namespace
 from .squashfs import CorruptImageError, Image, ImageIOError, Inode, LibraryError, SquashfsError
 from .squashfs.errors import NotSquashfsError, UnsupportedImageError
 from .tiers import Dataset
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 TIMEOUT = 24 * 3600.0  # images are immutable: let the kernel cache entries and attributes
+NS_TIMEOUT = 1.0  # the list of datasets of a namespace changes: entries of the root expire fast
 SLOT_SHIFT = 32
 MASK32 = (1 << SLOT_SHIFT) - 1
 
@@ -68,7 +71,7 @@ def errno_for(exc: BaseException) -> int:
 class _Node:
     __slots__ = ("dataset", "ref", "lookups")
 
-    def __init__(self, dataset: Dataset, ref: int) -> None:
+    def __init__(self, dataset: Dataset | None, ref: int) -> None:
         self.dataset = dataset
         self.ref = ref
         self.lookups = 0
@@ -114,17 +117,26 @@ class Operations(pyfuse3.Operations):
 
     def __init__(
         self,
-        dataset: Dataset,
+        target: Dataset | Namespace,
         *,
         subdir: Inode | None = None,
         workers: int | None = None,
         readahead_bytes: int = 4 << 20,
     ) -> None:
         super().__init__()
-        self.dataset = dataset
-        self._root_inode = subdir or dataset.image.root
-        self._root_sqfs = self._root_inode.ino
-        self._nodes: dict[int, _Node] = {ROOT: _Node(dataset, self._root_inode.ref)}
+        if isinstance(target, Dataset):
+            self.ns = None
+            self.dataset: Dataset | None = target
+            self._root_inode: Inode | None = subdir or target.image.root
+            self._root_sqfs = self._root_inode.ino
+            self._nodes: dict[int, _Node] = {ROOT: _Node(target, self._root_inode.ref)}
+        else:  # many datasets under a synthetic root directory
+            self.ns = target
+            self.dataset = None
+            self._root_inode = None
+            self._root_sqfs = -1
+            self._nodes = {ROOT: _Node(None, 0)}
+            target.listeners.append(self._namespace_changed)
         self._nodes[ROOT].lookups = 1
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
@@ -168,7 +180,38 @@ class Operations(pyfuse3.Operations):
 
     def _inode(self, ino: int) -> tuple[Dataset, Inode]:
         node = self._node(ino)
-        return node.dataset, node.dataset.image.inode_by_ref(node.ref)
+        ds = node.dataset
+        if ds is None:  # the synthetic root of a namespace: handlers deal with it first
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return ds, ds.image.inode_by_ref(node.ref)
+
+    def _is_ns_root(self, ino: int) -> bool:
+        return ino == ROOT and self.ns is not None
+
+    def _ns_root_attrs(self) -> pyfuse3.EntryAttributes:
+        ns = self.ns
+        assert ns is not None
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ROOT
+        a.entry_timeout = a.attr_timeout = NS_TIMEOUT
+        a.st_mode = stat.S_IFDIR | ns.mode
+        a.st_nlink = 2 + len(ns)
+        a.st_uid, a.st_gid = ns.uid, ns.gid
+        a.st_size = 4096
+        a.st_blksize = 4096
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns.mtime * 1_000_000_000
+        return a
+
+    def _namespace_changed(self, name: str, old: Dataset | None, new: Dataset | None) -> None:
+        """A dataset appeared, vanished or was replaced: make the kernel look it up again."""
+        try:
+            pyfuse3.invalidate_entry_async(ROOT, os.fsencode(name), ignore_enoent=True)
+        except Exception:  # not mounted yet, or already unmounted
+            log.debug("could not invalidate %s", name, exc_info=True)
+
+    def open_handles(self, ds: Dataset) -> int:
+        """Open files of *ds* (mountd closes a retired image only when this is 0)."""
+        return sum(1 for h in self._handles.values() if h.dataset is ds)
 
     def _attrs(self, ds: Dataset, n: Inode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -199,6 +242,8 @@ class Operations(pyfuse3.Operations):
     # ---------------------------------------------------------------- metadata
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if self._is_ns_root(parent_inode):
+            return self._lookup_dataset(name)
         ds, parent = self._inode(parent_inode)
         if not parent.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -216,6 +261,20 @@ class Operations(pyfuse3.Operations):
         self._remember(ds, child)
         return self._attrs(ds, child)
 
+    def _lookup_dataset(self, name: bytes) -> pyfuse3.EntryAttributes:
+        assert self.ns is not None
+        ds = self.ns.get(os.fsdecode(name)) if name not in (b".", b"..") else None
+        if ds is None:
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = NS_TIMEOUT  # datasets come and go: cache absence briefly
+            return neg
+        root = ds.image.root
+        self._remember(ds, root)
+        a = self._attrs(ds, root)
+        a.entry_timeout = NS_TIMEOUT
+        return a
+
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             node = self._nodes.get(ino)
@@ -227,6 +286,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if self._is_ns_root(inode):
+            return self._ns_root_attrs()
         ds, n = self._inode(inode)
         return self._attrs(ds, n)
 
@@ -239,6 +300,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def opendir(self, inode: int, ctx: Any) -> int:
+        if self._is_ns_root(inode):
+            return inode
         ds, n = self._inode(inode)
         if not n.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -246,6 +309,16 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        if self._is_ns_root(fh):
+            assert self.ns is not None
+            datasets = self.ns.datasets()
+            for i in range(start_id, len(datasets)):
+                ds = datasets[i]
+                root = ds.image.root
+                if not pyfuse3.readdir_reply(token, os.fsencode(ds.name), self._attrs(ds, root), i + 1):
+                    break
+                self._remember(ds, root)
+            return
         ds, d = self._inode(fh)
         img = ds.image
         lst = img.listing(d)
@@ -262,11 +335,17 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        img = self.dataset.image
-        used, inodes = img.statfs_counts()
+        datasets = [self.dataset] if self.dataset is not None else (self.ns.datasets() if self.ns else [])
+        used = inodes = 0
+        bsize = 4096
+        for ds in datasets:
+            u, i = ds.image.statfs_counts()
+            used += u
+            inodes += i
+            bsize = ds.image.info.block_size
         s = pyfuse3.StatvfsData()
-        s.f_bsize = img.info.block_size
-        s.f_frsize = img.info.block_size
+        s.f_bsize = bsize
+        s.f_frsize = bsize
         s.f_blocks = (used + s.f_frsize - 1) // s.f_frsize
         s.f_bfree = s.f_bavail = 0
         s.f_files = inodes
@@ -276,6 +355,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if self._is_ns_root(inode):
+            raise pyfuse3.FUSEError(errno.ENODATA)
         ds, n = self._inode(inode)
         value = ds.image.xattrs(n).get(name)
         if value is None:
@@ -284,6 +365,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        if self._is_ns_root(inode):
+            return []
         ds, n = self._inode(inode)
         return list(ds.image.xattrs(n))
 

@@ -26,6 +26,7 @@ class Dataset:
         self._users: dict[int, int] = {}  # id(image) → reads in flight
         self._lock = threading.Lock()
         self._retired: list[tuple[Image, Callable[[Image], None] | None]] = []
+        self._tier_of: dict[int, str] = {id(image): tier}
         self.on_read: Callable[[Dataset, str, int], None] | None = None
 
     def begin(self) -> Image:
@@ -35,18 +36,22 @@ class Dataset:
             self._users[id(img)] = self._users.get(id(img), 0) + 1
             return img
 
-    def end(self, img: Image, nbytes: int, tier: str | None = None) -> None:
+    def end(self, img: Image, nbytes: int) -> None:
+        """Finish a read begun on *img*; count its bytes for the tier that served them."""
         done: list[tuple[Image, Callable[[Image], None] | None]] = []
         with self._lock:
+            tier = self._tier_of.get(id(img), self.tier)
             left = self._users[id(img)] - 1
             if left:
                 self._users[id(img)] = left
             else:
                 del self._users[id(img)]
                 done = [r for r in self._retired if r[0] is img]
-                self._retired = [r for r in self._retired if r[0] is not img]
+                if done:
+                    self._retired = [r for r in self._retired if r[0] is not img]
+                    self._tier_of.pop(id(img), None)
         if self.on_read is not None:
-            self.on_read(self, tier or self.tier, nbytes)
+            self.on_read(self, tier, nbytes)
         for old, cb in done:
             _finish(old, cb)
 
@@ -56,9 +61,12 @@ class Dataset:
             old = self.image
             self.image = image
             self.tier = tier
+            self._tier_of[id(image)] = tier
             busy = id(old) in self._users
             if busy:
                 self._retired.append((old, on_idle))
+            elif old is not image:
+                self._tier_of.pop(id(old), None)
         if not busy and old is not image:
             _finish(old, on_idle)
 

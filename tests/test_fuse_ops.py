@@ -139,3 +139,58 @@ def test_errno_table() -> None:
     assert errno_for(PermissionError(errno.EACCES, "x")) == errno.EACCES
     assert errno_for(ValueError("x")) == errno.EIO
     assert all(isinstance(e, int) and e > 0 for _, e in ERRNO_TABLE)
+
+
+def test_namespace_root_lists_datasets_and_follows_changes(image: Path) -> None:
+    from scratchfs.namespace import Namespace
+
+    ns = Namespace()
+    a = ns.add("alpha.v1", Image.open(image))
+    ns.add("beta", Image.open(image))
+    o = Operations(ns)
+    try:
+        root = run(o.getattr, pyfuse3.ROOT_INODE, None)
+        assert root.st_mode & 0o170000 == 0o040000 and root.attr_timeout <= 1.0
+        ea = run(o.lookup, pyfuse3.ROOT_INODE, b"alpha.v1", None)
+        eb = run(o.lookup, pyfuse3.ROOT_INODE, b"beta", None)
+        assert ea.st_ino != eb.st_ino and ea.entry_timeout <= 1.0
+        small_a = run(o.lookup, ea.st_ino, b"small", None)
+        small_b = run(o.lookup, eb.st_ino, b"small", None)
+        assert small_a.st_ino != small_b.st_ino  # same image, distinct datasets
+        fi = run(o.open, small_a.st_ino, os.O_RDONLY, None)
+        assert bytes(run(o.read, fi.fh, 0, 100)) == b"tiny"
+        assert o.open_handles(a) == 1
+        st = run(o.statfs, None)
+        assert st.f_files == 2 * a.image.info.inode_count
+        ns.remove("alpha.v1")
+        assert run(o.lookup, pyfuse3.ROOT_INODE, b"alpha.v1", None).st_ino == 0
+        # an open file of a removed dataset keeps reading
+        assert bytes(run(o.read, fi.fh, 0, 100)) == b"tiny"
+        assert run(o.lookup, pyfuse3.ROOT_INODE, b"nope", None).st_ino == 0
+    finally:
+        o.close()
+        for ds in [a, *ns.datasets()]:
+            ds.image.close()
+
+
+def test_swap_moves_open_handles_and_counts_tiers(image: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy.sqfs"
+    shutil.copyfile(image, copy)
+    ds = Dataset("t", Image.open(image))
+    seen: list[tuple[str, int]] = []
+    ds.on_read = lambda _d, tier, n: seen.append((tier, n))
+    o = Operations(ds)
+    try:
+        e = run(o.lookup, pyfuse3.ROOT_INODE, b"small", None)
+        fi = run(o.open, e.st_ino, os.O_RDONLY, None)
+        assert bytes(run(o.read, fi.fh, 0, 10)) == b"tiny"
+        old = ds.image
+        ds.swap(Image.open(copy), "cache")
+        assert old._closed  # idle: closed at once
+        assert bytes(run(o.read, fi.fh, 0, 10)) == b"tiny"
+        assert seen == [("scratch", 4), ("cache", 4)]
+    finally:
+        o.close()
+        ds.image.close()
