@@ -179,7 +179,7 @@ def test_crontab_mode_block_is_idempotent_and_removed_alone(user: UserSession) -
 def test_chain_job_killed_at_time_limit_still_chains_and_next_run_resumes(user: UserSession) -> None:
     u = user
     rate_opts = _throttle_opts(u)
-    tree = _setup_profile(u, 3000, "--time-limit", "1", "--workers", "1", "--unit-size", "50", *rate_opts)
+    _setup_profile(u, 3000, "--time-limit", "1", "--workers", "1", "--unit-size", "50", *rate_opts)
     out = u.ok(u.ka("install-cron", "--profile", PROFILE, "--mode", "sbatch", "--every", "2m"))
     first = out.split("submitted job ")[1].split()[0]
     # the link hits its 1-minute limit mid-refresh: Slurm TERMs it, the trap chains
@@ -192,19 +192,21 @@ def test_chain_job_killed_at_time_limit_still_chains_and_next_run_resumes(user: 
     assert 0 < done_first < r["units_total"]
     log = (_state_dir(u) / "logs" / f"scheduled-{first}.out").read_text()
     assert "got SIGTERM" in log and "submitted job" in log, log
-    # the successor (due 2 minutes later) resumes from the checkpoint: force it to start now
-    subprocess.run(["scontrol", "update", f"JobId={q[0][0]}", "StartTime=now"], check=True, capture_output=True)
-    wait_for(lambda: (r2 := _last_run(u)) and r2.get("pid") != r["pid"] and r2, 150,
-             "the next link's refresh run")
-    r2 = _last_run(u)
+    # the successor (due 2 minutes later) resumes from the checkpoint: start it now, and stop it
+    # (scancel → TERM) once it has said so; its run record tells how much was already done
+    second = q[0][0]
+    subprocess.run(["scontrol", "update", f"JobId={second}", "StartTime=now"], check=True, capture_output=True)
+    out2 = _state_dir(u) / "logs" / f"scheduled-{second}.out"
+    wait_for(lambda: out2.exists() and "resuming plan" in out2.read_text(), 90, "the next link to resume")
+    u.ok(u.run("scancel", second))
+    r2 = wait_for(lambda: (r2 := _last_run(u)) and r2.get("pid") != r["pid"] and r2, 60,
+                  "the next link's run record")
+    assert isinstance(r2, dict)
     assert r2["resumed"] and r2["units_done_before"] >= done_first, r2
     u.ok(u.ka("uninstall-cron", "--profile", PROFILE))
-    del tree
 
 
 def _throttle_opts(u: UserSession) -> list[str]:
-    help_text = u.ka("init", "--help").stdout
-    if "--max-rate" not in help_text:
-        pytest.fail("refresh has no --max-rate throttle: the time-limit test needs a refresh that outlives "
-                    "a 1-minute job")
-    return ["--max-rate", "40"]
+    """A throttle so a refresh of a few thousand files outlives a 1-minute job."""
+    assert "--max-rate" in u.ka("init", "--help").stdout
+    return ["--max-rate", "20"]
