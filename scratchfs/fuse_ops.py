@@ -34,6 +34,7 @@ import trio
 from .namespace import Namespace
 from .squashfs import CorruptImageError, Image, ImageIOError, Inode, LibraryError, SquashfsError
 from .squashfs.errors import NotSquashfsError, UnsupportedImageError
+from .squashfs.image import NO_FRAGMENT
 from .tiers import Dataset
 
 log = logging.getLogger(__name__)
@@ -409,6 +410,10 @@ class Operations(pyfuse3.Operations):
                 futs = img.loading(n, off, size)
                 if futs:
                     await _wait_futures(futs)
+                if n.frag_index != NO_FRAGMENT and off + size >= n.size:
+                    # Small files are read in directory order, and mksquashfs packs their
+                    # tails in that order: decode the next fragment block ahead.
+                    self._pool.submit(_prefetch_fragment, img, n.frag_index + 1)
                 if self._reads_waiting > 1:
                     # Other reads are in flight: decode in a worker so they proceed meanwhile
                     # and several cores decode at once.
@@ -502,6 +507,13 @@ async def _wait_futures(futs: list[Any]) -> None:
 
         fut.add_done_callback(wake)
         await ev.wait()
+
+
+def _prefetch_fragment(img: Image, index: int) -> None:
+    try:
+        img.fragment_block(index)
+    except Exception:
+        log.debug("readahead of fragment block %d failed", index, exc_info=True)
 
 
 def _prefetch(img: Image, n: Inode, index: int) -> None:

@@ -673,6 +673,16 @@ class Image:
             loc = inode.frag_loc = (fr.start_offset, fr.size)
         return loc
 
+    def fragment_block(self, index: int) -> bytes | None:
+        """Decode fragment block *index* into the cache (readahead); None if there is none."""
+        if self._frag_table is None or index >= self._super.fragment_entry_count:
+            return None
+        fr = L.sqfs_fragment_t()
+        if self._frag_lookup(self._frag_table, index, ctypes.byref(fr)) < 0:
+            return None
+        start, word = fr.start_offset, fr.size
+        return self.cache.get_or_load((self._fd, start), lambda: self._load_block(start, word, -1))
+
     def _tail(self, inode: Inode, load: bool) -> memoryview | bytes | None:
         """The tail end of a file stored in a fragment block (a view, no copy)."""
         tail = inode.size - len(inode.block_words or ()) * self._super.block_size
