@@ -149,6 +149,19 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return n
 
 
+def _failing_block(img: Any, inode: Any, off: int, n: int, err: Exception) -> tuple[int, Exception]:
+    """The offset of the first block in [off, off+n) that does not decode, and its error."""
+    from ..squashfs import SquashfsError
+
+    bs = img.info.block_size
+    for o in range(off, off + n, bs):
+        try:
+            img.read(inode, o, min(bs, off + n - o))
+        except SquashfsError as e:
+            return o, e
+    return off, err
+
+
 def _check_batch(img: Any, batch: list[_Piece], chunk: int) -> tuple[int, int, list[Problem]]:
     """Read (and compare) one batch; returns (files finished, bytes read, problems)."""
     from ..squashfs import SquashfsError
@@ -170,7 +183,8 @@ def _check_batch(img: Any, batch: list[_Piece], chunk: int) -> tuple[int, int, l
                 try:
                     data = img.read(p.inode, off, n)
                 except SquashfsError as e:
-                    problems.append(Problem("corrupt", p.rel, f"at byte {off}: {e}"))
+                    at, err = _failing_block(img, p.inode, off, n, e)
+                    problems.append(Problem("corrupt", p.rel, f"at byte {at}: {err}"))
                     break
                 if len(data) != n:
                     problems.append(Problem("corrupt", p.rel, f"short read at byte {off}"))
