@@ -533,8 +533,17 @@ def mount_options(fsname: str, allow_other: bool = False, debug: bool = False) -
     return opts
 
 
-async def serve(ops: Operations, mountpoint: str, options: set[str], on_ready: Callable[[], None] | None = None) -> None:
-    """Mount, serve until unmounted or SIGTERM/SIGINT, then unmount cleanly."""
+async def serve(
+    ops: Operations,
+    mountpoint: str,
+    options: set[str],
+    on_ready: Callable[[], None] | None = None,
+    on_hup: Callable[[], None] | None = None,
+) -> None:
+    """Mount, serve until unmounted or SIGTERM/SIGINT, then unmount cleanly.
+
+    SIGHUP calls *on_hup* (on the trio thread; mountd reloads its configuration), if given.
+    """
     import signal
 
     pyfuse3.init(ops, mountpoint, options)
@@ -554,6 +563,8 @@ async def serve(ops: Operations, mountpoint: str, options: set[str], on_ready: C
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                     async for sig in sigs:
                         if sig == signal.SIGHUP:
+                            if on_hup is not None:
+                                on_hup()
                             continue
                         log.info("signal %d: unmounting %s", sig, mountpoint)
                         pyfuse3.terminate()
