@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,20 +16,20 @@ class ImageCache:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self._trees: dict[tuple[bool, bool], Path] = {}
+        self._trees: dict[tuple[tuple[str, object], ...], Path] = {}
         self._images: dict[str, Path] = {}
 
-    def tree(self, *, big_sparse: bool, with_names: bool) -> Path:
-        key = (big_sparse, with_names)
+    def tree(self, **options: Any) -> Path:
+        key = tuple(sorted(options.items()))
         if key not in self._trees:
-            path = self.base / f"tree-big{int(big_sparse)}-names{int(with_names)}"
-            imagegen.build_full_tree(path, big_sparse=big_sparse, with_names=with_names)
+            path = self.base / ("tree-" + "-".join(f"{k}{int(v)}" for k, v in key))
+            imagegen.build_full_tree(path, **options)
             self._trees[key] = path
         return self._trees[key]
 
     def image(self, spec: imagegen.ImageSpec) -> Path:
         if spec.name not in self._images:
-            src = self.tree(big_sparse=spec.tree == "full+big", with_names=spec.builder != "gensquashfs-packfile")
+            src = self.tree(**imagegen.tree_options(spec))
             self._images[spec.name] = imagegen.build_image(spec, src, self.base / f"{spec.name}.sqfs")
         return self._images[spec.name]
 
