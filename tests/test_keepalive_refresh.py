@@ -334,3 +334,17 @@ def test_sigterm_stops_after_units_in_flight_and_next_run_resumes(env):
     assert proc.returncode == 9 and "stopped by SIGTERM" in err
     assert ck.inspect_checkpoint(paths.dataset_dir("local", "ds")).ok
     assert main(["refresh", "--name", "ds", "--no-progress"]) == 0
+
+
+def test_forecast_reports_files_on_the_site_candidate_list(env, tmp_path, capsys):
+    ds = env / "ds"
+    make_tree(ds, 1, 4)
+    listing = tmp_path / "to_delete"
+    listing.write_text(f"{ds}/dir0/inner/file0.dat\n{ds}/dir0/inner/file1.dat\n{env}/other/file\n{ds}x/not-ours\n")
+    run("init", "--profile", "local", "--root", str(env), "--candidate-list", str(listing))
+    run("add", "--name", "ds", "--path", str(ds), "--keep-until", "2099-12-31")
+    capsys.readouterr()
+    rc, out, _ = run("forecast", "--json", capsys=capsys)
+    fc = json.loads(out)["datasets"][0]
+    assert rc == 0 and fc["candidate_list_hits"] == 2
+    assert any("2 files are on the site's purge candidate list" in w for w in fc["warnings"])

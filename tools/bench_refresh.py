@@ -89,28 +89,33 @@ def main() -> int:
         ours_cmd = keepalive(env, "refresh", "--name", "a", "--workers", str(args.workers), "--no-progress")
         find_cmd = ["find", str(b), "-exec", "touch", "-a", "-c", "{}", "+"]
         portable_cmd = [*ours_cmd, "--method", "utime"]
+        par_cmd = keepalive(env, "refresh", "--name", "a", "--workers", "2", "--no-progress")
 
         ours: list[float] = []
         theirs: list[float] = []
         portable: list[float] = []
+        par: list[float] = []
         rss_200k = 0
-        for cmd in (ours_cmd, find_cmd, portable_cmd):  # warm-up, not counted: writeback of the fresh trees
+        for cmd in (ours_cmd, find_cmd, portable_cmd, par_cmd):  # warm-up, not counted: writeback of the fresh trees
             run_timed(cmd, env)
         for r in range(args.rounds):
-            order = [("ours", ours_cmd), ("find", find_cmd), ("portable", portable_cmd)]
+            order = [("ours", ours_cmd), ("find", find_cmd), ("portable", portable_cmd), ("par", par_cmd)]
             if r % 2:
                 order.reverse()
             for label, cmd in order:
                 dt, rss = run_timed(cmd, env)
-                {"ours": ours, "find": theirs, "portable": portable}[label].append(dt)
+                {"ours": ours, "find": theirs, "portable": portable, "par": par}[label].append(dt)
                 if label == "ours":
                     rss_200k = max(rss_200k, rss)
         mo, mf, mp = statistics.median(ours), statistics.median(theirs), statistics.median(portable)
+        mw = statistics.median(par)
         print(f"\nrefresh rate, {n:,} entries, medians of {args.rounds} interleaved rounds:")
         print(f"  scratch-keepalive refresh (utimensat, {args.workers} worker): {mo:6.2f}s  {n / mo:10,.0f} files/s")
         print(f"  scratch-keepalive refresh (lstat + os.utime):       {mp:6.2f}s  {n / mp:10,.0f} files/s")
+        print(f"  scratch-keepalive refresh (utimensat, 2 processes):{mw:6.2f}s  {n / mw:10,.0f} files/s")
         print(f"  find DIR -exec touch -a -c {{}} +:                    {mf:6.2f}s  {n / mf:10,.0f} files/s")
-        print(f"  ratio refresh / find+touch: {mf / mo:.2f}x  (portable method: {mf / mp:.2f}x)")
+        print(f"  ratio refresh / find+touch: {mf / mo:.2f}x  (2 workers: {mf / mw:.2f}x, portable method: {mf / mp:.2f}x)")
+        print(f"  machine load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
         # resume overhead: kill half-way, resume, compare with the remaining share of a full run
         ddir = top / "state" / "scratchfs" / "keepalive" / "local" / "datasets" / "a"

@@ -209,6 +209,37 @@ def iter_plan_units(path: Path, skip: set[int] | frozenset[int] = frozenset()) -
             f.seek(off)
 
 
+def iter_plan_unit_refs(path: Path, skip: set[int] | frozenset[int] = frozenset()) -> Iterator[tuple[int, int, int, int]]:
+    """Yield (unit id, entries, offset, length) of the unit records not in *skip*, reading only headers."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        off = 0
+        while off < size:
+            hdr = f.read(_HDR.size)
+            if len(hdr) < _HDR.size:
+                break
+            _m, _v, length, _crc = _HDR.unpack(hdr)
+            head = f.read(1 + _UNIT.size)
+            if head[:1] == b"U":
+                uid, n = _UNIT.unpack_from(head, 1)
+                if uid not in skip:
+                    yield uid, n, off, _HDR.size + length
+            off += _HDR.size + length
+            f.seek(off)
+
+
+def read_unit_at(fd: int, offset: int, length: int) -> tuple[int, int, list[Group]]:
+    """Read, check and decode one unit record of a plan file open as *fd*."""
+    raw = os.pread(fd, length, offset)
+    if len(raw) != length:
+        raise CheckpointError("plan truncated")
+    _m, _v, plen, crc = _HDR.unpack_from(raw)
+    payload = raw[_HDR.size:]
+    if len(payload) != plen or zlib.crc32(payload, zlib.crc32(struct.pack("<I", plen))) != crc:
+        raise CheckpointError(f"plan record at {offset} damaged")
+    return decode_unit(payload)
+
+
 # -- journal -------------------------------------------------------------------------------------
 
 @dataclass

@@ -8,19 +8,24 @@ threads, appending one journal record per finished unit; when every unit is done
 last-run record and delete the checkpoint.
 
 After a crash (SIGKILL included) the next run redoes at most the units that were in flight:
-at most ``2 × workers`` units are handed out before their records are journaled.
+at most ``2 × workers`` units are handed out (each logged as "unit N start") before their
+records are journaled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime as dt
 import logging
+import multiprocessing
 import os
+import queue
+import signal
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +130,34 @@ def execute_unit(base_fd: int, groups: list[ck.Group], touch: Toucher) -> tuple[
     finally:
         dirs.close()
     return ok, errors, sample
+
+
+_WORKER: dict[str, Any] = {}  # set before workers fork: base_fd, plan_fd, method, pid
+
+
+def _init_worker(parent: int, close: list[int]) -> None:
+    """In each worker process: die with the parent, leave signals to it, drop its state fds."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a SIGKILLed refresh takes its workers along
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent stops after the units in flight
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in close:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _WORKER["pid"] = os.getpid()
+
+
+def _work(uid: int, n: int, offset: int, length: int) -> dict[str, Any]:
+    """Execute one unit read from the plan (in the main process or a worker)."""
+    _uid, _n, groups = ck.read_unit_at(_WORKER["plan_fd"], offset, length)
+    touch = make_toucher(time.time_ns(), _WORKER["method"])
+    ok, errs, samp = execute_unit(_WORKER["base_fd"], groups, touch)
+    return {"u": uid, "n": n, "ok": ok, "e": errs, "err": samp, "p": _WORKER["pid"], "t": round(time.time(), 3)}
 
 
 def _prior_totals(done: dict[int, dict[str, Any]]) -> tuple[int, int, list[str]]:
@@ -251,62 +284,79 @@ def _run(profile_name: str, profile: Profile, entry: DatasetEntry, res: RunResul
         bar = Progress(f"refresh {name}", info.units, info.entries, len(done), files_done,
                        tty=None if progress is None else True)
     base_fd = os.open(base, DIR_FLAGS)
+    plan_fd = os.open(plan_p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    _WORKER.update(base_fd=base_fd, plan_fd=plan_fd, method=method, pid=os.getpid())
     interrupted = False
+    pool = None
     try:
-        touch_now = make_toucher  # new "now" per unit: see below
-        units_iter = _units_from_plan(plan_p, set(done))
-        pid = os.getpid()
-
-        def work(uid: int, n: int, groups: list[ck.Group]) -> dict[str, Any]:
-            log.debug("unit %d start (%d entries)", uid, n)
-            touch = touch_now(time.time_ns(), method)
-            ok, errs, samp = execute_unit(base_fd, groups, touch)
-            return {"u": uid, "n": n, "ok": ok, "e": errs, "err": samp, "p": pid, "t": round(time.time(), 3)}
-
+        refs = ck.iter_plan_unit_refs(plan_p, set(done))
+        results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        if workers > 1:
+            # processes, not threads: one interpreter per worker, so the per-entry system calls of
+            # different workers never wait for each other's GIL
+            ctx = multiprocessing.get_context("fork")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(os.getpid(), [journal.fd]))
+        in_flight = 0
         paced_until = time.monotonic()  # max_rate: a unit of n entries may start n/max_rate after the last
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="refresh") as pool:
-            pending: set[Future[dict[str, Any]]] = set()
-            exhausted = False
-            while True:
-                while not exhausted and len(pending) < 2 * workers and not (stop and stop.is_set()):
-                    nxt = next(units_iter, None)
-                    if nxt is None:
-                        exhausted = True
-                        break
-                    if max_rate > 0:
-                        delay = paced_until - time.monotonic()
-                        if delay > 0:
-                            if stop is not None:
-                                stop.wait(delay)
-                            else:
-                                time.sleep(delay)
-                        if stop is not None and stop.is_set():
-                            break  # the unit was not started: not journaled, the next run does it
-                        paced_until = max(paced_until, time.monotonic()) + nxt[1] / max_rate
-                    pending.add(pool.submit(work, *nxt))
-                if not pending:
+        exhausted = False
+        while True:
+            while not exhausted and in_flight < (2 * workers if pool else 1) and not (stop and stop.is_set()):
+                nxt = next(refs, None)
+                if nxt is None:
+                    exhausted = True
                     break
-                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    rec = fut.result()
-                    journal.append(rec)
-                    done[rec["u"]] = rec
-                    res.units_run += 1
-                    ok_total += rec["ok"]
-                    err_total += rec["e"]
-                    files_done += rec["n"]
-                    if rec["err"] and len(sample) < ERROR_SAMPLE:
-                        sample.extend(rec["err"][: ERROR_SAMPLE - len(sample)])
-                    log.debug("unit %d done: %d refreshed, %d errors", rec["u"], rec["ok"], rec["e"])
-                if bar:
-                    bar.update(len(done), files_done)
-                if stop and stop.is_set() and not interrupted:
-                    interrupted = True
-                    log.warning("%s: stopping after the units in flight", name)
+                if max_rate > 0:
+                    delay = paced_until - time.monotonic()
+                    if delay > 0:
+                        if stop is not None:
+                            stop.wait(delay)
+                        else:
+                            time.sleep(delay)
+                    if stop is not None and stop.is_set():
+                        break  # the unit was not started: not journaled, the next run does it
+                    paced_until = max(paced_until, time.monotonic()) + nxt[1] / max_rate
+                log.debug("unit %d start (%d entries)", nxt[0], nxt[1])
+                in_flight += 1
+                if pool is not None:
+                    pool.apply_async(_work, nxt, callback=results.put, error_callback=results.put)
+                else:
+                    results.put(_work(*nxt))
+            if not in_flight:
+                break
+            try:
+                rec = results.get(timeout=0.5)
+            except queue.Empty:
+                rec = None
+            if isinstance(rec, BaseException):
+                raise rec
+            if rec is not None:
+                in_flight -= 1
+                journal.append(rec)
+                done[rec["u"]] = rec
+                res.units_run += 1
+                ok_total += rec["ok"]
+                err_total += rec["e"]
+                files_done += rec["n"]
+                if rec["err"] and len(sample) < ERROR_SAMPLE:
+                    sample.extend(rec["err"][: ERROR_SAMPLE - len(sample)])
+                log.debug("unit %d done: %d refreshed, %d errors", rec["u"], rec["ok"], rec["e"])
+            if bar:
+                bar.update(len(done), files_done)
+            if stop and stop.is_set() and not interrupted:
+                interrupted = True
+                log.warning("%s: stopping after the units in flight", name)
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
         journal.sync()
     finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         journal.close()
         os.close(base_fd)
+        os.close(plan_fd)
         if bar:
             bar.update(len(done), files_done, force=True)
             bar.close()

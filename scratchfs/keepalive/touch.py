@@ -30,7 +30,8 @@ def _load_utimensat() -> Callable[..., int] | None:
         fn = libc.utimensat
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+    # no argtypes: every call passes (int, bytes, byref(timespec[2]), int), which the default
+    # conversions map to (int, const char *, struct timespec *, int) — and skip per-call checks
     fn.restype = ctypes.c_int
     return fn
 
@@ -52,11 +53,12 @@ def make_toucher(now_ns: int, method: str = DEFAULT_METHOD) -> Toucher:
         times = (_Timespec * 2)(_Timespec(now_ns // 1_000_000_000, now_ns % 1_000_000_000), _Timespec(0, UTIME_OMIT))
         fn = _utimensat
         get_errno = ctypes.get_errno
+        ptimes = ctypes.byref(times)
 
         def touch(dir_fd: int, names: list[bytes]) -> list[tuple[bytes, int]]:
             failed = []
             for name in names:
-                if fn(dir_fd, name, times, AT_SYMLINK_NOFOLLOW):
+                if fn(dir_fd, name, ptimes, AT_SYMLINK_NOFOLLOW):
                     failed.append((name, get_errno()))
             return failed
 
