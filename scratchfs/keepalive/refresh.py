@@ -3,9 +3,10 @@
 A run: refuse where the site forbids refreshing; skip disabled and expired datasets; take the
 dataset's lock (a live holder → BusyError "already running (pid …)", a dead one's lock is
 taken over); re-check that the path still resolves inside the allowed roots; resume the stored
-plan if the checkpoint is usable, else plan afresh; execute the remaining units on ``workers``
-threads, appending one journal record per finished unit; when every unit is done write the
-last-run record and delete the checkpoint.
+plan if the checkpoint is usable, else plan afresh; execute the remaining units (in this
+process for one worker, else in ``workers`` forked processes that die with it), appending one
+journal record per finished unit; when every unit is done write the last-run record and delete
+the checkpoint.
 
 After a crash (SIGKILL included) the next run redoes at most the units that were in flight:
 at most ``2 × workers`` units are handed out (each logged as "unit N start") before their
