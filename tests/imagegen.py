@@ -337,7 +337,7 @@ class ImageSpec:
 #    --no-tail-packing;
 #  - uncompressed metadata/data/fragments/xattrs (-noI -noD -noF -noX), with and without an
 #    export table, and hard links through a gensquashfs pack file (gensquashfs --pack-dir does
-#    not keep hard links);
+#    not keep hard links; that image has no xattr table, see write_pack_file);
 #  - the > 4 GiB sparse file in one image per builder (it is cheap to build but costs seconds
 #    to read through two mounts);
 #  - the 20,000-entry directory in three images (both builders, fragments and tail packing,
@@ -390,13 +390,15 @@ def _walk_rel(r: bytes) -> Iterator[bytes]:
                 stack.append(child)
 
 
-def write_pack_files(src: Path, pack_file: Path, xattr_file: Path) -> None:
-    """Describe `src` as a gensquashfs pack file (hard links as `link`) plus a getfattr-style
-    xattr file.  Paths that a pack file cannot express (non-UTF-8, quotes, newlines) are left
-    out; the names/ directory is therefore built without them for this builder."""
+def write_pack_file(src: Path, pack_file: Path) -> None:
+    """Describe `src` as a gensquashfs pack file (hard links as `link`).
+
+    Paths that a pack file cannot express (non-UTF-8, quotes, newlines) are left out; the names/
+    directory is therefore built without them for this builder.  No xattrs: gensquashfs 1.2's
+    --xattr-file left the image without an xattr table in every form we tried, so the pack-file
+    image has none (the other images cover xattrs).  Pack files carry no mtimes either."""
     r = os.fsencode(src)
     lines: list[str] = []
-    xlines: list[str] = []
     first_by_ino: dict[int, bytes] = {}
     for rel in _walk_rel(r):
         full = os.path.join(r, rel)
@@ -426,14 +428,7 @@ def write_pack_files(src: Path, pack_file: Path, xattr_file: Path) -> None:
         elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
             kind = "c" if stat.S_ISCHR(st.st_mode) else "b"
             lines.append(f"nod {q} {own} {kind} {os.major(st.st_rdev)} {os.minor(st.st_rdev)}")
-        names = os.listxattr(full, follow_symlinks=False)
-        if names:
-            xlines.append(f"# file: {rel.decode()}")
-            for n in sorted(names):
-                xlines.append(f"{n}=0x{os.getxattr(full, n, follow_symlinks=False).hex()}")
-            xlines.append("")
     pack_file.write_text("\n".join(lines) + "\n")
-    xattr_file.write_text("\n".join(xlines) + "\n")
 
 
 def tree_options(spec: ImageSpec) -> dict[str, object]:
@@ -458,9 +453,9 @@ def build_image(spec: ImageSpec, src: Path, out: Path) -> Path:
         if spec.builder == "gensquashfs":
             cmd += ["-D", str(src), "--keep-time", "--keep-xattr"]
         else:
-            pack, xattrs = out.with_suffix(".pack"), out.with_suffix(".xattrs")
-            write_pack_files(src, pack, xattrs)
-            cmd += ["-F", str(pack), "-D", str(src), "-A", str(xattrs), "-d", "mtime=1234567890"]
+            pack = out.with_suffix(".pack")
+            write_pack_file(src, pack)
+            cmd += ["-F", str(pack), "-D", str(src), "-d", "mtime=1234567890"]
         cmd.append(str(out))
         _run(cmd)
     else:
