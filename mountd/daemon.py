@@ -1,0 +1,742 @@
+"""The mountd daemon: every dataset of the data directories under one FUSE mount, hot ones
+promoted to the local cache.
+
+One root trio nursery runs these services (all on the trio thread, cheap, never blocking;
+file system work goes to worker threads):
+
+* the FUSE loop (:func:`scratchfs.fuse_ops.serve`);
+* the image watcher: data directories scanned every ``scan_interval``; new images appear,
+  removed ones disappear (unless served from the cache: then the dataset stays and its
+  backing is reported gone), replaced ones (size, mtime or superblock changed) are served
+  from the next open in a new namespace slot and their stale cache copy dropped;
+* the stats sampler: trace recording, metrics file;
+* the policy loop: :func:`scratchfs.policy.choose` every ``policy_interval``, then copies
+  started (one at a time) and demotions done;
+* copies (:func:`scratchfs.copier.copy_image` in a worker thread) and switches
+  (:meth:`scratchfs.tiers.Dataset.swap`);
+* the control socket.
+
+Invariant: ``Managed`` records and the namespace are only changed on the trio thread, between
+awaits; worker threads get plain values and return plain values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from scratchfs import metrics
+from scratchfs.copier import CopyCancelled, CopyError, CopyResult, Identity, Progress, copy_image, verify_copy
+from scratchfs.errors import NotFoundError, PermissionRefused, ScratchfsError, UsageError
+from scratchfs.namespace import Namespace
+from scratchfs.policy import Decision, PolicyParams, choose, demand_from_snapshot
+from scratchfs.squashfs import Image, SquashfsError
+from scratchfs.stats import CACHE, SCRATCH, ThroughputStats
+from scratchfs.tiers import Dataset
+from scratchfs.trace import TraceWriter
+
+from .cachestore import CachedCopy, CacheStore
+from .config import Share
+from .control import ControlServer, Peer, is_privileged
+from .watcher import Seen, scan
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE = 5.0  # seconds before the first retry of a failed copy; doubles up to RETRY_MAX
+RETRY_MAX = 600.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the daemon runs with (built from the configuration file and the flags)."""
+
+    datadirs: tuple[Path, ...]
+    cachedir: Path
+    mountdir: Path
+    capacity: Share = Share(percent=80.0)
+    reserve: Share = Share(nbytes=0)
+    window: float = 600.0
+    min_residency: float = 0.0
+    copy_bandwidth: float = 0.0  # bytes/s, 0 = unlimited
+    pinned: frozenset[str] = frozenset()
+    never_cache: frozenset[str] = frozenset()
+    allow_other: bool = False
+    control_socket: Path = Path("/run/scratchfs/mountd.sock")
+    control_gid: int | None = None
+    metrics_file: Path | None = None
+    block_cache: int = 64 << 20  # bytes of decoded blocks per image
+    threads: int | None = None
+    scan_interval: float = 2.0
+    policy_interval: float = 2.0
+    sample_interval: float = 1.0
+    max_copies: int = 1
+    debug: bool = False
+
+
+@dataclass
+class CopyJob:
+    progress: Progress
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: float = 0.0  # trio time
+    why: str = "policy"
+
+
+@dataclass
+class Managed:
+    """mountd's view of one dataset."""
+
+    name: str
+    ds: Dataset
+    backing: Path | None
+    identity: Identity | None  # of the backing image served
+    size: int
+    cache_file: str | None = None  # copy in use (tier cache)
+    checksum: str | None = None
+    backing_gone: bool = False
+    promoted_at: float | None = None  # trio time of the promotion decision (policy input)
+    last_promotion: float | None = None  # wall clock
+    last_demotion: float | None = None
+    job: CopyJob | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    last_error: str | None = None
+    adopting: bool = False
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, reload: Callable[[], Settings] | None = None,
+                 record_trace: str | None = None, on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
+        self.s = settings
+        self._reload_fn = reload
+        self._record_trace = record_trace
+        self._on_ready = on_ready
+        self.ns = Namespace(mode=0o755)
+        self.store = CacheStore(settings.cachedir)
+        self.stats = ThroughputStats(settings.window, start=0.0)
+        self.managed: dict[str, Managed] = {}
+        self.clashes: dict[str, list[Path]] = {}
+        self._bad_images: dict[Path, Identity | None] = {}  # images that failed to open, as seen
+        self.ctl_pins: set[str] = set()
+        self.ctl_unpins: set[str] = set()
+        self.evicted_at: dict[str, float] = {}
+        self._graveyard: list[tuple[Dataset, list[str]]] = []
+        self._to_delete: list[str] = []
+        self._save_lock = trio.Lock()
+        self._wake_policy = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._ops: Any = None
+        self.last_decision: Decision | None = None
+        self._free = 0
+        self._capacity = 0
+        self._trace: TraceWriter | None = None
+        self._trace_file: io.TextIOWrapper | None = None
+        self._trace_pending: dict[str, int] = {}
+        self._trace_t0 = 0.0
+        self.started_wall = time.time()
+        self.live = False
+
+    # ================================================================== running
+    async def run(self) -> None:
+        from scratchfs.fuse_ops import Operations, mount_options, serve
+
+        s = self.s
+        self.stats = ThroughputStats(s.window, start=trio.current_time())
+        await trio.to_thread.run_sync(self._prepare_cache)
+        await self._scan_once()
+        ops = Operations(self.ns, workers=s.threads)
+        self._ops = ops
+        opts = mount_options(f"scratchfs-mountd:{s.mountdir}", allow_other=s.allow_other, debug=s.debug)
+        if self._record_trace:
+            self._open_trace()
+        ready = trio.Event()
+
+        def on_ready() -> None:  # worker thread, once a stat through the mount succeeded
+            _raise_readahead(str(s.mountdir))
+            ready_token.run_sync_soon(ready.set)
+
+        ready_token = trio.lowlevel.current_trio_token()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(ControlServer(s.control_socket, self.handle_request).run)
+
+                async def fuse() -> None:
+                    try:
+                        await serve(ops, str(s.mountdir), opts, on_ready, on_hup=self._on_hup)
+                    finally:
+                        self.live = False
+                        self._cancel_all_copies()
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(fuse)
+                await ready.wait()
+                self.live = True
+                log.info("serving %d datasets on %s", len(self.managed), s.mountdir)
+                if self._on_ready is not None:
+                    self._on_ready()
+                nursery.start_soon(self._watch_loop)
+                nursery.start_soon(self._sample_loop)
+                nursery.start_soon(self._policy_loop)
+                nursery.start_soon(self._adopt_all)
+        finally:
+            self._cancel_all_copies()
+            with trio.CancelScope(shield=True):
+                await self._save()
+            if self._trace_file is not None:
+                with contextlib.suppress(OSError):
+                    self._flush_trace(trio.current_time())
+                    self._trace_file.close()
+
+    def _on_hup(self) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self.reload)
+
+    def _cancel_all_copies(self) -> None:
+        for m in self.managed.values():
+            if m.job is not None:
+                m.job.cancel.set()
+
+    def _prepare_cache(self) -> None:
+        """Blocking: load the record of our files, remove leftover temp files."""
+        self.s.cachedir.mkdir(parents=True, exist_ok=True)
+        self.store.load()
+        self.store.remove_temps()
+        for file in list(self.store.copies):
+            if not (self.s.cachedir / file).exists():
+                log.warning("cached copy %s is gone; forgetting it", self.s.cachedir / file)
+                del self.store.copies[file]
+        self.store.save()
+
+    async def _save(self) -> None:
+        doc = self.store.document()
+        async with self._save_lock:
+            try:
+                await trio.to_thread.run_sync(self.store.write, doc)
+            except (OSError, ScratchfsError) as e:
+                log.error("cannot save %s: %s", self.store.path, e)
+
+    async def reload(self) -> None:
+        if self._reload_fn is None:
+            return
+        try:
+            new = await trio.to_thread.run_sync(self._reload_fn)
+        except ScratchfsError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            raise
+        fixed = ("datadirs", "mountdir", "cachedir", "control_socket", "control_gid", "allow_other", "threads",
+                 "block_cache")  # fmt: skip
+        for name in fixed:
+            if getattr(new, name) != getattr(self.s, name):
+                log.warning("reload: %s changed; takes effect on restart only", name)
+                new = replace(new, **{name: getattr(self.s, name)})
+        if new.window != self.s.window:
+            log.warning("reload: window changed; takes effect on restart only")
+            new = replace(new, window=self.s.window)
+        self.s = new
+        log.info("configuration reloaded")
+        self._wake_policy.set()
+
+    # ================================================================== datasets
+    def _open_image(self, path: Path) -> Image:
+        return Image.open(path, cache_size=self.s.block_cache)
+
+    def _add(self, name: str, img: Image, tier: str, **kw: Any) -> Managed:
+        ds = self.ns.add(name, img, tier)
+        ds.on_read = self._on_read
+        m = Managed(name=name, ds=ds, size=kw.pop("size"), **kw)
+        self.managed[name] = m
+        return m
+
+    def _on_read(self, ds: Dataset, tier: str, nbytes: int) -> None:
+        # Called on the trio thread by every read the FUSE layer serves: keep it O(1).
+        self.stats.record(ds.name, tier, nbytes, trio.current_time())
+        if self._trace is not None:
+            self._trace_pending[ds.name] = self._trace_pending.get(ds.name, 0) + nbytes
+
+    def _retire(self, ds: Dataset, files: list[str]) -> None:
+        """Close *ds* and delete *files* once no open file uses *ds* (see _reap)."""
+        self._graveyard.append((ds, files))
+
+    def _reap(self) -> None:
+        keep = []
+        for ds, files in self._graveyard:
+            if self._ops is not None and self._ops.open_handles(ds) > 0:
+                keep.append((ds, files))
+                continue
+            ds.image.close()
+            self._to_delete.extend(files)
+        self._graveyard = keep
+
+    async def _delete_pending(self) -> None:
+        if not self._to_delete:
+            return
+        files, self._to_delete = self._to_delete, []
+        for f in files:
+            if any(m.cache_file == f for m in self.managed.values()):
+                continue  # back in use (cannot happen today; be safe)
+            await trio.to_thread.run_sync(self.store.delete, f)
+            log.info("deleted cached copy %s", self.s.cachedir / f)
+        await self._save()
+
+    async def _scan_once(self) -> None:
+        seen, clashes = await trio.to_thread.run_sync(scan, list(self.s.datadirs))
+        for name, paths in clashes.items():
+            if self.clashes.get(name) != paths:
+                log.error("refusing dataset %s: images %s map to the same name; rename one",
+                          name, ", ".join(str(p) for p in paths))  # fmt: skip
+        self.clashes = clashes
+        for name, m in list(self.managed.items()):
+            if name not in seen:
+                self._backing_missing(m)
+        for name, sn in seen.items():
+            await self._seen(name, sn)
+
+    def _backing_missing(self, m: Managed) -> None:
+        if m.ds.tier == CACHE and m.cache_file is not None:
+            if not m.backing_gone:
+                log.warning("backing image of %s (%s) is gone; serving it from the cached copy", m.name, m.backing)
+                m.backing_gone = True
+            return
+        log.info("dataset %s removed (%s is gone)", m.name, m.backing)
+        if m.job is not None:
+            m.job.cancel.set()
+        self.ns.remove(m.name)
+        del self.managed[m.name]
+        self.stats.forget(m.name)
+        self._retire(m.ds, [])
+
+    async def _seen(self, name: str, sn: Seen) -> None:
+        m = self.managed.get(name)
+        if sn.identity is None:
+            return  # unreadable right now: keep what we have, try again next scan
+        if m is not None and m.identity == sn.identity:
+            if m.backing_gone or m.backing != sn.path:
+                if m.backing_gone:
+                    log.info("backing image of %s is back at %s", name, sn.path)
+                m.backing, m.backing_gone = sn.path, False
+            return
+        if self._bad_images.get(sn.path) == sn.identity:
+            return  # failed to open as it is; wait until it changes
+        try:
+            img = await trio.to_thread.run_sync(self._open_image, sn.path)
+        except (SquashfsError, OSError) as e:
+            self._bad_images[sn.path] = sn.identity
+            log.warning("not serving %s: %s", sn.path, e)
+            return
+        self._bad_images.pop(sn.path, None)
+        if name in self.managed and self.managed.get(name) is not m:
+            img.close()  # changed while we were opening it
+            return
+        if m is None:
+            self._add(name, img, SCRATCH, backing=sn.path, identity=sn.identity, size=sn.identity.size)
+            log.info("dataset %s added from %s", name, sn.path)
+            return
+        # The backing image was replaced by a different one.
+        log.warning("backing image of %s changed (%s); serving the new one from the next open", name, sn.path)
+        if m.job is not None:
+            m.job.cancel.set()
+        stale = [m.cache_file] if m.cache_file else []
+        new = self._add(name, img, SCRATCH, backing=sn.path, identity=sn.identity, size=sn.identity.size)
+        new.failures = 0
+        self._retire(m.ds, stale)
+
+    # ================================================================== loops
+    async def _watch_loop(self) -> None:
+        while True:
+            await trio.sleep(self.s.scan_interval)
+            try:
+                await self._scan_once()
+                self._reap()
+                await self._delete_pending()
+            except Exception:
+                log.exception("image scan failed; retrying")
+
+    async def _sample_loop(self) -> None:
+        last_metrics = -math.inf
+        while True:
+            await trio.sleep(self.s.sample_interval)
+            now = trio.current_time()
+            if self._trace is not None:
+                try:
+                    self._flush_trace(now)
+                except OSError as e:
+                    log.error("trace recording stopped: %s", e)
+                    self._trace = None
+            if self.s.metrics_file is not None and now - last_metrics >= max(self.s.sample_interval, 1.0):
+                last_metrics = now
+                try:
+                    await trio.to_thread.run_sync(metrics.write, str(self.s.metrics_file), self.status())
+                except (OSError, ScratchfsError) as e:
+                    log.warning("cannot write metrics to %s: %s", self.s.metrics_file, e)
+
+    async def _policy_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.s.policy_interval):
+                await self._wake_policy.wait()
+            self._wake_policy = trio.Event()
+            try:
+                await self.policy_round()
+            except Exception:
+                log.exception("policy round failed")
+
+    def pins(self) -> set[str]:
+        return (set(self.s.pinned) | self.ctl_pins) - self.ctl_unpins
+
+    def _measure_cache(self) -> tuple[int, int]:
+        st = os.statvfs(self.s.cachedir)
+        total = st.f_blocks * st.f_frsize
+        free = st.f_bavail * st.f_frsize - self.s.reserve.resolve(total)
+        return self.s.capacity.resolve(total), max(0, free)
+
+    async def policy_round(self) -> Decision:
+        now = trio.current_time()
+        snap = self.stats.snapshot(now)
+        demand = demand_from_snapshot(snap)
+        self._capacity, self._free = self._measure_cache()
+        sizes = {n: m.size for n, m in self.managed.items() if not m.adopting}
+        cached = {
+            n: (m.promoted_at if m.promoted_at is not None else now)
+            for n, m in self.managed.items()
+            if m.cache_file is not None or m.job is not None
+        }
+        # Datasets whose backing is gone can only be served from the cache: hold them like pins.
+        forced = self.pins() | {n for n, m in self.managed.items() if m.backing_gone}
+        params = PolicyParams(min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth)
+        d = choose(demand=demand, sizes=sizes, capacity=self._capacity, free=self._free, cached=cached,
+                   pinned=forced, never_cache=self.s.never_cache, now=now, params=params)  # fmt: skip
+        self.last_decision = d
+        for name in sorted(d.demote):
+            m = self.managed.get(name)
+            if m is None:
+                continue
+            if m.job is not None:
+                log.info("cancelling the copy of %s (no longer wanted)", name)
+                m.job.cancel.set()
+            elif m.cache_file is not None:
+                await self.demote(m, why=d.reasons.get(name, "policy"))
+        running = sum(1 for m in self.managed.values() if m.job is not None)
+        order = sorted(d.promote, key=lambda n: (-(d.value.get(n, 0.0) / max(sizes.get(n, 1), 1)), n))
+        for name in order:
+            m = self.managed.get(name)
+            if m is None or m.job is not None or m.cache_file is not None or running >= self.s.max_copies:
+                continue
+            if now < m.retry_at or now - self.evicted_at.get(name, -math.inf) < self.s.window:
+                continue
+            self.start_copy(m, why=d.reasons.get(name, "policy"))
+            running += 1
+        return d
+
+    # ================================================================== copies and switches
+    def start_copy(self, m: Managed, why: str) -> None:
+        assert self._nursery is not None
+        if m.backing is None or m.backing_gone:
+            return
+        m.job = CopyJob(Progress(m.size), started=trio.current_time(), why=why)
+        m.promoted_at = m.job.started
+        self._nursery.start_soon(self._copy, m, m.job)
+
+    async def _copy(self, m: Managed, job: CopyJob) -> None:
+        src, ident = m.backing, m.identity
+        assert src is not None and ident is not None
+        tmp = self.store.new_temp(m.name)
+        await self._save()
+        final = self.store.final_path(m.name)
+        log.info("copying %s to %s (%s)", src, final, job.why)
+        result: CopyResult | None = None
+        try:
+            result = await trio.to_thread.run_sync(
+                lambda: copy_image(src, tmp, final, bandwidth=self.s.copy_bandwidth, cancel=job.cancel,
+                                   progress=job.progress))  # fmt: skip
+        except CopyCancelled:
+            log.info("copy of %s cancelled", m.name)
+        except CopyError as e:
+            m.failures += 1
+            delay = min(RETRY_MAX, RETRY_BASE * 2 ** (m.failures - 1))
+            m.retry_at = trio.current_time() + delay
+            m.last_error = str(e)
+            log.warning("copy of %s failed (%s); serving from scratch, retrying in %.0f s", m.name, e, delay)
+        finally:
+            self.store.forget_temp(tmp)
+            if m.job is job:
+                m.job = None
+        if result is None:
+            if m.cache_file is None:
+                m.promoted_at = None
+            await self._save()
+            return
+        self.store.add(CachedCopy(final.name, m.name, str(src), result.identity, result.checksum, time.time()))
+        await self._save()
+        if self.managed.get(m.name) is not m or result.identity != m.identity or job.cancel.is_set():
+            log.info("dropping the copy of %s: the dataset changed or the copy is no longer wanted", m.name)
+            self._to_delete.append(final.name)
+            await self._delete_pending()
+            return
+        await self._switch_to_cache(m, final.name, result.checksum)
+
+    async def _switch_to_cache(self, m: Managed, file: str, checksum: str) -> None:
+        try:
+            img = await trio.to_thread.run_sync(self._open_image, self.s.cachedir / file)
+        except (SquashfsError, OSError) as e:
+            log.error("cannot open the cached copy %s: %s", file, e)
+            self._to_delete.append(file)
+            await self._delete_pending()
+            return
+        if self.managed.get(m.name) is not m:
+            img.close()
+            self._to_delete.append(file)
+            await self._delete_pending()
+            return
+        m.ds.swap(img, CACHE)
+        m.cache_file, m.checksum = file, checksum
+        m.last_promotion = time.time()
+        m.failures, m.last_error = 0, None
+        if m.promoted_at is None:
+            m.promoted_at = trio.current_time()
+        log.info("promoted %s: now served from %s", m.name, self.s.cachedir / file)
+
+    async def demote(self, m: Managed, why: str = "policy") -> bool:
+        """Move *m*'s readers back to its backing image; the copy is deleted once idle."""
+        if m.cache_file is None:
+            return False
+        if m.backing is None or m.backing_gone:
+            log.warning("cannot demote %s: its backing image is gone", m.name)
+            return False
+        backing, ident = m.backing, m.identity
+
+        def open_backing() -> Image | None:
+            if Identity.of(backing) != ident:
+                return None  # replaced: the watcher serves the new image in a new slot
+            return self._open_image(backing)
+
+        try:
+            img = await trio.to_thread.run_sync(open_backing)
+        except (SquashfsError, OSError) as e:
+            log.warning("cannot demote %s: backing image unreadable: %s", m.name, e)
+            return False
+        if img is None:
+            return False
+        if self.managed.get(m.name) is not m or m.cache_file is None:
+            img.close()
+            return False
+        file = m.cache_file
+
+        def on_idle(_old: Image) -> None:
+            self._to_delete.append(file)  # deleted by the watcher loop, off this call path
+
+        m.ds.swap(img, SCRATCH, on_idle)
+        m.cache_file, m.checksum, m.promoted_at = None, None, None
+        m.last_demotion = time.time()
+        log.info("demoted %s (%s): now served from %s", m.name, why, m.backing)
+        self._wake_policy.set()
+        return True
+
+    async def _adopt_all(self) -> None:
+        """Adopt cached copies left by an earlier run: verified, and only of unchanged images."""
+        for c in list(self.store.copies.values()):
+            m = self.managed.get(c.dataset)
+            if m is not None and m.cache_file is not None:
+                continue
+            if m is not None and m.identity != c.identity:
+                log.info("cached copy %s is stale (its image changed); deleting it", c.file)
+                self._to_delete.append(c.file)
+                continue
+            if m is None and c.dataset in self.clashes:
+                continue
+            path = self.s.cachedir / c.file
+            if m is not None:
+                m.adopting = True
+            ok = await trio.to_thread.run_sync(verify_copy, path, c.checksum)
+            if m is not None:
+                m.adopting = False
+            if not ok:
+                log.warning("cached copy %s does not verify; deleting it", path)
+                self._to_delete.append(c.file)
+                continue
+            m = self.managed.get(c.dataset)
+            if m is None:
+                if Path(c.backing).exists():
+                    continue  # will be handled by the next scans
+                try:
+                    img = await trio.to_thread.run_sync(self._open_image, path)
+                except (SquashfsError, OSError) as e:
+                    log.warning("cannot open cached copy %s: %s", path, e)
+                    self._to_delete.append(c.file)
+                    continue
+                m = self._add(c.dataset, img, CACHE, backing=Path(c.backing), identity=c.identity,
+                              size=c.identity.size, cache_file=c.file, checksum=c.checksum,
+                              backing_gone=True)  # fmt: skip
+                m.promoted_at = trio.current_time()
+                m.last_promotion = time.time()
+                log.warning("adopted %s for %s; its backing image %s is gone", c.file, c.dataset, c.backing)
+                continue
+            if m.identity != c.identity or m.cache_file is not None:
+                continue
+            m.promoted_at = trio.current_time()
+            await self._switch_to_cache(m, c.file, c.checksum)
+            log.info("adopted cached copy %s for %s", c.file, c.dataset)
+        await self._delete_pending()
+
+    # ================================================================== control
+    async def handle_request(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        op = req.get("op")
+        try:
+            if op == "status":
+                return {"ok": True, "status": self.status()}
+            if op not in ("pin", "unpin", "prefetch", "evict", "reload"):
+                raise UsageError(f"unknown request {op!r}")
+            if not is_privileged(peer, self.s.control_gid):
+                raise PermissionRefused(f"{op}: permission denied (root or the mountd control group only)")
+            if op == "reload":
+                await self.reload()
+                return {"ok": True, "message": "configuration reloaded"}
+            name = req.get("name")
+            if not isinstance(name, str):
+                raise UsageError(f"{op} needs a dataset name")
+            message = await self.control(op, name)
+            log.info("control: %s %s by uid %d: %s", op, name, peer.uid, message)
+            return {"ok": True, "message": message}
+        except ScratchfsError as e:
+            return {"ok": False, "error": str(e), "code": e.exit_code}
+        except Exception as e:  # a bug must not kill the daemon
+            log.exception("control request %r failed", op)
+            return {"ok": False, "error": f"internal error: {e}", "code": 1}
+
+    async def control(self, op: str, name: str) -> str:
+        m = self.managed.get(name)
+        if m is None:
+            raise NotFoundError(f"no dataset {name!r}")
+        if op == "pin":
+            self.ctl_pins.add(name)
+            self.ctl_unpins.discard(name)
+            self._wake_policy.set()
+            return f"{name} pinned"
+        if op == "unpin":
+            self.ctl_pins.discard(name)
+            if name in self.s.pinned:
+                self.ctl_unpins.add(name)
+            self._wake_policy.set()
+            return f"{name} unpinned"
+        if op == "prefetch":
+            if name in self.s.never_cache:
+                raise UsageError(f"{name} is in never_cache")
+            if m.cache_file is not None:
+                return f"{name} is cached already"
+            if m.job is not None:
+                return f"{name} is being copied already"
+            if m.backing_gone:
+                raise NotFoundError(f"{name}: backing image is gone")
+            m.retry_at = 0.0
+            self.start_copy(m, why="prefetch")
+            return f"copying {name}"
+        # evict
+        if name in self.pins():
+            raise UsageError(f"{name} is pinned; unpin it first")
+        self.evicted_at[name] = trio.current_time()  # not promoted again by the policy for a window
+        if m.job is not None:
+            m.job.cancel.set()
+            return f"copy of {name} cancelled"
+        if m.cache_file is None:
+            return f"{name} is not cached"
+        if m.backing_gone:
+            self.ns.remove(name)
+            del self.managed[name]
+            self._retire(m.ds, [m.cache_file])
+            return f"{name} removed (its backing image is gone)"
+        if not await self.demote(m, why="evict"):
+            raise ScratchfsError(f"could not demote {name} (see the daemon log)")
+        return f"{name} demoted"
+
+    def status(self) -> dict[str, Any]:
+        now = trio.current_time()
+        snap = self.stats.snapshot(now)
+        pins = self.pins()
+        out = []
+        used = 0
+        for name in sorted(self.managed):
+            m = self.managed[name]
+            ds = snap.datasets.get(name)
+            scratch_b = ds.tier_total(SCRATCH) if ds else 0
+            cache_b = ds.tier_total(CACHE) if ds else 0
+            if m.cache_file is not None or m.job is not None:
+                used += m.size
+            out.append({
+                "name": name,
+                "tier": m.ds.tier,
+                "size": m.size,
+                "backing": str(m.backing) if m.backing else None,
+                "backing_gone": m.backing_gone,
+                "cache_file": str(self.s.cachedir / m.cache_file) if m.cache_file else None,
+                "rate": ds.rate if ds else 0.0,
+                "bytes_scratch": scratch_b,
+                "bytes_cache": cache_b,
+                "hit_ratio": ds.hit_ratio if ds else None,
+                "pinned": name in pins,
+                "never_cache": name in self.s.never_cache,
+                "last_promotion": m.last_promotion,
+                "last_demotion": m.last_demotion,
+                "copy": dict(m.job.progress.as_dict(), why=m.job.why) if m.job else None,
+                "copy_failures": m.failures,
+                "last_error": m.last_error,
+                "adopting": m.adopting,
+            })  # fmt: skip
+        return {
+            "pid": os.getpid(),
+            "mountdir": str(self.s.mountdir),
+            "cachedir": str(self.s.cachedir),
+            "started": self.started_wall,
+            "window": self.s.window,
+            "live": self.live,
+            "cache": {
+                "capacity": self._capacity,
+                "free": self._free,
+                "budget": self.last_decision.budget if self.last_decision else None,
+                "used": used,
+            },
+            "datasets": out,
+            "refused": [{"name": n, "images": [str(p) for p in ps]} for n, ps in sorted(self.clashes.items())],
+        }
+
+    # ================================================================== trace
+    def _open_trace(self) -> None:
+        assert self._record_trace is not None
+        f = open(self._record_trace, "w", encoding="utf-8")  # noqa: SIM115 - closed at shutdown
+        self._trace_file = f
+        self._trace_t0 = trio.current_time()
+        self._trace = TraceWriter(f, {n: m.size for n, m in self.managed.items()},
+                                  recorder="scratchfs-mountd", started=time.time())  # fmt: skip
+
+    def _flush_trace(self, now: float) -> None:
+        if self._trace is None:
+            return
+        pending, self._trace_pending = self._trace_pending, {}
+        self._trace.sizes({n: m.size for n, m in self.managed.items()})
+        t = now - self._trace_t0
+        for name, nbytes in sorted(pending.items()):
+            if nbytes:
+                with contextlib.suppress(ValueError):
+                    self._trace.event(t, name, nbytes)
+        self._trace.flush()
+
+
+def _raise_readahead(mp: str, kb: int = 1024) -> None:
+    """Ask for 1 MiB read requests (root only): the FUSE bdi defaults to 128 KiB."""
+    try:
+        dev = os.stat(mp).st_dev
+        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as e:
+        log.debug("could not raise read_ahead_kb: %s", e)
+
+
+__all__ = ["Daemon", "Settings"]

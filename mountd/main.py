@@ -1,0 +1,173 @@
+"""`scratchfs-mountd --config FILE [--foreground] [--record-trace FILE]`.
+
+Everything that can be checked is checked in the calling process (configuration, mount
+point, FUSE), so mistakes are one line and exit before anything is mounted. Without
+``--foreground`` the daemon forks and the command returns only once the mount is live (or
+with the daemon's one-line reason), as ``scratchfs mount`` does. Under systemd
+(``Type=notify``, ``--foreground``) READY=1 is sent once the mount is live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from scratchfs import __version__
+from scratchfs.errors import BusyError, EnvironmentProblem, ExternalFailure, ScratchfsError
+from scratchfs.locking import Lock, is_locked
+from scratchfs.mount_cmd import _detach_stdio, _tell, _wait_ready, check_mountpoint
+from scratchfs.status_cmd import DEFAULT_SOCKET
+from scratchfs.units import parse_size
+
+from . import config as cfgmod
+from .cachestore import LOCK_NAME
+from .daemon import Daemon, Settings
+from .notify import notify
+
+log = logging.getLogger("mountd")
+
+DEFAULT_LOG = "/var/log/scratchfs-mountd.log"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scratchfs-mountd", description="Serve every dataset of the data "
+                                "directories under one FUSE mount; promote hot ones to the local SSD.")  # fmt: skip
+    p.add_argument("--version", action="version", version=f"scratchfs-mountd {__version__}")
+    p.add_argument("--config", default=str(cfgmod.DEFAULT_PATH), help=f"config file (default {cfgmod.DEFAULT_PATH})")
+    p.add_argument("--foreground", "-f", action="store_true", help="serve in this process (systemd: Type=notify)")
+    p.add_argument("--record-trace", metavar="FILE", help="record a read trace for tools/simulate_traces.py")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"control socket (default {DEFAULT_SOCKET})")
+    p.add_argument("--metrics", metavar="FILE", help="write Prometheus text metrics to FILE")
+    p.add_argument("--log", metavar="FILE", help=f"log file when detached (default {DEFAULT_LOG})")
+    p.add_argument("--block-cache", default="64M", help="decoded-block cache per image (default 64M)")
+    p.add_argument("--threads", type=int, default=None, help="decompression threads (default: cores)")
+    p.add_argument("--scan-interval", type=float, default=2.0, help="seconds between data directory scans")
+    p.add_argument("--policy-interval", type=float, default=2.0, help="seconds between policy rounds")
+    p.add_argument("--debug", action="store_true", help="debug logging")
+    cfgmod.add_override_arguments(p)
+    return p
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    cfg = cfgmod.load_config(args.config)
+    cfg = cfgmod.apply_overrides(cfg, cfgmod.overrides_from_args(args))
+    return Settings(
+        datadirs=cfg.datadirs,
+        cachedir=cfg.cachedir,
+        mountdir=cfg.mountdir,
+        capacity=cfg.capacity,
+        reserve=cfg.reserve,
+        window=cfg.window,
+        min_residency=cfg.min_residency,
+        copy_bandwidth=float(cfg.copy_bandwidth),
+        pinned=cfg.pinned,
+        never_cache=cfg.never_cache,
+        allow_other=cfg.allow_other,
+        control_socket=Path(os.path.abspath(args.socket)),
+        control_gid=cfg.control_gid,
+        metrics_file=Path(os.path.abspath(args.metrics)) if args.metrics else None,
+        block_cache=parse_size(args.block_cache),
+        threads=args.threads,
+        scan_interval=max(0.1, args.scan_interval),
+        policy_interval=max(0.1, args.policy_interval),
+        debug=args.debug,
+    )
+
+
+def setup_logging(logfile: str | None, debug: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler
+    if logfile:
+        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(logfile)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def check(settings: Settings) -> None:
+    """Problems found before forking: one line each."""
+    if not os.path.exists("/dev/fuse"):
+        raise EnvironmentProblem("/dev/fuse is missing: load the fuse module or install fuse3")
+    check_mountpoint(str(settings.mountdir))
+    lock = settings.cachedir / LOCK_NAME
+    if is_locked(lock):
+        raise BusyError(f"another scratchfs-mountd uses {settings.cachedir}")
+    for d in settings.datadirs:
+        if not d.is_dir():
+            log.warning("data directory %s does not exist (yet)", d)
+
+
+def serve(settings: Settings, args: argparse.Namespace, ready_fd: int | None) -> int:
+    import trio
+
+    def reload() -> Settings:
+        new = load_settings(args)
+        return replace(new, control_socket=settings.control_socket, metrics_file=settings.metrics_file)
+
+    def on_ready() -> None:
+        _tell(ready_fd, "ready")
+        notify("READY=1\nSTATUS=serving " + str(settings.mountdir))
+
+    settings.cachedir.mkdir(parents=True, exist_ok=True)
+    with Lock(settings.cachedir / LOCK_NAME, what=f"scratchfs-mountd for {settings.cachedir}"):
+        daemon = Daemon(settings, reload=reload, record_trace=args.record_trace, on_ready=on_ready)
+        try:
+            trio.run(daemon.run)
+        except RuntimeError as e:  # pyfuse3.init failing to mount
+            raise ExternalFailure(f"cannot mount on {settings.mountdir}: {e}") from None
+        finally:
+            notify("STOPPING=1")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args)
+        check(settings)
+        if args.foreground:
+            setup_logging(args.log, args.debug)
+            return serve(settings, args, ready_fd=None)
+    except ScratchfsError as e:
+        print(f"scratchfs-mountd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(rfd)
+        code = 1
+        try:
+            os.setsid()
+            _detach_stdio()
+            setup_logging(args.log or DEFAULT_LOG, args.debug)
+            code = serve(settings, args, ready_fd=wfd)
+        except ScratchfsError as e:
+            log.error("%s", e)
+            _tell(wfd, f"error {e.exit_code} {e}")
+        except BaseException as e:
+            log.exception("mountd failed")
+            _tell(wfd, f"error 1 {type(e).__name__}: {e}")
+        finally:
+            with contextlib.suppress(Exception):
+                logging.shutdown()
+            os._exit(code)
+    os.close(wfd)
+    return _wait_ready(rfd, pid, str(settings.mountdir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Copying an image to the node-local cache: bandwidth-limited, verified, crash-safe.
+
+:func:`copy_image` runs in a worker thread (it blocks). It reads the source image
+sequentially, writes a temp file the caller named (and recorded, so a crash leaves nothing
+unknown behind), hashes what it read with the image manifest's "sha256-tree" checksum, fsyncs
+the temp file, drops it from the page cache and hashes it again *from the disk*: the copy is
+accepted only when what was written is what was read (and, when the image has a manifest
+that still describes it, what the manifest says). The source must not change while copying
+(size, mtime and superblock are compared before and after). Only then is the temp file
+linked to its final name (never over an existing file) and the directory fsynced.
+
+On any failure or cancellation the temp file is removed and :class:`CopyError` raised; the
+caller retries with backoff and keeps serving from the source meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ScratchfsError
+from .image.manifest import CHECKSUM_ALGORITHM, CHUNK, SUPERBLOCK_SIZE, image_checksum, read_manifest
+from .state import sync_dir
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 20
+assert CHUNK % READ_SIZE == 0
+
+
+class CopyError(ScratchfsError):
+    exit_code = 9
+
+
+class CopyCancelled(CopyError):
+    pass
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What says "this is still the same image file": size, mtime and the superblock bytes."""
+
+    size: int
+    mtime_ns: int
+    superblock: str  # hex
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> Identity:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            sb = f.read(SUPERBLOCK_SIZE)
+        return cls(st.st_size, st.st_mtime_ns, sb.hex())
+
+    def to_json(self) -> dict[str, object]:
+        return {"size": self.size, "mtime_ns": self.mtime_ns, "superblock": self.superblock}
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> Identity:
+        return cls(int(d["size"]), int(d["mtime_ns"]), str(d["superblock"]))  # type: ignore[call-overload]
+
+
+class Progress:
+    """Shared between the copying thread (writer) and the daemon (reader); plain ints only."""
+
+    def __init__(self, total: int = 0) -> None:
+        self.total = total
+        self.done = 0
+        self.phase = "queued"  # queued, copying, verifying, done, failed
+        self.started = time.monotonic()
+
+    def as_dict(self) -> dict[str, object]:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {
+            "phase": self.phase,
+            "bytes_done": self.done,
+            "bytes_total": self.total,
+            "fraction": (self.done / self.total) if self.total else 0.0,
+            "rate": self.done / elapsed,
+        }
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    path: Path
+    size: int
+    checksum: str  # sha256-tree of the content
+    identity: Identity  # of the source, as copied
+
+
+class _Throttle:
+    """Token bucket: never more than *rate* bytes/s on average (0 = unlimited)."""
+
+    def __init__(self, rate: float, cancel: threading.Event) -> None:
+        self.rate = rate
+        self.cancel = cancel
+        self.start = time.monotonic()
+        self.sent = 0
+
+    def __call__(self, n: int) -> None:
+        self.sent += n
+        if self.rate <= 0:
+            return
+        due = self.start + self.sent / self.rate
+        wait = due - time.monotonic()
+        if wait > 0 and self.cancel.wait(wait):
+            raise CopyCancelled("copy cancelled")
+
+
+def _drop_page_cache(fd: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def copy_image(
+    src: str | os.PathLike[str],
+    tmp: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    bandwidth: float = 0.0,
+    cancel: threading.Event | None = None,
+    progress: Progress | None = None,
+    verify_threads: int | None = 1,
+) -> CopyResult:
+    """Copy *src* to *tmp*, verify, link to *dst* (see the module docstring). Blocking."""
+    cancel = cancel or threading.Event()
+    progress = progress or Progress()
+    src, tmp, dst = Path(src), Path(tmp), Path(dst)
+    try:
+        ident = Identity.of(src)
+    except OSError as e:
+        raise CopyError(f"cannot read {src}: {e.strerror}") from None
+    progress.total = ident.size
+    progress.phase = "copying"
+    manifest = None
+    with contextlib.suppress(ScratchfsError, OSError):
+        manifest = read_manifest(src)
+    fin = fout = -1
+    try:
+        fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(fin, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        throttle = _Throttle(bandwidth, cancel)
+        digests: list[bytes] = []
+        piece = hashlib.sha256()
+        in_piece = 0
+        buf = bytearray(READ_SIZE)
+        view = memoryview(buf)
+        pos = 0
+        while True:
+            if cancel.is_set():
+                raise CopyCancelled("copy cancelled")
+            n = os.readv(fin, [view])
+            if n == 0:
+                break
+            chunk = view[:n]
+            piece.update(chunk)
+            in_piece += n
+            if in_piece == CHUNK:
+                digests.append(piece.digest())
+                piece, in_piece = hashlib.sha256(), 0
+            written = 0
+            while written < n:
+                written += os.write(fout, chunk[written:])
+            pos += n
+            progress.done = pos
+            throttle(n)
+        if in_piece or not digests:
+            digests.append(piece.digest())
+        checksum = hashlib.sha256(b"".join(digests)).hexdigest()
+        if pos != ident.size:
+            raise CopyError(f"{src} changed size while copying ({ident.size} → {pos} bytes)")
+        os.fsync(fout)
+        _drop_page_cache(fout)
+        os.close(fout)
+        fout = -1
+        _drop_page_cache(fin)
+        os.close(fin)
+        fin = -1
+        try:
+            after = Identity.of(src)
+        except OSError as e:
+            raise CopyError(f"{src} went away while copying: {e.strerror}") from None
+        if after != ident:
+            raise CopyError(f"{src} changed while copying")
+        progress.phase = "verifying"
+        if cancel.is_set():
+            raise CopyCancelled("copy cancelled")
+        written_sum = image_checksum(tmp, verify_threads)
+        if written_sum != checksum:
+            raise CopyError(f"verification failed: {tmp} does not hold what was read from {src}")
+        if (
+            manifest is not None
+            and manifest.checksum
+            and manifest.checksum_algorithm == CHECKSUM_ALGORITHM
+            and manifest.image_bytes == ident.size
+            and manifest.image_mtime_ns == ident.mtime_ns
+            and manifest.superblock_hex == ident.superblock
+            and manifest.checksum != checksum
+        ):
+            raise CopyError(f"{src} does not match its manifest checksum (damaged on scratch?)")
+        try:
+            os.link(tmp, dst)  # never replaces an existing file
+        except FileExistsError:
+            raise CopyError(f"{dst} exists already") from None
+        os.unlink(tmp)
+        sync_dir(dst.parent)
+        progress.phase = "done"
+        return CopyResult(dst, pos, checksum, ident)
+    except BaseException as e:
+        progress.phase = "failed"
+        for fd in (fin, fout):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CopyError(f"copying {src} to {tmp}: {e.strerror or e}") from None
+        raise
+
+
+def verify_copy(path: str | os.PathLike[str], checksum: str, threads: int | None = 1) -> bool:
+    """True when the file at *path* still hashes to *checksum* (read from the disk)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        _drop_page_cache(fd)
+    finally:
+        os.close(fd)
+    try:
+        return image_checksum(path, threads) == checksum
+    except (OSError, ScratchfsError):
+        return False
