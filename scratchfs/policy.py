@@ -20,27 +20,33 @@ Algorithm
    pins (already cached ones first, then by value per byte), then cached datasets promoted less
    than ``min_residency`` ago (by value per byte).
 
-4. **Value of the rest.**  The demand estimate of a dataset is ``max(rate, recent_rate)``: the
-   window throughput, or the throughput of the newest part of the window if that is higher (a
-   dataset that just became hot is noticed within a fraction of the window).  It is judged over
-   a horizon ``H``: how long this demand is expected to last.  A dataset that has been read
-   continuously for ``age`` seconds is expected to be read for about as long again, so
-   ``H = clamp(age, horizon, max_horizon)``.
+4. **Value of the rest.**  A dataset's demand estimate is the higher of its throughput while
+   active in the window (window bytes / the part of the window it has been active) and its
+   throughput over the newest part of the window (so a rise is seen within a fraction of the
+   window).  Demand is valued over a fixed ``horizon`` (mountd: twice the window):
 
-   * cached (incumbent): ``value = demand * H * (1 + hysteresis)``
-   * not cached (candidate): ``value = demand * max(H - size / copy_bandwidth, 0) - size``:
+   * cached (incumbent): ``value = demand * horizon * (1 + hysteresis)``
+   * not cached (candidate): ``value = demand * max(horizon - size / copy_bandwidth, 0) - size``:
      the bytes it would serve from the SSD once copied (reads during the copy still go to
-     scratch) minus the bytes the copy itself reads from scratch.  Candidates with
-     ``value <= 0`` or a demand below ``min_rate`` are not considered: a dataset read once
-     within the window never pays for its copy.
+     scratch) minus the bytes the copy itself reads from scratch.
+
+   **Admission (ski rental).**  A candidate is considered at all only once the demand of its
+   current run has paid for its copy: with ``age`` the time it has been read without a
+   window-long pause, ``demand * (age - copy_time) > admission * size`` (``admission`` = 1 by
+   default: read about its own size since the run began, plus what is read while the copy
+   would run).  A dataset read once, start to end, never qualifies and stays on scratch; one
+   read over and over qualifies after its first pass.  This is the classic rent-or-buy rule,
+   which never pays more than about twice what the best choice in hindsight pays in traffic.
+   Candidates with ``value <= 0`` or a demand below ``min_rate`` are not considered either.
 
    Value per byte (``value / size``) ranks datasets.
 
 5. **Knapsack** over the remaining budget: the better (by total value) of a greedy fill by value
-   per byte (skipping what does not fit and going on) and a dynamic programme over sizes rounded
-   *up* to ``budget / resolution`` units (so its picks always fit), topped up greedily with the
-   exact bytes the rounding left over.  The dynamic programme runs only while
-   ``items * resolution`` stays small enough for a policy round.
+   per byte (skipping what does not fit and going on) and a dynamic programme over the Pareto
+   frontier of (exact bytes, value) states.  The frontier is exact while it has at most
+   ``2 * resolution`` states; beyond that each ``budget / resolution`` band of sizes keeps only
+   its best state.  Either way the sums are exact bytes: no rounding can overshoot.  The
+   dynamic programme runs only while ``items * resolution`` stays small enough for a round.
 
 6. **Keep idle incumbents** while there is room: cached datasets that lost their demand stay
    (best value per byte first) as long as nothing with value needs the space, so returning
@@ -59,25 +65,29 @@ Datasets not in ``sizes`` (their image went away) are never held.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .stats import StatsSnapshot
 
 log = logging.getLogger(__name__)
 
-#: Above this many DP cells (items × resolution) the knapsack uses the greedy fill alone.
-DP_CELL_LIMIT = 400_000
+#: Above this many (items × resolution) the knapsack uses the greedy fill alone, to bound the
+#: time of one policy round.
+DP_CELL_LIMIT = 2_000_000
 
 
 @dataclass(frozen=True)
 class PolicyParams:
     """Tuning of :func:`choose`.  Times in seconds, bandwidth in bytes/s."""
 
-    horizon: float  # shortest horizon a demand is judged over; mountd uses its window
-    max_horizon: float | None = None  # longest one; None: 8 × horizon
+    horizon: float = 1200.0  # how far ahead demand is valued (mountd: 2 × window)
+    max_horizon: float = 4 * 3600.0  # cap on the age the admission test extrapolates
+    admission: float = 1.0  # fraction of its size a dataset must have been read before promotion
     min_residency: float = 0.0
     copy_bandwidth: float = 0.0  # 0 = unlimited (copies take no time)
     hysteresis: float = 0.1
@@ -85,25 +95,19 @@ class PolicyParams:
     resolution: int = 1000  # knapsack DP size units
 
     def __post_init__(self) -> None:
-        if not self.horizon > 0:
-            raise ValueError("horizon must be positive")
-        if self.max_horizon is not None and self.max_horizon < self.horizon:
-            raise ValueError("max_horizon must be >= horizon")
+        if not self.horizon > 0 or not self.max_horizon > 0:
+            raise ValueError("horizon and max_horizon must be positive")
         if self.min_residency < 0 or self.copy_bandwidth < 0 or self.hysteresis < 0 or self.min_rate < 0:
             raise ValueError("min_residency, copy_bandwidth, hysteresis and min_rate must not be negative")
         if self.resolution < 1:
             raise ValueError("resolution must be >= 1")
-
-    @property
-    def horizon_cap(self) -> float:
-        return self.max_horizon if self.max_horizon is not None else 8 * self.horizon
 
 
 @dataclass(frozen=True)
 class Demand:
     """What the policy needs to know about one dataset's load."""
 
-    rate: float = 0.0  # bytes/s over the window
+    rate: float = 0.0  # bytes/s while active in the window
     recent_rate: float = 0.0  # bytes/s over the newest part of the window
     age: float = 0.0  # seconds this dataset has been read without a window-long pause
 
@@ -116,8 +120,10 @@ def demand_from_snapshot(snap: StatsSnapshot) -> dict[str, Demand]:
     """Per-dataset :class:`Demand` from a stats snapshot."""
     out: dict[str, Demand] = {}
     for name, d in snap.datasets.items():
-        age = snap.now - d.active_since if d.active_since is not None else 0.0
-        out[name] = Demand(rate=d.rate, recent_rate=d.recent_rate, age=max(age, 0.0))
+        age = max(snap.now - d.active_since, 0.0) if d.active_since is not None else 0.0
+        active = min(snap.span, age) if age > 0 else snap.span
+        rate = d.window_bytes / max(active, snap.resolution)
+        out[name] = Demand(rate=rate, recent_rate=d.recent_rate, age=age)
     return out
 
 
@@ -146,27 +152,45 @@ def _greedy(items: Sequence[tuple[str, int, float]], budget: int) -> list[str]:
     return out
 
 
-def _dp(items: Sequence[tuple[str, int, float]], budget: int, resolution: int) -> list[str]:
-    unit = max(1, -(-budget // resolution))
-    cap = budget // unit
-    weights = [-(-size // unit) for _, size, _ in items]
-    best = [0.0] * (cap + 1)
-    takes: list[list[bool]] = []
-    for (_, _, value), w in zip(items, weights):
-        if w > cap:
-            takes.append([False] * (cap + 1))
+def _pareto(items: Sequence[tuple[str, int, float]], budget: int, resolution: int) -> list[str]:
+    """Knapsack by a Pareto frontier of (exact bytes, value) states.
+
+    States carry exact byte sums, so nothing picked can overshoot.  While the frontier holds at
+    most ``2 * resolution`` states the answer is the exact optimum; past that, each size band of
+    ``budget / resolution`` bytes keeps only its best state (which can only cost optimality).
+    """
+    band = budget / resolution
+    limit = 2 * resolution
+    # A state: (bytes, value, picks) with picks a linked list (item index, previous picks).
+    states: list[tuple[int, float, Any]] = [(0, 0.0, None)]
+    for idx, (_, size, value) in enumerate(items):
+        shifted = [(s + size, v + value, (idx, ch)) for s, v, ch in states if s + size <= budget]
+        if not shifted:
             continue
-        prev = best
-        cand = [0.0] * w + [prev[c - w] + value for c in range(w, cap + 1)]
-        take = [cv > pv for cv, pv in zip(cand, prev)]
-        best = [cv if t else pv for cv, pv, t in zip(cand, prev, take)]
-        takes.append(take)
-    chosen = []
-    c = cap
-    for i in range(len(items) - 1, -1, -1):
-        if takes[i][c]:
-            chosen.append(items[i][0])
-            c -= weights[i]
+        frontier: list[tuple[int, float, Any]] = []
+        best_v = -1.0
+        for st in heapq.merge(states, shifted, key=lambda x: x[0]):
+            if st[1] <= best_v:
+                continue  # no lighter state is worth less: dominated
+            if frontier and frontier[-1][0] == st[0]:
+                frontier[-1] = st
+            else:
+                frontier.append(st)
+            best_v = st[1]
+        if len(frontier) > limit:
+            thinned: list[tuple[int, float, Any]] = []
+            for st in frontier:  # values increase with size: the last of each band is its best
+                if thinned and int(thinned[-1][0] / band) == int(st[0] / band):
+                    thinned[-1] = st
+                else:
+                    thinned.append(st)
+            frontier = thinned
+        states = frontier
+    chosen: list[str] = []
+    chain = states[-1][2]
+    while chain is not None:
+        chosen.append(items[chain[0]][0])
+        chain = chain[1]
     return chosen
 
 
@@ -183,11 +207,7 @@ def best_subset(items: Iterable[tuple[str, int, float]], budget: int, resolution
     sizes = {name: s for name, s, _ in pos}
     picks = [_greedy(pos, budget)]
     if len(pos) * resolution <= DP_CELL_LIMIT and len(pos) > 1:
-        dp = _dp(pos, budget, resolution)
-        left = budget - sum(sizes[n] for n in dp)
-        taken = set(dp)
-        rest = [it for it in pos if it[0] not in taken]
-        picks.append(dp + _greedy(rest, left))
+        picks.append(_pareto(pos, budget, resolution))
     best = max(picks, key=lambda p: (sum(value[n] for n in p), -sum(sizes[n] for n in p)))
     assert sum(sizes[n] for n in best) <= budget
     return best
@@ -224,13 +244,13 @@ def choose(
     for name in eligible:
         d = demand.get(name, Demand())
         est = d.estimate
-        horizon = min(max(d.age, params.horizon), params.horizon_cap)
         size = sizes[name]
         if name in cached:
-            values[name] = est * horizon * (1 + params.hysteresis)
+            values[name] = est * params.horizon * (1 + params.hysteresis)
         elif est >= params.min_rate and est > 0:
             copy_time = size / bw if bw > 0 else 0.0
-            values[name] = est * max(horizon - copy_time, 0.0) - size
+            paid = est * (min(d.age, params.max_horizon) - copy_time) - params.admission * size
+            values[name] = est * max(params.horizon - copy_time, 0.0) - size if paid > 0 else 0.0
         else:
             values[name] = 0.0
 

@@ -37,7 +37,7 @@ CACHE = "cache"
 class _Ring:
     """Counters of one dataset on one tier: a bucket ring plus totals."""
 
-    __slots__ = ("tags", "nbytes", "nreqs", "total_bytes", "total_reqs")
+    __slots__ = ("tags", "nbytes", "nreqs", "total_bytes", "total_reqs", "last")
 
     def __init__(self, n: int) -> None:
         self.tags = [-1] * n  # bucket index each slot currently holds; -1 = never written
@@ -45,6 +45,7 @@ class _Ring:
         self.nreqs = [0] * n
         self.total_bytes = 0
         self.total_reqs = 0
+        self.last = -1  # newest bucket index written
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class StatsSnapshot:
     now: float
     window: float
     span: float  # seconds the window figures really cover
+    resolution: float  # bucket width, seconds
     datasets: Mapping[str, DatasetStats] = field(default_factory=dict)
 
     def rate(self, name: str) -> float:
@@ -155,6 +157,8 @@ class ThroughputStats:
             ring.tags[slot] = idx
             ring.nbytes[slot] = nbytes
             ring.nreqs[slot] = 1
+            if idx > ring.last:
+                ring.last = idx
         # tag > idx: the slot holds newer data; a request this old is outside the window.
 
     # -- reading ---------------------------------------------------------------------------
@@ -212,6 +216,10 @@ class ThroughputStats:
         recent: dict[str, int] = {}
         oldest: dict[str, int] = {}
         for (name, tier), ring in self._rings.items():
+            if ring.last <= idx - self.buckets:  # nothing in the window: skip the ring scan
+                per.setdefault(name, {})[tier] = TierStats(0, 0, 0.0, ring.total_bytes, ring.total_reqs)
+                recent[name] = recent.get(name, 0)
+                continue
             wb, wr = self._sum(ring, idx, self.buckets)
             if wb:
                 first = self._oldest(ring, idx)
@@ -237,4 +245,4 @@ class ThroughputStats:
                 total_bytes=sum(t.total_bytes for t in tiers.values()),
                 total_requests=sum(t.total_requests for t in tiers.values()),
             )
-        return StatsSnapshot(now=now, window=self.window, span=span, datasets=out)
+        return StatsSnapshot(now=now, window=self.window, span=span, resolution=self.width, datasets=out)
