@@ -360,7 +360,13 @@ def world_readable_dir() -> Iterator[Path]:
 
 @contextlib.contextmanager
 def as_nobody() -> Iterator[None]:
-    """Run the enclosed code (and the builder it starts) with the effective ids of nobody."""
+    """Run the enclosed code (and the builder it starts) with the effective ids of nobody.
+
+    Everything the command imports is imported first: nobody cannot read root's Python."""
+    cli.build_parser()
+    import scratchfs.image.build  # noqa: F401
+    import scratchfs.image.progress  # noqa: F401
+
     groups = os.getgroups()
     os.setgroups([])
     os.setegid(65534)
@@ -491,3 +497,43 @@ def test_killed_build_leaves_no_file_under_the_final_name(sig: int, slow_tree: P
         assert f"leftover temp file {tmp_path / left}" in p.stderr and "gone" in p.stderr
         assert json.loads(p.stdout)["image"]["name"] == "o.sqfs"
         assert leftovers(tmp_path) == [left]
+
+
+def _deny_acl(uid: int) -> bytes:
+    """A POSIX access ACL (the kernel's xattr format) for a 0644 file that denies one user."""
+    import struct
+
+    undefined = 0xFFFFFFFF
+    entries = [(0x01, 6, undefined), (0x02, 0, uid), (0x04, 4, undefined), (0x10, 4, undefined), (0x20, 4, undefined)]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the build as another user")
+def test_unreadable_files_only_the_builder_notices_are_caught_too(capsys: pytest.CaptureFixture[str]) -> None:
+    """The mode bits say readable, an ACL says no: the pre-scan passes it, mksquashfs cannot read
+    it and says so; the build still fails (or, with --skip-unreadable, warns)."""
+    with world_readable_dir() as d:
+        src = d / "src"
+        src.mkdir()
+        (src / "ok.txt").write_text("fine")
+        acl = src / "acl-denied.txt"
+        acl.write_text("denied by an ACL")
+        os.chmod(acl, 0o644)
+        try:
+            os.setxattr(acl, "system.posix_acl_access", _deny_acl(65534))
+        except OSError as e:
+            pytest.skip(f"no POSIX ACLs on this filesystem: {e}")
+        outdir = d / "out"
+        outdir.mkdir()
+        os.chown(outdir, 65534, 65534)
+        out = outdir / "o.sqfs"
+        with as_nobody():
+            assert not os.access(acl, os.R_OK, effective_ids=True)
+            rc = run_cli("build", str(src), str(out))
+        assert rc == 6
+        assert "could not be read" in capsys.readouterr().err
+        assert os.listdir(outdir) == []
+        with as_nobody():
+            assert run_cli("build", "--skip-unreadable", str(src), str(out)) == 0
+        with Image.open(out) as img:
+            assert img.resolve("acl-denied.txt").size == 0  # mksquashfs stores it empty

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -121,6 +122,9 @@ def test_every_kind_of_difference_is_named(awkward: Path, tmp_path: Path, capsys
     (src / "empty_dir").write_text("now a file")
     with open(os.fsencode(src) + b"/caf\xe9-\xff\xfe", "wb") as f:
         f.write(b"LATIN-1 NAME\n")
+    shutil.rmtree(src / "deep")  # a whole subtree gone: named once, at its top
+    (src / "newdir" / "sub").mkdir(parents=True)
+    (src / "newdir" / "sub" / "f").write_text("new")
     capsys.readouterr()
     assert run_cli("verify", "--json", "--against", str(src), str(out)) == 1
     res = json.loads(capsys.readouterr().out)
@@ -133,6 +137,8 @@ def test_every_kind_of_difference_is_named(awkward: Path, tmp_path: Path, capsys
         ("symlink", "links/rel"),
         ("type", "empty_dir"),
         ("content", "caf\\xe9-\\xff\\xfe"),
+        ("only-in-image", "deep"),
+        ("only-in-source", "newdir"),
     }
     assert res["ok"] is False
 

@@ -29,9 +29,10 @@ import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ..errors import (
     EnvironmentProblem,
@@ -239,9 +240,21 @@ def leftover_temps(out: Path, host: str) -> list[tuple[Path, str]]:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+_prctl: Any = None
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: the builder gets SIGKILL when we die, so a
+    killed build does not leave mksquashfs running. (_prctl is looked up before the fork.)"""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _load_prctl() -> None:
+    global _prctl
+    if _prctl is None:
+        with contextlib.suppress(OSError, AttributeError):
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _read_rchar(pid: int) -> int | None:
@@ -353,8 +366,13 @@ def build_image(
         mkfs_time = int(sde) if sde and sde.isdigit() else scan.newest_mtime
 
     tmp = temp_name(out_p, host, os.getpid(), secrets.token_hex(4))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    os.close(fd)
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpaceError(f"no space left on the output filesystem of {out_p}") from e
+        raise
+    _load_prctl()
     exclude_file: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     published = False
@@ -422,10 +440,12 @@ def build_image(
         if reporter:
             reporter.finish(Snapshot(total_files, total_files, scan.logical_bytes, scan.logical_bytes, tool_seconds))
 
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        # fsync (waiting on the disk) and checksum (reading from the page cache) overlap
         t_sum = time.monotonic()
-        checksum = image_checksum(tmp, opts.threads) if opts.checksum else None
+        with open(tmp, "rb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync") as ex:
+            synced = ex.submit(os.fsync, f.fileno())
+            checksum = image_checksum(tmp, opts.threads) if opts.checksum else None
+            synced.result()
         checksum_seconds = time.monotonic() - t_sum
         options = asdict(opts)
         options.update(level=opts.effective_level(), block_size=block_size, sparse=scan.sparse_files > 0,

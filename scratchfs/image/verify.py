@@ -293,7 +293,8 @@ def verify_image(
             st = source.get(rel) if src_root is not None else None
             if src_root is not None:
                 if st is None:
-                    res.problems.append(Problem("only-in-image", rel))
+                    if rel.rpartition(b"/")[0] in source:
+                        res.problems.append(Problem("only-in-image", rel))  # the top of a missing subtree only
                     continue
                 if stat.S_IFMT(st.st_mode) != stat.S_IFMT(ino.mode):
                     res.problems.append(Problem("type", rel, f"source {stat.filemode(st.st_mode)[0]}, "
@@ -325,7 +326,11 @@ def verify_image(
             src_path = os.path.join(src_root, rel) if src_root is not None else None
             work.append((rel, ino, src_path))
         if src_root is not None:
-            res.problems.extend(Problem("only-in-source", rel) for rel in source if rel not in entries)
+            res.problems.extend(
+                Problem("only-in-source", rel)
+                for rel in source
+                if rel not in entries and rel.rpartition(b"/")[0] in entries
+            )
 
         total_bytes = sum(ino.size for _, ino, _ in work)
         files_done = 0
