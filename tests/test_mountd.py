@@ -1,0 +1,637 @@
+"""Real-mount tests of scratchfs-mountd: real images (mksquashfs), the real daemon started as an
+admin would (it returns once the mount is live), real readers, real users (setpriv).
+
+Slow scratch is emulated with a throttled loop device: ext4 on a loop device whose reads are
+limited by the blkio cgroup controller for the daemon (see :class:`SlowScratch`).
+
+Waits are polls of the daemon's status with a deadline (the daemon acts in real time); no test
+asserts anything about timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scratchfs.status_cmd import request
+from tests.mounts import is_mounted, unmount
+
+
+def script(name: str) -> list[str]:
+    p = Path(sys.executable).with_name(name)
+    if p.exists():
+        return [str(p)]
+    mod = {"scratchfs-mountd": "mountd.main", "scratchfs": "scratchfs.cli"}[name]
+    return [sys.executable, "-m", mod]
+
+
+def build_image(src: Path, dest: Path) -> Path:
+    """mksquashfs *src* → *dest* via a temp name and rename (as an admin would publish it)."""
+    tmp = dest.with_name("." + dest.name + ".tmp")
+    subprocess.run(["mksquashfs", str(src), str(tmp), "-noappend", "-quiet", "-no-progress", "-comp", "gzip"],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    os.replace(tmp, dest)
+    return dest
+
+
+def public_dir(prefix: str) -> Path:
+    """A temp directory other users can traverse (pytest's tmp_path is 0700)."""
+    top = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    top.chmod(0o755)
+    return top
+
+
+class Mountd:
+    """One scratchfs-mountd daemon under *top*: top/data, top/cache, top/mnt, top/mountd.toml."""
+
+    def __init__(self, top: Path, *, datadir: Path | None = None, **cfg: Any) -> None:
+        self.top = top
+        self.data = datadir or top / "data"
+        self.cache = top / "cache"
+        self.mnt = top / "mnt"
+        self.sock = top / "ctl.sock"
+        self.log = top / "mountd.log"
+        self.metrics = top / "metrics.prom"
+        self.config = top / "mountd.toml"
+        for d in (self.data, self.cache, self.mnt):
+            d.mkdir(parents=True, exist_ok=True)
+        self.cfg: dict[str, Any] = {"capacity": "1G", "reserve": 0, "window": "60s", "min_residency": 0}
+        self.cfg.update(cfg)
+        self.pid: int | None = None
+        self.write_config()
+
+    def write_config(self, **changes: Any) -> None:
+        self.cfg.update(changes)
+        lines = [f'datadir = "{self.data}"', f'cachedir = "{self.cache}"', f'mountdir = "{self.mnt}"']
+        for k, v in self.cfg.items():
+            if isinstance(v, bool):
+                lines.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, (int, float)):
+                lines.append(f"{k} = {v}")
+            elif isinstance(v, list):
+                lines.append(f"{k} = [{', '.join(chr(34) + x + chr(34) for x in v)}]")
+            else:
+                lines.append(f'{k} = "{v}"')
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def command(self, *extra: str) -> list[str]:
+        return script("scratchfs-mountd") + [
+            "--config", str(self.config), "--socket", str(self.sock), "--log", str(self.log),
+            "--metrics", str(self.metrics), "--scan-interval", "0.5", "--policy-interval", "0.5", *extra,
+        ]  # fmt: skip
+
+    def start(self, *extra: str) -> None:
+        res = subprocess.run(self.command(*extra), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, f"scratchfs-mountd failed ({res.returncode}): {res.stderr}\n{self.log_text()}"
+        assert is_mounted(self.mnt), "scratchfs-mountd returned but the mount is not live"
+        self.pid = int(self.status()["pid"])
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def status(self) -> dict[str, Any]:
+        return dict(request(str(self.sock), {"op": "status"})["status"])
+
+    def dataset(self, name: str) -> dict[str, Any] | None:
+        for d in self.status()["datasets"]:
+            if d["name"] == name:
+                return dict(d)
+        return None
+
+    def cli(self, *args: str, user: str | None = None, groups: str | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = script("scratchfs") + list(args) + ["--socket", str(self.sock)]
+        if user:
+            ids = ["--reuid=" + user, "--regid=nogroup"]
+            ids += ["--groups=" + groups] if groups else ["--clear-groups"]
+            cmd = ["setpriv", *ids, *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    def ctl(self, action: str, name: str | None = None) -> str:
+        res = self.cli("ctl", action, *([name] if name else []))
+        assert res.returncode == 0, f"ctl {action} {name}: {res.stderr}"
+        return res.stdout
+
+    def wait(self, pred: Callable[[dict[str, Any]], Any], what: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll the status until *pred* holds (real daemon, real time: a deadline, not a sleep)."""
+        deadline = time.monotonic() + timeout
+        st = self.status()
+        while not pred(st):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; status: {st}\nlog:\n{self.log_text()[-4000:]}")
+            time.sleep(0.05)
+            st = self.status()
+        return st
+
+    def wait_tier(self, name: str, tier: str, timeout: float = 30.0) -> dict[str, Any]:
+        def ok(st: dict[str, Any]) -> bool:
+            return any(d["name"] == name and d["tier"] == tier and d["copy"] is None for d in st["datasets"])
+
+        return self.wait(ok, f"{name} on tier {tier}", timeout)
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while _alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(self.pid):
+                os.kill(self.pid, signal.SIGKILL)
+            self.pid = None
+        if is_mounted(self.mnt):
+            unmount(self.mnt)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@contextlib.contextmanager
+def running(md: Mountd, *extra: str) -> Iterator[Mountd]:
+    md.start(*extra)
+    try:
+        yield md
+    finally:
+        md.stop()
+
+
+class SlowScratch:
+    """A bandwidth-limited data directory: ext4 on a loop device whose reads are throttled by
+    the blkio cgroup controller (v1 ``blkio.throttle.read_bps_device`` or v2 ``io.max``) for
+    the processes put into the cgroup (the mountd daemon). Page-cache hits are not throttled,
+    so readers drop the backing file's pages between passes.
+    """
+
+    def __init__(self, top: Path, size_mb: int = 256, bps: int = 40 << 20) -> None:
+        self.top = top
+        self.bps = bps
+        self.file = top / "scratch.ext4"
+        self.dir = top / "scratch"
+        self.loop: str | None = None
+        self.cgroup: Path | None = None
+        self._v2 = False
+        self.size_mb = size_mb
+
+    def setup(self) -> str | None:
+        """Build it; returns why it cannot be built here (None when it works)."""
+        if not shutil.which("mkfs.ext4") or not shutil.which("losetup"):
+            return "mkfs.ext4/losetup missing"
+        with open(self.file, "wb") as f:
+            f.truncate(self.size_mb << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(self.file)], check=True, capture_output=True)
+        res = subprocess.run(["losetup", "--find", "--show", str(self.file)], capture_output=True, text=True)
+        if res.returncode != 0:
+            return f"losetup: {res.stderr.strip()}"
+        self.loop = res.stdout.strip()
+        self.dir.mkdir(exist_ok=True)
+        subprocess.run(["mount", self.loop, str(self.dir)], check=True, capture_output=True)
+        self.dir.chmod(0o755)
+        rdev = os.stat(self.loop).st_rdev
+        dev = f"{os.major(rdev)}:{os.minor(rdev)}"
+        v1 = Path("/sys/fs/cgroup/blkio")
+        v2 = Path("/sys/fs/cgroup")
+        name = f"scratchfs-test-{os.getpid()}"
+        try:
+            if (v1 / "blkio.throttle.read_bps_device").exists():
+                self.cgroup = v1 / name
+                self.cgroup.mkdir()
+                (self.cgroup / "blkio.throttle.read_bps_device").write_text(f"{dev} {self.bps}\n")
+            elif (v2 / "cgroup.controllers").exists() and "io" in (v2 / "cgroup.controllers").read_text().split():
+                self._v2 = True
+                (v2 / "cgroup.subtree_control").write_text("+io")
+                self.cgroup = v2 / name
+                self.cgroup.mkdir()
+                (self.cgroup / "io.max").write_text(f"{dev} rbps={self.bps}\n")
+            else:
+                return "no blkio/io cgroup controller"
+        except OSError as e:
+            return f"cannot set up the io throttle: {e}"
+        return None
+
+    def admit(self, pid: int) -> None:
+        assert self.cgroup is not None
+        (self.cgroup / "cgroup.procs").write_text(f"{pid}\n")
+
+    def teardown(self) -> None:
+        if self.cgroup is not None and self.cgroup.exists():
+            parent = self.cgroup.parent
+            with contextlib.suppress(OSError):
+                for pid in (self.cgroup / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        (parent / "cgroup.procs").write_text(pid + "\n")
+            with contextlib.suppress(OSError):
+                self.cgroup.rmdir()
+        if self.loop:
+            if is_mounted(self.dir):
+                subprocess.run(["umount", "-l", str(self.dir)], capture_output=True)
+            subprocess.run(["losetup", "-d", self.loop], capture_output=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.file.unlink()
+
+
+# ============================================================================== fixtures
+
+pytestmark = pytest.mark.mount
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+@pytest.fixture
+def top(need_mounts: None) -> Iterator[Path]:
+    t = public_dir("scratchfs-mountd-")
+    yield t
+    if is_mounted(t / "mnt"):
+        unmount(t / "mnt")
+    shutil.rmtree(t, ignore_errors=True)
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def payload(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def cache_files(md: Mountd) -> set[str]:
+    return {n for n in os.listdir(md.cache) if not n.startswith(".scratchfs-mountd")}
+
+
+def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def drop_pages(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# ============================================================================== tests
+
+def test_reader_sees_every_byte_through_20_promotions_and_demotions(top: Path) -> None:
+    """Slow scratch: ext4 on a loop device, reads throttled to 40 MiB/s by the blkio cgroup."""
+    slow = SlowScratch(top)
+    why = slow.setup()
+    if why:
+        slow.teardown()
+        pytest.skip(f"slow scratch cannot be emulated here: {why}")
+    try:
+        data = payload(6 * MiB + 12345, 1)
+        small = payload(3000, 2)
+        src = make_tree(top / "src", {"data.bin": data, "dir/small.bin": small})
+        img = build_image(src, slow.dir / "hot.sqfs")
+        md = Mountd(top, datadir=slow.dir)
+        with running(md):
+            slow.admit(md.pid or 0)
+            errors: list[str] = []
+            passes = [0, 0]
+            stop = threading.Event()
+
+            def steady_reader() -> None:  # one open file across every switch
+                try:
+                    fd = os.open(md.mnt / "hot" / "data.bin", os.O_RDONLY)
+                    try:
+                        while not stop.is_set():
+                            off = 0
+                            while off < len(data):
+                                chunk = os.pread(fd, 256 * KiB, off)
+                                if not chunk or chunk != data[off : off + len(chunk)]:
+                                    errors.append(f"steady reader: wrong bytes at {off}")
+                                    return
+                                off += len(chunk)
+                            passes[0] += 1
+                            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # next pass asks FUSE again
+                            drop_pages(img)  # ... and the backing image's pages come from slow scratch
+                    finally:
+                        os.close(fd)
+                except OSError as e:
+                    errors.append(f"steady reader: {e!r}")
+
+            def reopening_reader() -> None:  # opens and closes all the time
+                try:
+                    while not stop.is_set():
+                        for rel, want in (("data.bin", data), ("dir/small.bin", small)):
+                            with open(md.mnt / "hot" / rel, "rb", buffering=0) as f:
+                                got = f.read()
+                                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                            if got != want:
+                                errors.append(f"reopening reader: wrong content of {rel}")
+                                return
+                        passes[1] += 1
+                except OSError as e:
+                    errors.append(f"reopening reader: {e!r}")
+
+            threads = [threading.Thread(target=steady_reader), threading.Thread(target=reopening_reader)]
+            for t in threads:
+                t.start()
+            try:
+                for _ in range(20):
+                    md.ctl("prefetch", "hot")
+                    md.wait_tier("hot", "cache")
+                    md.ctl("evict", "hot")
+                    md.wait_tier("hot", "scratch")
+                    assert not errors, errors
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(60)
+            assert not errors, errors
+            assert passes[0] > 0 and passes[1] > 0
+            d = md.dataset("hot")
+            assert d is not None
+            assert d["bytes_cache"] > 0 and d["bytes_scratch"] > 0, d  # both tiers really served reads
+            log = md.log_text()
+            assert log.count("promoted hot:") == 20 and log.count("demoted hot (evict)") == 20, log[-3000:]
+            # every cached copy is deleted once no read uses it; nothing else appears in the cache
+            wait_for(lambda: cache_files(md) == set(), "cached copies deleted")
+    finally:
+        slow.teardown()
+
+
+def test_status_ctl_permissions_metrics_reload_and_watcher(top: Path) -> None:
+    md = Mountd(top, control_group="staff")
+    staff = "50"
+    for name, seed in (("alpha.v1.sqfs", 1), ("alpha.v2.sqfs", 2), ("beta.squashfs", 3)):
+        build_image(make_tree(top / f"src-{seed}", {"f.bin": payload(200 * KiB + seed, seed)}), md.data / name)
+    with running(md):
+        assert sorted(os.listdir(md.mnt)) == ["alpha.v1", "alpha.v2", "beta"]  # dots in names kept
+        # status: anyone, text and JSON
+        res = md.cli("status", "--json", user="nobody")
+        assert res.returncode == 0, res.stderr
+        st = json.loads(res.stdout)
+        assert [d["name"] for d in st["datasets"]] == ["alpha.v1", "alpha.v2", "beta"]
+        assert {d["tier"] for d in st["datasets"]} == {"scratch"}
+        res = md.cli("status", user="nobody")
+        assert res.returncode == 0 and "alpha.v2" in res.stdout and "TIER" in res.stdout, res.stderr
+        # changes: refused to others, with a clear one-line error and exit code 6
+        res = md.cli("ctl", "pin", "beta", user="nobody")
+        assert res.returncode == 6 and res.stderr.count("\n") == 1 and "permission denied" in res.stderr, res
+        assert md.dataset("beta")["pinned"] is False  # type: ignore[index]
+        # ... allowed to the control group
+        res = md.cli("ctl", "pin", "beta", user="nobody", groups=staff)
+        assert res.returncode == 0, res.stderr
+        d = md.wait_tier("beta", "cache")
+        assert next(x for x in d["datasets"] if x["name"] == "beta")["pinned"] is True
+        res = md.cli("ctl", "evict", "beta")
+        assert res.returncode == 2 and "pinned" in res.stderr, res
+        md.ctl("unpin", "beta")
+        md.ctl("evict", "beta")
+        md.wait_tier("beta", "scratch")
+        res = md.cli("ctl", "prefetch", "nosuch")
+        assert res.returncode == 3 and "no dataset" in res.stderr, res
+        # reads are counted per tier; the metrics file carries the same figures
+        with open(md.mnt / "alpha.v1" / "f.bin", "rb") as f:
+            assert f.read() == payload(200 * KiB + 1, 1)
+        want = md.dataset("alpha.v1")
+        assert want is not None and want["bytes_scratch"] >= 200 * KiB
+
+        def metrics_agree() -> bool:
+            try:
+                text = md.metrics.read_text()
+            except FileNotFoundError:
+                return False
+            line = f'scratchfs_mountd_dataset_read_bytes_total{{dataset="alpha.v1",tier="scratch"}} {want["bytes_scratch"]}'
+            size = f'scratchfs_mountd_dataset_size_bytes{{dataset="beta"}} {md.dataset("beta")["size"]}'  # type: ignore[index]
+            return line in text.splitlines() and size in text.splitlines()
+
+        wait_for(metrics_agree, "metrics file with the status figures")
+        # SIGHUP reloads the configuration: a newly pinned dataset is promoted
+        md.write_config(pinned=["alpha.v2"])
+        assert md.pid is not None
+        os.kill(md.pid, signal.SIGHUP)
+        md.wait_tier("alpha.v2", "cache")
+        assert "configuration reloaded" in md.log_text()
+        md.write_config(pinned=[])
+        assert "configuration reloaded" in md.ctl("reload")
+        assert md.dataset("alpha.v2")["pinned"] is False  # type: ignore[index]
+        # new images appear, removed ones disappear, without a restart
+        build_image(make_tree(top / "src-g", {"g.txt": b"gamma\n"}), md.data / "gamma.sqfs")
+        wait_for(lambda: "gamma" in os.listdir(md.mnt), "gamma to appear")
+        assert (md.mnt / "gamma" / "g.txt").read_bytes() == b"gamma\n"
+        (md.data / "gamma.sqfs").unlink()
+        wait_for(lambda: "gamma" not in os.listdir(md.mnt), "gamma to disappear")
+        # two images mapping to one name: both refused, with a log line
+        build_image(make_tree(top / "src-d1", {"x": b"1"}), md.data / "delta.sqfs")
+        build_image(make_tree(top / "src-d2", {"x": b"2"}), md.data / "delta.squashfs")
+        st = md.wait(lambda s: any(r["name"] == "delta" for r in s["refused"]), "delta refused")
+        assert "delta" not in [d["name"] for d in st["datasets"]]
+        assert "delta" not in os.listdir(md.mnt)
+        assert "refusing dataset delta" in md.log_text()
+        (md.data / "delta.squashfs").unlink()
+        wait_for(lambda: "delta" in os.listdir(md.mnt), "delta to appear once the clash is gone")
+        assert (md.mnt / "delta" / "x").read_bytes() == b"1"
+
+
+def test_backing_image_deleted_while_cached(top: Path) -> None:
+    md = Mountd(top)
+    data = payload(1 * MiB + 7, 5)
+    build_image(make_tree(top / "src", {"d.bin": data}), md.data / "purged.sqfs")
+    with running(md):
+        md.ctl("prefetch", "purged")
+        md.wait_tier("purged", "cache")
+        with open(md.mnt / "purged" / "d.bin", "rb", buffering=0) as held:
+            (md.data / "purged.sqfs").unlink()  # the scratch purge
+            st = md.wait(lambda s: s["datasets"] and s["datasets"][0]["backing_gone"], "backing reported gone")
+            assert st["datasets"][0]["tier"] == "cache"
+            os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert held.read() == data
+        md.wait(lambda s: s["datasets"][0]["backing_gone"], "still listed after more scans")
+        assert "purged" in os.listdir(md.mnt)
+        drop_pages(md.mnt / "purged" / "d.bin")
+        assert (md.mnt / "purged" / "d.bin").read_bytes() == data
+        res = md.cli("status")
+        assert "backing image" in res.stdout and "is gone" in res.stdout, res.stdout
+
+
+def test_backing_image_replaced(top: Path) -> None:
+    md = Mountd(top)
+    old, new = payload(1 * MiB, 6), payload(1 * MiB + 4096, 7)
+    build_image(make_tree(top / "src-old", {"d.bin": old}), md.data / "ds.sqfs")
+    with running(md):
+        md.ctl("prefetch", "ds")
+        st = md.wait_tier("ds", "cache")
+        stale = Path(st["datasets"][0]["cache_file"])
+        assert stale.exists()
+        with open(md.mnt / "ds" / "d.bin", "rb", buffering=0) as held:
+            assert held.read(100) == old[:100]
+            build_image(make_tree(top / "src-new", {"d.bin": new}), md.data / "ds.sqfs")  # rename over it
+            md.wait(lambda s: s["datasets"][0]["tier"] == "scratch" and s["datasets"][0]["cache_file"] is None,
+                    "the new image served from scratch")  # fmt: skip
+
+            def new_content() -> bool:
+                with open(md.mnt / "ds" / "d.bin", "rb") as f:
+                    return f.read() == new
+
+            wait_for(new_content, "new content on the next open")
+            # the file opened before keeps reading the image it was opened on, consistently
+            os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            held.seek(0)
+            assert held.read() == old
+            assert stale.exists()  # still in use by the open file
+        wait_for(lambda: not stale.exists(), "stale cached copy deleted once unused")
+        assert "backing image of ds changed" in md.log_text()
+
+
+def test_restart_adopts_verified_copies_and_touches_nothing_else(top: Path) -> None:
+    md = Mountd(top)
+    a, b = payload(2 * MiB, 8), payload(2 * MiB, 9)
+    build_image(make_tree(top / "src-a", {"a.bin": a}), md.data / "a.sqfs")
+    build_image(make_tree(top / "src-b", {"b.bin": b}), md.data / "b.sqfs")
+    (md.cache / "notes.txt").write_text("admin's file\n")
+    (md.cache / "other.sqfs").write_bytes(b"not ours")
+    with running(md):
+        for n in ("a", "b"):
+            md.ctl("prefetch", n)
+            md.wait_tier(n, "cache")
+        files = {d["name"]: Path(d["cache_file"]) for d in md.status()["datasets"]}
+    # while it is down: b's copy gets damaged, a crash left a temp file behind
+    with open(files["b"], "r+b") as f:
+        f.seek(1 * MiB)
+        byte = f.read(1)
+        f.seek(1 * MiB)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    state_path = md.cache / ".scratchfs-mountd.json"
+    state = json.loads(state_path.read_text())
+    state["temps"] = [".a.99999.1.part"]
+    state_path.write_text(json.dumps(state))
+    (md.cache / ".a.99999.1.part").write_bytes(b"partial")
+    log_before = len(md.log_text())
+    with running(md):
+        md.wait_tier("a", "cache")
+        md.wait(lambda s: next(d for d in s["datasets"] if d["name"] == "b")["tier"] == "scratch"
+                and not files["b"].exists(), "damaged copy of b refused and deleted")  # fmt: skip
+        assert files["a"].exists()
+        assert not (md.cache / ".a.99999.1.part").exists()
+        assert (md.cache / "notes.txt").read_text() == "admin's file\n"
+        assert (md.cache / "other.sqfs").read_bytes() == b"not ours"
+        log = md.log_text()[log_before:]
+        assert "adopted cached copy" in log and "copying" not in log, log
+        assert "does not verify" in log
+        drop_pages(md.mnt / "a" / "a.bin")
+        assert (md.mnt / "a" / "a.bin").read_bytes() == a
+        assert (md.mnt / "b" / "b.bin").read_bytes() == b
+        assert md.dataset("a")["bytes_cache"] > 0  # type: ignore[index]
+
+
+def test_config_errors_are_one_line_and_nothing_is_mounted(top: Path) -> None:
+    md = Mountd(top)
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"capacty": "1G"}, 2, "unknown key 'capacty'"),
+        ({"window": "soon"}, 2, "window"),
+        ({"copy_bandwidth": -5}, 2, "copy_bandwidth"),
+    ]
+    base = dict(md.cfg)
+    for extra, code, text in cases:
+        md.cfg = dict(base)
+        md.write_config(**extra)
+        res = subprocess.run(md.command(), capture_output=True, text=True, timeout=60)
+        assert res.returncode == code and res.stderr.count("\n") == 1 and text in res.stderr, (extra, res.stderr)
+        assert "Traceback" not in res.stderr and not is_mounted(md.mnt)
+    md.cfg = dict(base)
+    md.write_config()
+    res = subprocess.run(md.command()[:1] + ["--config", str(top / "missing.toml")], capture_output=True, text=True)
+    assert res.returncode == 3 and res.stderr.count("\n") == 1 and "not found" in res.stderr, res.stderr
+    (md.mnt / "junk").write_text("x")
+    res = subprocess.run(md.command(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "not empty" in res.stderr and not is_mounted(md.mnt), res.stderr
+
+
+def test_security_nosuid_nodev_default_permissions(top: Path) -> None:
+    md = Mountd(top, allow_other=True)
+    src = top / "src"
+    src.mkdir()
+    shutil.copy("/usr/bin/id", src / "suid-id")
+    os.chown(src / "suid-id", 0, 0)
+    os.chmod(src / "suid-id", 0o4755)
+    (src / "secret.txt").write_text("secret\n")
+    os.chown(src / "secret.txt", 1234, 1234)
+    os.chmod(src / "secret.txt", 0o600)
+    (src / "pub.txt").write_text("public\n")
+    os.chmod(src / "pub.txt", 0o644)
+    os.mknod(src / "zero", 0o666 | 0o020000, os.makedev(1, 5))
+    build_image(src, md.data / "sec.sqfs")
+    nobody = str(pwd.getpwnam("nobody").pw_uid)
+
+    def as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *cmd],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    with running(md):
+        root = md.mnt / "sec"
+        for tier in ("scratch", "cache"):  # the same on both tiers
+            ok = as_nobody("cat", str(root / "pub.txt"))
+            assert ok.returncode == 0 and ok.stdout == "public\n", ok.stderr
+            assert (root / "secret.txt").read_text() == "secret\n"  # root may
+            denied = as_nobody("cat", str(root / "secret.txt"))
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+            assert os.stat(root / "suid-id").st_mode & 0o4000
+            res = as_nobody(str(root / "suid-id"), "-u")
+            assert res.returncode == 0 and res.stdout.strip() == nobody, res
+            assert os.stat(root / "zero").st_rdev == os.makedev(1, 5)
+            with pytest.raises(PermissionError):
+                open(root / "zero", "rb").close()
+            if tier == "scratch":
+                md.ctl("prefetch", "sec")
+                md.wait_tier("sec", "cache")
+
+
+def test_foreground_notifies_ready_only_once_live(top: Path) -> None:
+    md = Mountd(top)
+    build_image(make_tree(top / "src", {"x": b"x"}), md.data / "x.sqfs")
+    addr = str(top / "notify.sock")
+    recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    recv.bind(addr)
+    recv.settimeout(60)
+    env = dict(os.environ, NOTIFY_SOCKET=addr)
+    proc = subprocess.Popen(md.command("--foreground"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        msg = recv.recv(4096).decode()
+        assert "READY=1" in msg
+        assert is_mounted(md.mnt)  # live when READY arrives
+        assert os.listdir(md.mnt) == ["x"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not is_mounted(md.mnt)  # SIGTERM unmounts cleanly
+        assert "STOPPING=1" in recv.recv(4096).decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        recv.close()
