@@ -112,6 +112,7 @@ class Managed:
     retry_at: float = 0.0
     last_error: str | None = None
     adopting: bool = False
+    prefetch: bool = False  # asked for by `ctl prefetch`: copied (and retried) regardless of demand
 
 
 class Daemon:
@@ -426,12 +427,15 @@ class Daemon:
             elif m.cache_file is not None:
                 await self.demote(m, why=d.reasons.get(name, "policy"))
         running = sum(1 for m in self.managed.values() if m.job is not None)
-        order = sorted(d.promote, key=lambda n: (-(d.value.get(n, 0.0) / max(sizes.get(n, 1), 1)), n))
+        wanted = set(d.promote) | {n for n, m in self.managed.items() if m.prefetch and m.cache_file is None}
+        order = sorted(wanted, key=lambda n: (-(d.value.get(n, 0.0) / max(sizes.get(n, 1), 1)), n))
         for name in order:
             m = self.managed.get(name)
             if m is None or m.job is not None or m.cache_file is not None or running >= self.s.max_copies:
                 continue
-            if now < m.retry_at or now - self.evicted_at.get(name, -math.inf) < self.s.window:
+            if now < m.retry_at:
+                continue
+            if not m.prefetch and now - self.evicted_at.get(name, -math.inf) < self.s.window:
                 continue
             self.start_copy(m, why=d.reasons.get(name, "policy"))
             running += 1
@@ -500,7 +504,7 @@ class Daemon:
         m.ds.swap(img, CACHE)
         m.cache_file, m.checksum = file, checksum
         m.last_promotion = time.time()
-        m.failures, m.last_error = 0, None
+        m.failures, m.last_error, m.prefetch = 0, None, False
         if m.promoted_at is None:
             m.promoted_at = trio.current_time()
         log.info("promoted %s: now served from %s", m.name, self.s.cachedir / file)
@@ -637,12 +641,14 @@ class Daemon:
             if m.backing_gone:
                 raise NotFoundError(f"{name}: backing image is gone")
             m.retry_at = 0.0
+            m.prefetch = True
             self.start_copy(m, why="prefetch")
             return f"copying {name}"
         # evict
         if name in self.pins():
             raise UsageError(f"{name} is pinned; unpin it first")
         self.evicted_at[name] = trio.current_time()  # not promoted again by the policy for a window
+        m.prefetch = False
         if m.job is not None:
             m.job.cancel.set()
             return f"copy of {name} cancelled"

@@ -635,3 +635,26 @@ def test_foreground_notifies_ready_only_once_live(top: Path) -> None:
             proc.kill()
             proc.wait()
         recv.close()
+
+
+def test_failed_copy_is_cleaned_up_retried_and_scratch_keeps_serving(top: Path) -> None:
+    """The image's manifest claims another checksum: every copy fails verification until fixed."""
+    from scratchfs.image.manifest import describe_image, image_checksum, write_manifest
+
+    md = Mountd(top)
+    data = payload(1 * MiB, 11)
+    img = build_image(make_tree(top / "src", {"d.bin": data}), md.data / "m.sqfs")
+    write_manifest(img, describe_image(img, "0" * 64, time.time()))
+    with running(md):
+        md.ctl("prefetch", "m")
+        st = md.wait(lambda s: s["datasets"][0]["copy_failures"] >= 2, "two failed copies (one retry)", 60)
+        d = st["datasets"][0]
+        assert d["tier"] == "scratch" and "manifest" in d["last_error"], d
+        assert cache_files(md) == set()  # temp files removed
+        assert (md.mnt / "m" / "d.bin").read_bytes() == data  # still served from scratch
+        write_manifest(img, describe_image(img, image_checksum(img), time.time()))
+        md.wait_tier("m", "cache", 60)  # the next retry succeeds
+        d = md.dataset("m")
+        assert d is not None and d["copy_failures"] == 0 and d["last_error"] is None
+        drop_pages(md.mnt / "m" / "d.bin")
+        assert (md.mnt / "m" / "d.bin").read_bytes() == data

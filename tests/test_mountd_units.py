@@ -1,0 +1,221 @@
+"""mountd's parts without a mount: name mapping, metrics text, the cache record, peer checks,
+systemd notification, and the copier on real files (real squashfs images where it matters)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mountd.cachestore import CachedCopy, CacheStore
+from mountd.control import Peer, is_privileged
+from mountd.notify import notify
+from mountd.watcher import dataset_name, map_names
+from scratchfs import metrics
+from scratchfs.copier import CopyCancelled, CopyError, Identity, Progress, copy_image, verify_copy
+from scratchfs.image.manifest import describe_image, image_checksum, write_manifest
+from scratchfs.status_cmd import format_status
+
+
+def test_dataset_names_keep_dots_and_clashes_are_refused() -> None:
+    assert dataset_name("imagenet.v1.sqfs") == "imagenet.v1"
+    assert dataset_name("imagenet.v2.squashfs") == "imagenet.v2"
+    assert dataset_name(".imagenet.sqfs.tmp") is None and dataset_name(".hidden.sqfs") is None
+    assert dataset_name("notes.txt") is None and dataset_name(".sqfs") is None
+    found, clashes = map_names([Path("/a/x.sqfs"), Path("/b/x.squashfs"), Path("/a/y.v1.sqfs"), Path("/b/y.v2.sqfs"),
+                                Path("/b/z.sqfs"), Path("/c/z.sqfs")])  # fmt: skip
+    assert found == {"y.v1": Path("/a/y.v1.sqfs"), "y.v2": Path("/b/y.v2.sqfs")}
+    assert clashes == {"x": [Path("/a/x.sqfs"), Path("/b/x.squashfs")], "z": [Path("/b/z.sqfs"), Path("/c/z.sqfs")]}
+
+
+STATUS = {
+    "mountdir": "/mnt/data",
+    "cachedir": "/ssd",
+    "cache": {"capacity": 1000, "free": 500, "budget": 900, "used": 300},
+    "datasets": [
+        {"name": 'we"ird\\name', "tier": "cache", "size": 300, "rate": 12.5, "bytes_scratch": 10, "bytes_cache": 30,
+         "hit_ratio": 0.75, "pinned": True, "backing_gone": True, "backing": "/scratch/x.sqfs",
+         "last_promotion": 1700000000.0, "last_demotion": None, "copy": None, "copy_failures": 0, "last_error": None},
+        {"name": "b", "tier": "scratch", "size": 200, "rate": 0.0, "bytes_scratch": 0, "bytes_cache": 0,
+         "hit_ratio": None, "pinned": False, "backing_gone": False, "backing": "/scratch/b.sqfs",
+         "last_promotion": None, "last_demotion": None, "copy_failures": 2, "last_error": "boom",
+         "copy": {"phase": "copying", "bytes_done": 50, "bytes_total": 200, "fraction": 0.25, "rate": 1.0}},
+    ],
+    "refused": [{"name": "c", "images": ["/s/c.sqfs", "/t/c.sqfs"]}],
+}  # fmt: skip
+
+
+def test_metrics_text_carries_the_status_figures() -> None:
+    text = metrics.render(STATUS)
+    lines = set(text.splitlines())
+    esc = 'we\\"ird\\\\name'
+    assert f'scratchfs_mountd_dataset_read_bytes_total{{dataset="{esc}",tier="cache"}} 30' in lines
+    assert f'scratchfs_mountd_dataset_read_bytes_total{{dataset="{esc}",tier="scratch"}} 10' in lines
+    assert f'scratchfs_mountd_dataset_hit_ratio{{dataset="{esc}"}} 0.75' in lines
+    assert f'scratchfs_mountd_dataset_backing_present{{dataset="{esc}"}} 0' in lines
+    assert f'scratchfs_mountd_dataset_cached{{dataset="{esc}"}} 1' in lines
+    assert 'scratchfs_mountd_dataset_copy_ratio{dataset="b"} 0.25' in lines
+    assert 'scratchfs_mountd_dataset_copy_failures_total{dataset="b"} 2' in lines
+    assert not any(line.startswith("scratchfs_mountd_dataset_hit_ratio{dataset=\"b\"}") for line in lines)
+    assert "scratchfs_mountd_cache_budget_bytes 900" in lines
+    # every sample line is NAME{labels} VALUE, every metric has HELP and TYPE
+    names = {line.split("{")[0].split(" ")[0] for line in lines if not line.startswith("#")}
+    for n in names:
+        assert f"# TYPE {n} gauge" in lines or f"# TYPE {n} counter" in lines
+
+
+def test_status_text_says_backing_gone_failures_and_refusals() -> None:
+    out = format_status(STATUS)
+    assert "backing image /scratch/x.sqfs is gone" in out
+    assert "last copy failed (2x): boom" in out
+    assert "c: refused" in out and "copying 25%" in out
+
+
+def _ident(n: int = 1) -> Identity:
+    return Identity(n, n, "00" * 96)
+
+
+def test_cache_store_deletes_only_its_own_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "a.sqfs").write_bytes(b"admin's")
+    store = CacheStore(tmp_path)
+    store.load()
+    assert store.final_path("a") == tmp_path / "a~1.sqfs"  # never over an existing file
+    tmp = store.new_temp("a")
+    tmp.write_bytes(b"partial")
+    store.add(CachedCopy("a~1.sqfs", "a", "/s/a.sqfs", _ident(), "ab" * 32, 1.0))
+    (tmp_path / "a~1.sqfs").write_bytes(b"copy")
+    store.save()
+    assert not store.delete("a.sqfs")  # not ours
+    assert (tmp_path / "a.sqfs").read_bytes() == b"admin's"
+    again = CacheStore(tmp_path)
+    again.load()
+    assert set(again.copies) == {"a~1.sqfs"} and again.copies["a~1.sqfs"].identity == _ident()
+    assert again.remove_temps() == 1 and not tmp.exists()
+    assert again.delete("a~1.sqfs") and not (tmp_path / "a~1.sqfs").exists()
+    assert (tmp_path / "a.sqfs").exists()
+    # an unreadable record is a warning and a fresh start (deleting nothing)
+    (tmp_path / ".scratchfs-mountd.json").write_text("{not json")
+    broken = CacheStore(tmp_path)
+    broken.load()
+    assert broken.copies == {} and "unreadable" in caplog.text
+
+
+def test_peer_privilege_from_real_credentials() -> None:
+    assert is_privileged(Peer(os.getpid(), 0, 0), None)
+    assert not is_privileged(Peer(os.getpid(), 65534, 65534), None)
+    assert is_privileged(Peer(os.getpid(), 65534, 50), 50)
+    if os.geteuid() != 0:
+        pytest.skip("running a process with other groups needs root")
+    proc = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=50,4", "sleep", "30"])
+    try:
+        peer = Peer(proc.pid, 65534, 65534)
+        deadline = time.monotonic() + 30
+        while 50 not in peer.groups() and time.monotonic() < deadline:  # setpriv acts, then execs
+            time.sleep(0.01)
+        assert {50, 4} <= peer.groups()
+        assert is_privileged(peer, 50) and not is_privileged(peer, 12345)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notify_sends_one_datagram(tmp_path: Path, abstract: bool) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    addr = f"\0scratchfs-test-{os.getpid()}" if abstract else str(tmp_path / "n.sock")
+    s.bind(addr)
+    s.settimeout(10)
+    try:
+        env = {"NOTIFY_SOCKET": "@" + addr[1:] if abstract else addr}
+        assert notify("READY=1", env)
+        assert s.recv(100) == b"READY=1"
+    finally:
+        s.close()
+    assert not notify("READY=1", {})
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    img = tmp_path / "img.sqfs"
+    subprocess.run(["mksquashfs", str(src), str(img), "-quiet", "-no-progress"], check=True, capture_output=True)
+    return img
+
+
+def test_copy_is_verified_and_matches_the_manifest_checksum(tmp_path: Path, image: Path) -> None:
+    out = tmp_path / "cache"
+    out.mkdir()
+    prog = Progress()
+    res = copy_image(image, out / ".t.part", out / "img.sqfs", progress=prog)
+    assert (out / "img.sqfs").read_bytes() == image.read_bytes()
+    assert not (out / ".t.part").exists()
+    assert res.checksum == image_checksum(image) and res.identity == Identity.of(image)
+    assert prog.phase == "done" and prog.done == prog.total == image.stat().st_size
+    assert verify_copy(out / "img.sqfs", res.checksum)
+    with open(out / "img.sqfs", "r+b") as f:
+        f.seek(2 * 1024 * 1024)
+        b = f.read(1)
+        f.seek(2 * 1024 * 1024)
+        f.write(bytes([b[0] ^ 1]))
+    assert not verify_copy(out / "img.sqfs", res.checksum)
+
+
+def test_copy_refuses_a_damaged_source_an_existing_target_and_cancellation(tmp_path: Path, image: Path) -> None:
+    out = tmp_path / "cache"
+    out.mkdir()
+    write_manifest(image, describe_image(image, "f" * 64, 0.0))
+    with pytest.raises(CopyError, match="manifest"):
+        copy_image(image, out / ".t.part", out / "img.sqfs")
+    assert os.listdir(out) == []
+    write_manifest(image, describe_image(image, image_checksum(image), 0.0))
+    (out / "img.sqfs").write_bytes(b"someone else's")
+    with pytest.raises(CopyError, match="exists"):
+        copy_image(image, out / ".t.part", out / "img.sqfs")
+    assert os.listdir(out) == ["img.sqfs"] and (out / "img.sqfs").read_bytes() == b"someone else's"
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CopyCancelled):
+        copy_image(image, out / ".t.part", out / "other.sqfs", cancel=cancel)
+    assert os.listdir(out) == ["img.sqfs"]
+
+
+def test_copy_notices_a_source_changed_while_copying(tmp_path: Path, image: Path) -> None:
+    out = tmp_path / "cache"
+    out.mkdir()
+
+    class Meddling(Progress):
+        """Rewrites part of the source after the first MiB was copied (a real concurrent change)."""
+
+        _done = 0
+
+        @property  # type: ignore[override]
+        def done(self) -> int:
+            return self._done
+
+        @done.setter
+        def done(self, v: int) -> None:
+            if self._done == 0 and v > 0:
+                with open(image, "r+b") as f:
+                    f.seek(2 * 1024 * 1024)
+                    f.write(b"\0" * 4096)
+            self._done = v
+
+    with pytest.raises(CopyError, match="changed while copying|verification failed"):
+        copy_image(image, out / ".t.part", out / "img.sqfs", progress=Meddling())
+    assert os.listdir(out) == []
+
+
+def test_state_record_is_json_with_format(tmp_path: Path) -> None:
+    store = CacheStore(tmp_path)
+    store.add(CachedCopy("x.sqfs", "x", "/s/x.sqfs", _ident(7), "cd" * 32, 2.0))
+    store.save()
+    doc = json.loads((tmp_path / ".scratchfs-mountd.json").read_text())
+    assert doc["format"] == 1 and doc["copies"][0]["identity"]["size"] == 7
