@@ -1,0 +1,198 @@
+"""The promotion policy: pure function, properties checked over generated inputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scratchfs.policy import Demand, PolicyParams, best_subset, choose, demand_from_snapshot
+from scratchfs.stats import SCRATCH, ThroughputStats
+
+GiB = 1 << 30
+NAMES = [f"d{i}" for i in range(8)]
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> dict:
+    names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=8, unique=True))
+    sizes = {n: draw(st.integers(0, 50 * GiB)) for n in names}
+    demand = {
+        n: Demand(
+            rate=draw(st.floats(0, 2 * GiB)),
+            recent_rate=draw(st.floats(0, 2 * GiB)),
+            age=draw(st.floats(0, 20_000)),
+        )
+        for n in names
+    }
+    extra = draw(st.lists(st.sampled_from(["gone1", "gone2"]), unique=True))  # cached, image went away
+    cached_names = draw(st.lists(st.sampled_from(names), unique=True)) + extra
+    now = 100_000.0
+    cached = {n: now - draw(st.floats(0, 5000)) for n in cached_names}
+    return {
+        "demand": demand,
+        "sizes": sizes,
+        "capacity": draw(st.integers(0, 120 * GiB)),
+        "free": draw(st.integers(-10 * GiB, 150 * GiB)),
+        "cached": cached,
+        "pinned": set(draw(st.lists(st.sampled_from(names), unique=True, max_size=3))),
+        "never_cache": set(draw(st.lists(st.sampled_from(names), unique=True, max_size=2))),
+        "now": now,
+        "params": PolicyParams(
+            horizon=draw(st.sampled_from([60.0, 1200.0])),
+            min_residency=draw(st.sampled_from([0.0, 600.0, 3000.0])),
+            copy_bandwidth=draw(st.sampled_from([0.0, 100e6, 1e9])),
+            hysteresis=draw(st.sampled_from([0.0, 0.1, 0.5])),
+        ),
+    }
+
+
+def budget_of(w: dict) -> int:
+    cached_bytes = sum(w["sizes"][n] for n in w["cached"] if n in w["sizes"])
+    return max(0, min(w["capacity"], cached_bytes + w["free"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(worlds())
+def test_never_over_capacity_or_free_space(w: dict) -> None:
+    d = choose(**w)
+    held = sum(w["sizes"][n] for n in d.hold)
+    assert held <= w["capacity"]
+    assert held <= budget_of(w) == d.budget
+    # new copies fit in free space plus what the demotions release
+    new = sum(w["sizes"][n] for n in d.promote)
+    released = sum(w["sizes"][n] for n in d.demote if n in w["sizes"])
+    assert new <= max(w["free"], 0) + released or new == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(worlds())
+def test_never_cache_and_unknown_never_held(w: dict) -> None:
+    d = choose(**w)
+    assert not (d.hold & w["never_cache"])
+    assert d.hold <= set(w["sizes"])
+    assert d.promote == d.hold - set(w["cached"])
+    assert d.demote == set(w["cached"]) - d.hold
+
+
+@settings(max_examples=150, deadline=None)
+@given(worlds())
+def test_pins_held_when_they_fit(w: dict) -> None:
+    d = choose(**w)
+    pins = sorted(w["pinned"] - w["never_cache"])
+    if sum(w["sizes"][p] for p in pins) <= d.budget:
+        assert set(pins) <= d.hold
+    else:
+        # pins are taken first: a pin left out did not fit next to the pins that were taken
+        taken = sum(w["sizes"][p] for p in pins if p in d.hold)
+        for p in pins:
+            if p not in d.hold:
+                assert taken + w["sizes"][p] > d.budget
+
+
+@settings(max_examples=150, deadline=None)
+@given(worlds())
+def test_min_residency_respected(w: dict) -> None:
+    """A dataset promoted less than min_residency ago stays, unless the budget cannot hold it."""
+    d = choose(**w)
+    p = w["params"]
+    young = [n for n, since in w["cached"].items()
+             if n in w["sizes"] and n not in w["never_cache"] and w["now"] - since < p.min_residency]
+    forced = [n for n in young] + [n for n in w["pinned"] if n not in w["never_cache"]]
+    if sum(w["sizes"][n] for n in set(forced)) <= d.budget:
+        assert set(young) <= d.hold
+
+
+@settings(max_examples=150, deadline=None)
+@given(worlds())
+def test_stable_demand_converges_without_cycles(w: dict) -> None:
+    """Constant demand: apply the decision, re-run; the held set settles and never revisits a set."""
+    sizes = w["sizes"]
+    cached = dict(w["cached"])
+    used = sum(sizes[n] for n in cached if n in sizes)
+    disk = used + w["free"]  # the cache filesystem's usable bytes stay constant
+    now = w["now"]
+    seen = []
+    for _step in range(12):
+        now += 10_000.0  # past any min_residency: only value decides
+        cached = {n: t for n, t in cached.items() if n in sizes}
+        used = sum(sizes[n] for n in cached)
+        d = choose(**{**w, "cached": cached, "free": disk - used, "now": now})
+        if seen and d.hold == seen[-1]:
+            break
+        assert d.hold not in seen, "policy went back to an earlier set under constant demand"
+        seen.append(d.hold)
+        cached = {n: cached.get(n, now) for n in d.hold}
+    else:
+        pytest.fail("no fixed point within 12 rounds")
+    assert len(seen) <= 3
+
+
+def test_read_once_is_not_promoted_but_rereads_are() -> None:
+    """Ski-rental admission: a dataset must have been read about its size in this run."""
+    params = PolicyParams(horizon=1200, copy_bandwidth=0)
+    size = 10 * GiB
+    common = dict(sizes={"a": size}, capacity=100 * GiB, free=100 * GiB, cached={}, now=1000.0, params=params)
+    half = Demand(rate=size / 2 / 100, age=100)  # half its size read in 100 s
+    assert choose(demand={"a": half}, **common).hold == frozenset()
+    twice = Demand(rate=2 * size / 100, age=100)  # twice its size in 100 s
+    assert choose(demand={"a": twice}, **common).hold == {"a"}
+
+
+def test_hysteresis_keeps_incumbent_against_a_similar_challenger() -> None:
+    params = PolicyParams(horizon=1200, copy_bandwidth=0, hysteresis=0.1)
+    sizes = {"old": 10 * GiB, "new": 10 * GiB}
+    rate = 100e6
+    demand = {"old": Demand(rate=rate, age=5000), "new": Demand(rate=rate * 1.05, age=5000)}
+    d = choose(demand=demand, sizes=sizes, capacity=10 * GiB, free=0, cached={"old": 0.0}, now=9000.0, params=params)
+    assert d.hold == {"old"}
+    demand["new"] = Demand(rate=rate * 3, age=5000)
+    d = choose(demand=demand, sizes=sizes, capacity=10 * GiB, free=0, cached={"old": 0.0}, now=9000.0, params=params)
+    assert d.hold == {"new"} and d.demote == {"old"}
+
+
+def test_idle_incumbent_kept_while_space_is_not_wanted() -> None:
+    params = PolicyParams()
+    d = choose(demand={}, sizes={"a": GiB}, capacity=10 * GiB, free=9 * GiB, cached={"a": 0.0}, now=1e6, params=params)
+    assert d.hold == {"a"} and d.reasons["a"] == "kept"
+
+
+def test_free_space_shrinking_forces_demotion() -> None:
+    params = PolicyParams()
+    sizes = {"a": 6 * GiB, "b": 4 * GiB}
+    demand = {"a": Demand(rate=1e9, age=1e4), "b": Demand(rate=1e6, age=1e4)}
+    # someone else filled the SSD: only 7 GiB of (cached + free) remains
+    d = choose(demand=demand, sizes=sizes, capacity=20 * GiB, free=-3 * GiB, cached={"a": 0.0, "b": 0.0}, now=1e5, params=params)
+    assert d.budget == 7 * GiB
+    assert d.hold == {"a"} and d.demote == {"b"}
+
+
+def test_demand_from_snapshot() -> None:
+    s = ThroughputStats(window=600, buckets=60)
+    for t in range(300, 400):
+        s.record("a", SCRATCH, 1_000_000, float(t))
+    dem = demand_from_snapshot(s.snapshot(400.0))["a"]
+    assert dem.age == pytest.approx(100.0)
+    assert dem.rate == pytest.approx(1e6)  # rate while active, not diluted over the window
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 1000), st.floats(-5, 100)), min_size=0, max_size=9),
+    st.integers(0, 3000),
+)
+def test_best_subset_exact_and_optimal_for_small_inputs(items: list[tuple[int, float]], budget: int) -> None:
+    named = [(f"i{k}", s, v) for k, (s, v) in enumerate(items)]
+    got = best_subset(named, budget)
+    sizes = {n: s for n, s, _ in named}
+    vals = {n: v for n, _, v in named}
+    assert sum(sizes[n] for n in got) <= budget
+    assert all(vals[n] > 0 for n in got)
+    best = 0.0
+    for r in range(len(named) + 1):
+        for comb in itertools.combinations(named, r):
+            if sum(c[1] for c in comb) <= budget:
+                best = max(best, sum(c[2] for c in comb if c[2] > 0))
+    assert sum(vals[n] for n in got) == pytest.approx(best)

@@ -1,0 +1,128 @@
+"""Sliding-window throughput: pure, injected time."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scratchfs.stats import CACHE, SCRATCH, ThroughputStats
+
+
+def test_window_rate_and_totals() -> None:
+    s = ThroughputStats(window=60, buckets=6, start=0.0)
+    for t in range(60):  # 1000 bytes/s for a minute, all from scratch
+        s.record("a", SCRATCH, 1000, float(t))
+    snap = s.snapshot(60.0)
+    a = snap.datasets["a"]
+    # window at 60.0: buckets 1..6 (times 10..70) → reads at t=10..59 = 50 reads
+    assert a.window_bytes == 50_000
+    assert a.rate == pytest.approx(50_000 / snap.span)
+    assert a.total_bytes == 60_000
+    assert a.total_requests == 60
+    assert a.hit_ratio == 0.0
+
+
+def test_old_buckets_expire() -> None:
+    s = ThroughputStats(window=60, buckets=6)
+    s.record("a", SCRATCH, 500, 5.0)
+    assert s.snapshot(30.0).datasets["a"].window_bytes == 500
+    late = s.snapshot(200.0).datasets["a"]
+    assert late.window_bytes == 0
+    assert late.rate == 0.0
+    assert late.total_bytes == 500  # totals survive the window
+
+
+def test_slot_reuse_resets_counts() -> None:
+    s = ThroughputStats(window=60, buckets=6)
+    s.record("a", SCRATCH, 100, 5.0)  # bucket 0, slot 0
+    s.record("a", SCRATCH, 7, 65.0)  # bucket 6, same slot 0: must not add the old 100
+    assert s.snapshot(65.0).datasets["a"].window_bytes == 7
+
+
+def test_tiers_and_hit_ratio() -> None:
+    s = ThroughputStats(window=60)
+    s.record("a", SCRATCH, 300, 1.0)
+    s.record("a", CACHE, 100, 2.0)
+    s.record("b", CACHE, 600, 2.0)
+    snap = s.snapshot(3.0)
+    a = snap.datasets["a"]
+    assert a.tier_total(SCRATCH) == 300 and a.tier_total(CACHE) == 100
+    assert a.hit_ratio == pytest.approx(0.25)
+    assert a.tiers[CACHE].window_requests == 1
+    assert snap.hit_ratio == pytest.approx(700 / 1000)
+    assert snap.tier_total(CACHE) == 700
+
+
+def test_no_reads_no_ratio() -> None:
+    s = ThroughputStats(window=10)
+    snap = s.snapshot(5.0)
+    assert snap.hit_ratio is None and snap.datasets == {}
+
+
+def test_time_going_backwards_counts_in_totals_only() -> None:
+    s = ThroughputStats(window=60, buckets=6)
+    s.record("a", SCRATCH, 10, 100.0)
+    s.record("a", SCRATCH, 5, 30.0)  # a clock that went back: older than the window at t=100
+    a = s.snapshot(100.0).datasets["a"]
+    assert a.total_bytes == 15
+    assert a.window_bytes == 10
+
+
+def test_recent_rate_sees_a_rise_first() -> None:
+    s = ThroughputStats(window=100, buckets=10, recent_fraction=0.2)
+    for t in range(80, 100):
+        s.record("a", SCRATCH, 1000, float(t))
+    snap = s.snapshot(100.0)
+    a = snap.datasets["a"]
+    assert a.recent_rate > a.rate  # 20 s of reads averaged over ~20 s vs ~100 s
+
+
+def test_active_since_tracks_runs() -> None:
+    s = ThroughputStats(window=60, buckets=6)
+    s.record("a", SCRATCH, 1, 12.0)
+    assert s.snapshot(15.0).datasets["a"].active_since == 10.0  # start of its first bucket
+    s.record("a", SCRATCH, 1, 50.0)
+    assert s.snapshot(55.0).datasets["a"].active_since == 10.0  # still the same run
+    assert s.snapshot(200.0).datasets["a"].active_since is None  # a window without reads ends it
+    s.record("a", SCRATCH, 1, 205.0)
+    assert s.snapshot(206.0).datasets["a"].active_since == 200.0
+
+
+def test_forget_and_retain() -> None:
+    s = ThroughputStats(window=60)
+    for name in ("a", "b", "c"):
+        s.record(name, SCRATCH, 1, 1.0)
+    s.forget("a")
+    assert s.datasets() == {"b", "c"}
+    s.retain(["c"])
+    assert set(s.snapshot(2.0).datasets) == {"c"}
+
+
+def test_bad_parameters() -> None:
+    with pytest.raises(ValueError):
+        ThroughputStats(window=0)
+    with pytest.raises(ValueError):
+        ThroughputStats(window=10, buckets=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    buckets=st.integers(2, 12),
+    width=st.sampled_from([0.5, 1.0, 7.0]),
+    reads=st.lists(st.tuples(st.floats(0, 500), st.integers(0, 10_000)), max_size=60),
+    probe=st.floats(0, 600),
+)
+def test_window_matches_brute_force(buckets: int, width: float, reads: list[tuple[float, int]], probe: float) -> None:
+    """The bucket ring reports exactly the reads whose bucket lies in the window (reads in time order)."""
+    s = ThroughputStats(window=buckets * width, buckets=buckets)
+    reads = sorted(reads)
+    for t, n in reads:
+        s.record("d", SCRATCH, n, t)
+    now = max([probe] + [t for t, _ in reads])
+    idx = int(now // width)
+    expect = sum(n for t, n in reads if idx - buckets < int(t // width) <= idx)
+    snap = s.snapshot(now)
+    got = snap.datasets["d"].window_bytes if reads else 0
+    assert got == expect
+    assert (snap.datasets["d"].total_bytes if reads else 0) == sum(n for _, n in reads)
