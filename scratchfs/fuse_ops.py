@@ -56,6 +56,10 @@ ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (FileNotFoundError, errno.ESTALE),  # backing image vanished
 )
 
+# Basic regular file, device, fifo and socket inodes: the kernel's squashfs gives them no
+# xattr operations, so listing their xattrs on an image without xattrs gives an empty list.
+_PLAIN_INODE_TYPES = frozenset({2, 4, 5, 6, 7})
+
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
@@ -369,6 +373,10 @@ class Operations(pyfuse3.Operations):
         if self._is_ns_root(inode):
             return []
         ds, n = self._inode(inode)
+        if not ds.image.info.has_xattrs and n.itype not in _PLAIN_INODE_TYPES:
+            # As the kernel driver: inodes it gives xattr operations (directories, symlinks,
+            # extended inodes) answer EOPNOTSUPP when the image has no xattr table.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         return list(ds.image.xattrs(n))
 
     @_guard

@@ -80,7 +80,7 @@ class Inode:
     __slots__ = (
         "ino", "ref", "mode", "uid", "gid", "mtime", "size", "nlink", "rdev", "xattr_idx",
         "blocks_start", "block_words", "_block_offsets", "frag_index", "frag_offset", "frag_loc",
-        "dir_block", "dir_offset", "dir_size", "target",
+        "dir_block", "dir_offset", "dir_size", "target", "itype",
     )  # fmt: skip
 
     ino: int
@@ -103,6 +103,7 @@ class Inode:
     dir_offset: int
     dir_size: int
     target: bytes
+    itype: int  # on-disk inode type (1-7 basic, 8-14 extended)
 
     @property
     def is_dir(self) -> bool:
@@ -359,6 +360,17 @@ class Image:
                 raise CorruptImageError(f"{p}: {name.replace('_', ' ')} beyond the end of the image")
         if sb.fragment_entry_count > self.file_size // 16 + 1:
             raise CorruptImageError(f"{p}: absurd fragment count {sb.fragment_entry_count}")
+        # Every inode takes >= 20 bytes of an 8 KiB metadata block, and a compressed block
+        # takes >= 3 bytes on disk: more inodes than that cannot be in the inode table.
+        max_inodes = (sb.directory_table_start - sb.inode_table_start) // 3 * (8192 // 20) + 8192 // 20
+        if sb.inode_count > max_inodes:
+            raise CorruptImageError(f"{p}: absurd inode count {sb.inode_count} for its inode table")
+        if sb.export_table_start != ABSENT and sb.flags & L.SQFS_FLAG_EXPORTABLE:
+            index_bytes = -(-sb.inode_count // 1024) * 8  # one pointer per 8 KiB block of refs
+            nxt = min([v for v in (sb.id_table_start, sb.xattr_id_table_start, sb.bytes_used)
+                       if v != ABSENT and v > sb.export_table_start] or [sb.bytes_used])  # fmt: skip
+            if sb.export_table_start + index_bytes > nxt:
+                raise CorruptImageError(f"{p}: inode count {sb.inode_count} does not fit the export table")
         if (sb.root_inode_ref >> 16) >= sb.directory_table_start - sb.inode_table_start:
             raise CorruptImageError(f"{p}: root inode reference outside the inode table")
         later = [
@@ -460,6 +472,7 @@ class Image:
         n = Inode()
         n.ino = ino
         n.ref = ref
+        n.itype = t
         n.mode = _MODE_OF_TYPE[basic] | (mode & 0o7777)
         n.uid = ids[uid_idx]
         n.gid = ids[gid_idx]
