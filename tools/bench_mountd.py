@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""mountd benchmark, one run, figures against the alternatives measured in the same run.
+
+Scratch is emulated as slow storage: ext4 on a loop device whose reads are throttled by the
+blkio cgroup controller (v1 ``blkio.throttle.read_bps_device`` or v2 ``io.max``) for the
+mountd daemon, at --scratch-bw (default 100 MiB/s). The cache directory is on the local disk.
+
+(a) cold sequential throughput (``cat``) of a hot dataset's file through mountd before
+    promotion (slow scratch) and after (cached copy), against reading the same cached image
+    file directly with ``scratchfs mount``: ratio after / direct (target >= 0.9).
+(b) the longest stall a reader sees during a switch: a reader loops over a file (page cache
+    dropped every pass so each read reaches FUSE) while the dataset is promoted and demoted
+    --switches times; gaps between consecutive reads spanning a switch instant (from the
+    daemon's log) vs the longest gap with no switch (target <= 50 ms).
+(c) read latency p50/p99 of another dataset (random 128 KiB reads, page caches dropped)
+    while a copy runs (unlimited, then with copy_bandwidth = scratch bw / 4) vs idle.
+
+Needs root (loop device, cgroups, drop_caches), mksquashfs. Medians of interleaved rounds.
+
+    python tools/bench_mountd.py [--size-mb 192] [--rounds 3] [--switches 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scratchfs.status_cmd import request  # noqa: E402
+
+MiB = 1 << 20
+BIN = Path(sys.executable).parent
+
+
+def sh(cmd: list[str] | str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=check, text=True, capture_output=True)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def data_file(path: Path, size: int, seed: int) -> None:
+    """Like most datasets, mostly incompressible: 3 MiB of random bytes, then 1 MiB of text, ..."""
+    rng = random.Random(seed)
+    words = b"alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega scratch dataset".split()
+    text = b" ".join(rng.choice(words) for _ in range(180_000))[: MiB - 4096]
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            chunk = rng.randbytes(3 * MiB + 4096) + text
+            f.write(chunk[:left])
+            left -= len(chunk)
+
+
+class Throttled:
+    def __init__(self, top: Path, bps: int, size_mb: int) -> None:
+        self.top, self.bps = top, bps
+        self.file, self.dir = top / "scratch.ext4", top / "scratch"
+        self.loop = ""
+        self.cgroup: Path | None = None
+        with open(self.file, "wb") as f:
+            f.truncate(size_mb * MiB)
+        sh(["mkfs.ext4", "-q", "-F", str(self.file)])
+        self.loop = sh(["losetup", "--find", "--show", str(self.file)]).stdout.strip()
+        self.dir.mkdir()
+        sh(["mount", self.loop, str(self.dir)])
+        rdev = os.stat(self.loop).st_rdev
+        dev = f"{os.major(rdev)}:{os.minor(rdev)}"
+        name = f"scratchfs-bench-{os.getpid()}"
+        v1 = Path("/sys/fs/cgroup/blkio")
+        if (v1 / "blkio.throttle.read_bps_device").exists():
+            self.cgroup = v1 / name
+            self.cgroup.mkdir()
+            (self.cgroup / "blkio.throttle.read_bps_device").write_text(f"{dev} {bps}\n")
+        else:
+            root = Path("/sys/fs/cgroup")
+            (root / "cgroup.subtree_control").write_text("+io")
+            self.cgroup = root / name
+            self.cgroup.mkdir()
+            (self.cgroup / "io.max").write_text(f"{dev} rbps={bps}\n")
+
+    def admit(self, pid: int) -> None:
+        assert self.cgroup is not None
+        (self.cgroup / "cgroup.procs").write_text(f"{pid}\n")
+
+    def close(self) -> None:
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                for pid in (self.cgroup / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        (self.cgroup.parent / "cgroup.procs").write_text(pid + "\n")
+            with contextlib.suppress(OSError):
+                self.cgroup.rmdir()
+        sh(["umount", "-l", str(self.dir)], check=False)
+        sh(["losetup", "-d", self.loop], check=False)
+
+
+class Mountd:
+    def __init__(self, top: Path, datadir: Path) -> None:
+        self.top = top
+        self.cache, self.mnt = top / "cache", top / "mnt"
+        self.cache.mkdir()
+        self.mnt.mkdir()
+        self.sock, self.log, self.config = top / "ctl.sock", top / "mountd.log", top / "mountd.toml"
+        self.datadir = datadir
+        self.write_config(0)
+        self.pid = 0
+
+    def write_config(self, bw: int) -> None:
+        self.config.write_text(
+            f'datadir = "{self.datadir}"\ncachedir = "{self.cache}"\nmountdir = "{self.mnt}"\n'
+            f'capacity = "4G"\nreserve = 0\nwindow = "10m"\nmin_residency = 0\ncopy_bandwidth = {bw}\n'
+        )
+
+    def start(self) -> None:
+        res = sh([str(BIN / "scratchfs-mountd"), "--config", str(self.config), "--socket", str(self.sock),
+                  "--log", str(self.log), "--policy-interval", "0.5", "--scan-interval", "1"], check=False)  # fmt: skip
+        if res.returncode != 0:
+            raise SystemExit(f"scratchfs-mountd failed: {res.stderr}")
+        self.pid = int(self.status()["pid"])
+
+    def status(self) -> dict[str, Any]:
+        return dict(request(str(self.sock), {"op": "status"})["status"])
+
+    def ds(self, name: str) -> dict[str, Any]:
+        return next(d for d in self.status()["datasets"] if d["name"] == name)
+
+    def ctl(self, *args: str) -> None:
+        sh([str(BIN / "scratchfs"), "ctl", *args, "--socket", str(self.sock)])
+
+    def wait_tier(self, name: str, tier: str) -> None:
+        deadline = time.monotonic() + 300
+        while True:
+            d = self.ds(name)
+            if d["tier"] == tier and d["copy"] is None:
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} never reached tier {tier}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while os.path.ismount(self.mnt) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if os.path.ismount(self.mnt):
+            sh(["umount", "-l", str(self.mnt)], check=False)
+
+
+def cat_rate(path: Path) -> float:
+    size = path.stat().st_size
+    drop_caches()
+    t = time.perf_counter()
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+    return size / (time.perf_counter() - t) / 1e6
+
+
+def log_times(log: Path, pattern: str) -> list[float]:
+    out = []
+    for line in log.read_text().splitlines():
+        if re.search(pattern, line):
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            out.append(stamp.timestamp())
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--size-mb", type=int, default=192, help="size of the hot dataset's file")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--switches", type=int, default=10, help="promotions (and as many demotions) in (b)")
+    ap.add_argument("--scratch-bw", type=int, default=100, help="emulated scratch read bandwidth, MiB/s")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_mountd: needs root (loop device, cgroups, drop_caches)", file=sys.stderr)
+        return 7
+    top = Path(tempfile.mkdtemp(prefix="bench-mountd-", dir="/var/tmp"))
+    scratch: Throttled | None = None
+    md: Mountd | None = None
+    direct = top / "direct"
+    try:
+        scratch = Throttled(top, args.scratch_bw * MiB, args.size_mb * 3 + 256)
+        for name, mb, seed in (("hot", args.size_mb, 1), ("other", 64, 2)):
+            src = top / f"src-{name}"
+            src.mkdir()
+            data_file(src / "data", mb * MiB, seed)
+            sh(["mksquashfs", str(src), str(scratch.dir / f"{name}.sqfs"), "-quiet", "-no-progress"])
+            shutil.rmtree(src)
+        md = Mountd(top, scratch.dir)
+        md.start()
+        scratch.admit(md.pid)
+        hot, other = md.mnt / "hot" / "data", md.mnt / "other" / "data"
+        print(f"# scratch emulated at {args.scratch_bw} MiB/s (blkio throttle on a loop device); "
+              f"hot file {args.size_mb} MiB; cold reads (caches dropped); medians of {args.rounds}")  # fmt: skip
+
+        # (a) ------------------------------------------------------------------------------
+        before = [cat_rate(hot) for _ in range(args.rounds)]
+        md.ctl("prefetch", "hot")
+        md.wait_tier("hot", "cache")
+        cached = Path(md.ds("hot")["cache_file"])
+        direct.mkdir()
+        sh([str(BIN / "scratchfs"), "mount", str(cached), str(direct), "--log", str(top / "direct.log")])
+        after, alone = [], []
+        for _ in range(args.rounds):
+            after.append(cat_rate(hot))
+            alone.append(cat_rate(direct / "data"))
+        sh([str(BIN / "scratchfs"), "umount", str(direct)])
+        b, a, d = statistics.median(before), statistics.median(after), statistics.median(alone)
+        print("(a) hot dataset, cold sequential read")
+        print(f"    mountd before promotion (scratch) {b:8.1f} MB/s")
+        print(f"    mountd after promotion (cache)    {a:8.1f} MB/s   x{a / b:.2f} vs before")
+        print(f"    scratchfs mount of the cached copy {d:7.1f} MB/s")
+        print(f"    ratio after / direct              {a / d:8.2f}   (target >= 0.9)")
+
+        # (b) ------------------------------------------------------------------------------
+        stamps: list[float] = []
+        stop = threading.Event()
+        errors: list[str] = []
+
+        def reader() -> None:
+            fd = os.open(hot, os.O_RDONLY)
+            size = os.fstat(fd).st_size
+            try:
+                while not stop.is_set():
+                    off = 0
+                    while off < size and not stop.is_set():
+                        n = len(os.pread(fd, 128 * 1024, off))
+                        if n == 0:
+                            errors.append(f"short read at {off}")
+                            return
+                        off += n
+                        stamps.append(time.time())
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError as e:
+                errors.append(repr(e))
+            finally:
+                os.close(fd)
+
+        md.ctl("evict", "hot")
+        md.wait_tier("hot", "scratch")
+        t = threading.Thread(target=reader)
+        t.start()
+        time.sleep(3)  # baseline: no switch
+        base_end = time.time()
+        for _ in range(args.switches):
+            md.ctl("prefetch", "hot")
+            md.wait_tier("hot", "cache")
+            time.sleep(0.3)
+            md.ctl("evict", "hot")
+            md.wait_tier("hot", "scratch")
+            time.sleep(0.3)
+        stop.set()
+        t.join()
+        gaps = [(stamps[i - 1], stamps[i]) for i in range(1, len(stamps))]
+        base_gaps = [e - s for s, e in gaps if e <= base_end]
+        during = [e - s for s, e in gaps if s > base_end]
+
+        def at(pattern: str) -> list[float]:
+            instants = [w for w in log_times(md.log, pattern) if w > base_end]  # type: ignore[union-attr]
+            return [max((e - s for s, e in gaps if s - 0.002 <= w <= e + 0.002), default=0.0) for w in instants]
+
+        promo, demo = at(r"promoted hot:"), at(r"demoted hot \(")
+        print(f"(b) reader stalls, {len(promo)} promotions + {len(demo)} demotions under a reader "
+              f"({len(stamps)} reads of 128 KiB, errors: {len(errors)})")  # fmt: skip
+        print(f"    longest gap spanning a promotion  {max(promo) * 1e3:8.1f} ms   (target <= 50 ms); "
+              f"median {statistics.median(promo) * 1e3:.1f} ms")  # fmt: skip
+        print(f"    longest gap spanning a demotion   {max(demo) * 1e3:8.1f} ms   (next read comes from slow scratch); "
+              f"median {statistics.median(demo) * 1e3:.1f} ms")  # fmt: skip
+        print(f"    longest gap, no switch (baseline, scratch) {max(base_gaps) * 1e3:.1f} ms; "
+              f"p99 {pct(base_gaps, 0.99) * 1e3:.1f} ms")  # fmt: skip
+        print(f"    longest gap over the whole switching phase (copies included) {max(during) * 1e3:.1f} ms")
+
+        # (c) ------------------------------------------------------------------------------
+        def latencies(until: threading.Event | None, count: int) -> list[float]:
+            fd = os.open(other, os.O_RDONLY)
+            bfd = os.open(scratch.dir / "other.sqfs", os.O_RDONLY)  # type: ignore[union-attr]
+            size = os.fstat(fd).st_size
+            rng = random.Random(5)
+            out = []
+            try:
+                while (until is None and len(out) < count) or (until is not None and not until.is_set()):
+                    off = rng.randrange(0, size // (128 * 1024)) * 128 * 1024
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.posix_fadvise(bfd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    t0 = time.perf_counter()
+                    os.pread(fd, 128 * 1024, off)
+                    out.append(time.perf_counter() - t0)
+            finally:
+                os.close(fd)
+                os.close(bfd)
+            return out
+
+        def during_copy(bw: int) -> list[float]:
+            md.write_config(bw)
+            md.ctl("reload")
+            md.ctl("evict", "hot")
+            md.wait_tier("hot", "scratch")
+            done = threading.Event()
+            res: list[float] = []
+            th = threading.Thread(target=lambda: res.extend(latencies(done, 0)))
+            md.ctl("prefetch", "hot")
+            th.start()
+            md.wait_tier("hot", "cache")
+            done.set()
+            th.join()
+            return res
+
+        idle = latencies(None, 300)
+        busy = during_copy(0)
+        limit = args.scratch_bw * MiB // 4
+        limited = during_copy(limit)
+        idle2 = latencies(None, 300)
+        idle += idle2
+        print("(c) another dataset on scratch: random 128 KiB reads, caches dropped")
+        for label, xs in (("idle", idle), ("while a copy runs (no limit)", busy),
+                          (f"while a copy runs (limit {limit // MiB} MiB/s)", limited)):  # fmt: skip
+            print(f"    {label:38s} p50 {pct(xs, 0.5) * 1e3:7.2f} ms  p99 {pct(xs, 0.99) * 1e3:7.2f} ms  ({len(xs)} reads)")
+        print(f"    p99 ratio copy/idle: no limit x{pct(busy, 0.99) / pct(idle, 0.99):.1f}, "
+              f"limited x{pct(limited, 0.99) / pct(idle, 0.99):.1f}")  # fmt: skip
+        return 0
+    finally:
+        if direct.exists() and os.path.ismount(direct):
+            sh(["umount", "-l", str(direct)], check=False)
+        if md is not None:
+            md.stop()
+        if scratch is not None:
+            scratch.close()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
