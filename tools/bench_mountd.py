@@ -281,7 +281,7 @@ def main() -> int:
         during = [e - s for s, e in gaps if s > base_end]
 
         def at(pattern: str) -> list[float]:
-            instants = [w for w in log_times(md.log, pattern) if w > base_end]  # type: ignore[union-attr]
+            instants = [w for w in log_times(md.log, pattern) if w > base_end]
             return [max((e - s for s, e in gaps if s - 0.002 <= w <= e + 0.002), default=0.0) for w in instants]
 
         promo, demo = at(r"promoted hot:"), at(r"demoted hot \(")
@@ -298,10 +298,10 @@ def main() -> int:
         # (c) ------------------------------------------------------------------------------
         def latencies(until: threading.Event | None, count: int) -> list[float]:
             fd = os.open(other, os.O_RDONLY)
-            bfd = os.open(scratch.dir / "other.sqfs", os.O_RDONLY)  # type: ignore[union-attr]
+            bfd = os.open(scratch.dir / "other.sqfs", os.O_RDONLY)
             size = os.fstat(fd).st_size
             rng = random.Random(5)
-            out = []
+            out: list[float] = []
             try:
                 while (until is None and len(out) < count) or (until is not None and not until.is_set()):
                     off = rng.randrange(0, size // (128 * 1024)) * 128 * 1024
