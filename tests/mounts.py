@@ -18,7 +18,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,8 +165,42 @@ def _err(e: OSError) -> str:
     return errno.errorcode.get(e.errno or 0, str(e.errno))
 
 
-def snapshot(root: Path, *, tolerant: bool = False,
-             on_entry: Callable[[bytes, Entry], None] | None = None) -> dict[bytes, Entry]:  # fmt: skip
+def probe_one(root: bytes, rel: bytes, *, tolerant: bool = False) -> tuple[Entry, list[bytes] | None]:
+    """One path's Entry and, for a directory, its sorted listing (None if it failed)."""
+    full = os.path.join(root, rel) if rel else root
+    try:
+        st = os.lstat(full)
+    except OSError as e:
+        if not tolerant:
+            raise
+        return Entry("unknown", 0, 0, 0, 0, 0, 0, 0, errors=["lstat:" + _err(e)]), None
+    ent = Entry(type_name(st.st_mode), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                st.st_mtime_ns, st.st_rdev, ino=st.st_ino)  # fmt: skip
+    listing = None
+    try:
+        names = os.listxattr(full, follow_symlinks=False)
+        ent.xattrs = {os.fsencode(n): os.getxattr(full, n, follow_symlinks=False) for n in names}
+    except OSError as e:
+        if e.errno != errno.ENOTSUP:  # ENOTSUP leaves xattrs None, as for an image without xattrs
+            if not tolerant:
+                raise
+            ent.errors.append("xattrs:" + _err(e))
+    try:
+        if ent.type == "symlink":
+            ent.target = os.readlink(full)
+        elif ent.type == "file":
+            ent.sha256 = "large" if st.st_size > LARGE_FILE else hash_file(full)
+        elif ent.type == "dir":
+            listing = sorted(os.listdir(full))
+    except OSError as e:
+        if not tolerant:
+            raise
+        what = {"symlink": "readlink", "file": "read", "dir": "listdir"}[ent.type]
+        ent.errors.append(f"{what}:{_err(e)}")
+    return ent, listing
+
+
+def snapshot(root: Path, *, tolerant: bool = False) -> dict[bytes, Entry]:
     """Every path under `root` (b"" for the root itself) → Entry.
 
     With `tolerant`, an OSError while reading a path (lstat, xattrs, content, target, listing)
@@ -178,39 +212,17 @@ def snapshot(root: Path, *, tolerant: bool = False,
     stack = [b""]
     while stack:
         rel = stack.pop()
-        full = os.path.join(r, rel) if rel else r
-        try:
-            st = os.lstat(full)
-        except OSError as e:
-            if not tolerant:
-                raise
-            out[rel] = Entry("unknown", 0, 0, 0, 0, 0, 0, 0, errors=["lstat:" + _err(e)])
-            continue
-        ent = Entry(type_name(st.st_mode), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
-                    st.st_mtime_ns, st.st_rdev, ino=st.st_ino)  # fmt: skip
-        try:
-            names = os.listxattr(full, follow_symlinks=False)
-            ent.xattrs = {os.fsencode(n): os.getxattr(full, n, follow_symlinks=False) for n in names}
-        except OSError as e:
-            if e.errno != errno.ENOTSUP:  # ENOTSUP leaves xattrs None, as for an image without xattrs
-                if not tolerant:
-                    raise
-                ent.errors.append("xattrs:" + _err(e))
-        try:
-            if ent.type == "symlink":
-                ent.target = os.readlink(full)
-            elif ent.type == "file":
-                ent.sha256 = "large" if st.st_size > LARGE_FILE else hash_file(full)
-            elif ent.type == "dir":
-                stack.extend(os.path.join(rel, n) if rel else n for n in sorted(os.listdir(full), reverse=True))
-        except OSError as e:
-            if not tolerant:
-                raise
-            ent.errors.append({"symlink": "readlink", "file": "read", "dir": "listdir"}[ent.type] + ":" + _err(e))
+        ent, listing = probe_one(r, rel, tolerant=tolerant)
         out[rel] = ent
-        if on_entry:
-            on_entry(rel, ent)
+        if listing:
+            stack.extend(os.path.join(rel, n) if rel else n for n in reversed(listing))
     return out
+
+
+def probe(root: Path, paths: list[bytes]) -> dict[bytes, tuple[Entry, list[bytes] | None]]:
+    """Each given path looked up directly (not reached through listings), errors recorded."""
+    r = os.fsencode(root)
+    return {rel: probe_one(r, rel, tolerant=True) for rel in paths}
 
 
 def hardlink_groups(snap: dict[bytes, Entry]) -> set[frozenset[bytes]]:

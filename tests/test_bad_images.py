@@ -343,7 +343,12 @@ def test_corrupt_fragment_block_gives_eio_on_its_files_only(data_image: tuple[Pa
 def test_corrupt_metadata_block_found_later(which: str, nth: int, meta_image: tuple[Path, bytes], need_mounts: None,
                                             pristine_meta: dict[bytes, mounts.Entry],
                                             mountpoint: Path, tmp_path: Path) -> None:  # fmt: skip
-    """A damaged inode/directory block other than the root's: refused, or EIO on what it holds."""
+    """A damaged inode/directory block other than the root's: refused, or served like the kernel.
+
+    Every path of the undamaged image is looked up directly on both mounts of the damaged image:
+    scratchfs must never serve anything that differs from the undamaged image, must fail only
+    with EIO, and must serve every path (and list every directory) that the kernel still serves.
+    """
     data = meta_image[1]
     sb = imagegen.read_superblock(data)
     root_block, root_dir_block = imagegen.root_inode_location(data)
@@ -362,13 +367,37 @@ def test_corrupt_metadata_block_found_later(which: str, nth: int, meta_image: tu
     if res.returncode != 0:
         assert_refused(res, mountpoint, code=4)
         return
-    m = mounts.FuseMount(mountpoint, mountpoint.with_name("log"))
+    paths = sorted(pristine_meta)
     try:
-        broken = check_degraded(m, pristine_meta, None)
-        assert broken, "the damaged block was never noticed"
-        assert len(broken) < len(pristine_meta) // 2, f"{len(broken)} of {len(pristine_meta)} paths failed"
+        with mounts.kernel_mount(image, tmp_path / "kernel") as k:
+            kernel = mounts.probe(k, paths)
+        fuse = mounts.probe(mountpoint, paths)
+        assert mounts.is_mounted(mountpoint), "the mount went down"
+        log = mountpoint.with_name("log").read_text(errors="replace")
     finally:
         mounts.unmount(mountpoint)
+    listings: dict[bytes, list[bytes]] = {p: [] for p, e in pristine_meta.items() if e.type == "dir"}
+    for p in paths:
+        if p:
+            listings[os.path.dirname(p)].append(os.path.basename(p))
+    problems: list[str] = []
+    for path in paths:
+        (ke, kl), (fe, fl) = kernel[path], fuse[path]
+        want, want_list = pristine_meta[path], sorted(listings.get(path, []))
+        kernel_good = not ke.errors and ke == want and (kl is None or kl == want_list)
+        if fe.errors and not all(e.endswith(":EIO") for e in fe.errors):
+            problems.append(f"{path!r}: failed with {fe.errors}, expected EIO")
+        if not any(e.startswith("lstat") for e in fe.errors) and fe != want:
+            problems += [f"wrong data served: {line}" for line in mounts.diff({path: want}, {path: fe})]
+        if fl is not None and fl != want_list:
+            problems.append(f"{path!r}: wrong listing served: {len(fl)} names, the undamaged image has {len(want_list)}")
+        if kernel_good and fe.errors:
+            problems.append(f"{path!r}: the kernel serves it correctly, scratchfs fails with {fe.errors}")
+    assert any(ke.errors for ke, _ in kernel.values()) or any(fe.errors for fe, _ in fuse.values()), \
+        "the damaged block was never noticed"
+    assert not problems, f"{which} block {nth} damaged:\n" + "\n".join(problems[:30]) + \
+        (f"\n... {len(problems) - 30} more" if len(problems) > 30 else "")
+    assert "Traceback" not in log
 
 
 # ------------------------------------------------------------------------- bad mountpoints

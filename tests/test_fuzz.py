@@ -42,13 +42,15 @@ class BatchResult:
     failures: list[dict[str, object]] = field(default_factory=list)
 
 
-def run_batch(seed: Path, first: int, last: int, workdir: Path) -> BatchResult:
+def run_batch(seed: Path, first: int, last: int, workdir: Path, worker: Path = WORKER,
+              image_timeout: float = IMAGE_TIMEOUT) -> BatchResult:  # fmt: skip
     """Run mutants [first, last) of `seed`, restarting the worker after a hang or a crash."""
     res = BatchResult(seed.name)
     nxt = first
     while nxt < last:
-        with open(workdir / f"stderr-{seed.stem}-{nxt}", "wb") as err:
-            proc = subprocess.Popen([sys.executable, str(WORKER), str(seed), str(nxt), str(last), str(workdir),
+        errfile = workdir / f"stderr-{seed.stem}-{nxt}"
+        with open(errfile, "wb") as err:
+            proc = subprocess.Popen([sys.executable, str(worker), str(seed), str(nxt), str(last), str(workdir),
                                      "--rlimit-as", str(RLIMIT_AS)], stdout=subprocess.PIPE, stderr=err)  # fmt: skip
         assert proc.stdout is not None
         sel = selectors.DefaultSelector()
@@ -71,7 +73,7 @@ def run_batch(seed: Path, first: int, last: int, workdir: Path) -> BatchResult:
                 msg = json.loads(line)
                 if "begin" in msg:
                     current = msg["begin"]
-                    deadline = time.monotonic() + IMAGE_TIMEOUT
+                    deadline = time.monotonic() + image_timeout
                 else:
                     assert msg["end"] == current
                     res.done += 1
@@ -86,7 +88,7 @@ def run_batch(seed: Path, first: int, last: int, workdir: Path) -> BatchResult:
         sel.close()
         proc.stdout.close()
         if current is not None:  # died or hung in the middle of an image
-            stderr = (workdir / f"stderr-{seed.stem}-{nxt}").read_text(errors="replace")[-2000:]
+            stderr = errfile.read_text(errors="replace")[-2000:]
             what = "hang" if hung else (f"killed by signal {-rc}" if rc < 0 else f"exit {rc}")
             res.failures.append({"seed": seed.name, "end": current, "outcome": what, "stderr": stderr})
             res.done += 1
@@ -150,3 +152,31 @@ def test_fuzz_mutated_images(tmp_path: Path) -> None:
             lines.append(f"{saved} ({what}): {f['outcome']} {f.get('type', '')} {f.get('message', '')}\n"
                          f"    {str(detail).strip().splitlines()[-3:] if detail else ''}")  # fmt: skip
         pytest.fail(f"{len(failures)} of {done} mutated images failed:\n" + "\n".join(lines))
+
+
+FAKE_WORKER = """
+import json, os, signal, sys, time
+for i in range(int(sys.argv[2]), int(sys.argv[3])):
+    print(json.dumps({"begin": i}), flush=True)
+    if i == 1:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if i == 3:
+        time.sleep(3600)
+    if i == 4:
+        print(json.dumps({"end": i, "outcome": "exception", "type": "ValueError", "message": "m"}), flush=True)
+        continue
+    print(json.dumps({"end": i, "outcome": "ok", "errors": 0, "entries": 1}), flush=True)
+"""
+
+
+def test_harness_reports_crash_hang_and_exception(tmp_path: Path) -> None:
+    """The watcher itself: a stand-in worker (the real reader cannot be made to crash on demand)
+    segfaults on image 1, hangs on image 3 and reports a foreign exception on image 4."""
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(FAKE_WORKER)
+    seed = tmp_path / "seed.sqfs"
+    seed.write_bytes(b"")
+    res = run_batch(seed, 0, 6, tmp_path, worker=fake, image_timeout=2.0)
+    assert res.done == 6
+    assert [(f["end"], f["outcome"]) for f in res.failures] == [(1, "killed by signal 11"), (3, "hang"),
+                                                                (4, "exception")]  # fmt: skip
