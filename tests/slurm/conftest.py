@@ -7,6 +7,7 @@ the project's code on a Python that user can execute.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -29,11 +30,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _report(config: pytest.Config, msg: str) -> None:
+    capman = config.pluginmanager.getplugin("capturemanager")
     tr = config.pluginmanager.getplugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(f"[slurm fixture] {msg}")
-    else:
-        print(f"[slurm fixture] {msg}", file=sys.__stderr__)
+    ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+    with ctx:
+        if tr is not None:
+            tr.write_line(f"[slurm fixture] {msg}")
+        else:
+            print(f"[slurm fixture] {msg}", file=sys.__stderr__)
 
 
 def _user_python(cluster: Cluster) -> str:
