@@ -126,9 +126,14 @@ class Mountd:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
     def ctl(self, action: str, name: str | None = None) -> str:
+        """`scratchfs ctl ACTION NAME` (the command; see ctl_direct for the same request in-process)."""
         res = self.cli("ctl", action, *([name] if name else []))
         assert res.returncode == 0, f"ctl {action} {name}: {res.stderr}"
         return res.stdout
+
+    def ctl_direct(self, action: str, name: str) -> str:
+        """The request `scratchfs ctl` sends, from this process (no interpreter start per call)."""
+        return str(request(str(self.sock), {"op": action, "name": name})["message"])
 
     def wait(self, pred: Callable[[dict[str, Any]], Any], what: str, timeout: float = 30.0) -> dict[str, Any]:
         """Poll the status until *pred* holds (real daemon, real time: a deadline, not a sleep)."""
@@ -363,9 +368,11 @@ def test_reader_sees_every_byte_through_20_promotions_and_demotions(top: Path) -
                 t.start()
             try:
                 for _ in range(20):
-                    md.ctl("prefetch", "hot")
+                    # (the policy may also promote the dataset on its own: the readers make it hot)
+                    assert md.ctl_direct("prefetch", "hot") in (
+                        "copying hot", "hot is cached already", "hot is being copied already")
                     md.wait_tier("hot", "cache")
-                    md.ctl("evict", "hot")
+                    assert md.ctl_direct("evict", "hot") == "hot demoted"
                     md.wait_tier("hot", "scratch")
                     assert not errors, errors
             finally:
@@ -378,7 +385,7 @@ def test_reader_sees_every_byte_through_20_promotions_and_demotions(top: Path) -
             assert d is not None
             assert d["bytes_cache"] > 0 and d["bytes_scratch"] > 0, d  # both tiers really served reads
             log = md.log_text()
-            assert log.count("promoted hot:") == 20 and log.count("demoted hot (evict)") == 20, log[-3000:]
+            assert log.count("promoted hot:") >= 20 and log.count("demoted hot (evict)") == 20, log[-3000:]
             # every cached copy is deleted once no read uses it; nothing else appears in the cache
             wait_for(lambda: cache_files(md) == set(), "cached copies deleted")
     finally:
