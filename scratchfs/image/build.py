@@ -125,6 +125,17 @@ def escape_wildcard(rel: bytes) -> bytes:
     return bytes(out)
 
 
+def builder_memory(threads: int | None) -> int:
+    """Memory for mksquashfs' queues: 16 MiB per compressor thread, at least 128 MiB.
+
+    Its default (a quarter of RAM) lets the reader run gigabytes ahead of the compressors, so
+    "bytes read" would say nothing about progress, and a build would take a quarter of a shared
+    node's memory. A few blocks in flight per thread keep every compressor busy.
+    """
+    n = threads or os.cpu_count() or 1
+    return max(128 << 20, n * (16 << 20))
+
+
 def mksquashfs_argv(
     tool: str,
     src: str,
@@ -137,7 +148,7 @@ def mksquashfs_argv(
     exclude_args: Sequence[bytes] = (),
 ) -> list[str]:
     argv = [tool, src, dest, "-noappend", "-quiet", "-no-progress", "-no-exports"]
-    argv += ["-comp", opts.compression, "-b", str(block_size)]
+    argv += ["-comp", opts.compression, "-b", str(block_size), "-mem", f"{builder_memory(opts.threads) >> 20}M"]
     level = opts.effective_level()
     if level is not None:
         argv += ["-Xcompression-level", str(level)]
@@ -448,6 +459,8 @@ def build_image(
             synced.result()
         checksum_seconds = time.monotonic() - t_sum
         options = asdict(opts)
+        if tool == "mksquashfs":
+            options["builder_memory"] = builder_memory(opts.threads)
         options.update(level=opts.effective_level(), block_size=block_size, sparse=scan.sparse_files > 0,
                        mkfs_time=mkfs_time, exports=False)
         for k in ("force", "tool", "checksum"):
