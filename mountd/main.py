@@ -124,11 +124,25 @@ def serve(settings: Settings, args: argparse.Namespace, ready_fd: int | None) ->
         daemon = Daemon(settings, reload=reload, record_trace=args.record_trace, on_ready=on_ready)
         try:
             trio.run(daemon.run)
-        except RuntimeError as e:  # pyfuse3.init failing to mount
-            raise ExternalFailure(f"cannot mount on {settings.mountdir}: {e}") from None
+        except BaseException as e:
+            first = _first_error(e)
+            if isinstance(first, ScratchfsError):
+                raise first from None
+            if isinstance(first, RuntimeError):  # pyfuse3.init failing to mount
+                raise ExternalFailure(f"cannot mount on {settings.mountdir}: {first}") from None
+            if isinstance(first, OSError):
+                raise ExternalFailure(f"scratchfs-mountd: {first}") from None
+            raise
         finally:
             notify("STOPPING=1")
     return 0
+
+
+def _first_error(e: BaseException) -> BaseException:
+    """The first leaf of an exception group (trio nurseries wrap what their tasks raise)."""
+    while isinstance(getattr(e, "exceptions", None), (list, tuple)) and e.exceptions:  # type: ignore[attr-defined]
+        e = e.exceptions[0]  # type: ignore[attr-defined]
+    return e
 
 
 def main(argv: Sequence[str] | None = None) -> int:

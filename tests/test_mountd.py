@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from scratchfs.status_cmd import request
+from scratchfs.trace import read_trace
 from tests.mounts import is_mounted, unmount
 
 
@@ -470,7 +471,8 @@ def test_backing_image_deleted_while_cached(top: Path) -> None:
     md = Mountd(top)
     data = payload(1 * MiB + 7, 5)
     build_image(make_tree(top / "src", {"d.bin": data}), md.data / "purged.sqfs")
-    with running(md):
+    trace = top / "reads.trace"
+    with running(md, "--record-trace", str(trace)):
         md.ctl("prefetch", "purged")
         md.wait_tier("purged", "cache")
         with open(md.mnt / "purged" / "d.bin", "rb", buffering=0) as held:
@@ -485,6 +487,12 @@ def test_backing_image_deleted_while_cached(top: Path) -> None:
         assert (md.mnt / "purged" / "d.bin").read_bytes() == data
         res = md.cli("status")
         assert "backing image" in res.stdout and "is gone" in res.stdout, res.stdout
+        served = md.dataset("purged")
+    # the recorded trace replays the reads the daemon served (the simulator's input format)
+    tr = read_trace(trace)
+    assert tr.sizes["purged"] == served["size"]  # type: ignore[index]
+    assert tr.events and {e.dataset for e in tr.events} == {"purged"}
+    assert sum(e.nbytes for e in tr.events) == served["bytes_scratch"] + served["bytes_cache"]  # type: ignore[index]
 
 
 def test_backing_image_replaced(top: Path) -> None:
