@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,7 @@ def test_each_compression_verifies_against_its_source_and_catches_a_change(
     comp: str, awkward: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = tmp_path / "src"
-    os.system(f"cp -a '{awkward}' '{src}'")  # keeps hard links, fifo, xattrs, odd names
+    subprocess.run(["cp", "-a", str(awkward), str(src)], check=True)  # keeps hard links, fifo, xattrs, odd names
     out = tmp_path / f"{comp}.sqfs"
     assert run_cli("build", "--compression", comp, str(src), str(out)) == 0
     capsys.readouterr()
@@ -109,7 +110,7 @@ def test_each_compression_verifies_against_its_source_and_catches_a_change(
 
 def test_every_kind_of_difference_is_named(awkward: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src"
-    os.system(f"cp -a '{awkward}' '{src}'")
+    subprocess.run(["cp", "-a", str(awkward), str(src)], check=True)
     out = tmp_path / "o.sqfs"
     assert run_cli("build", str(src), str(out)) == 0
     (src / "new_in_source").write_text("new")
