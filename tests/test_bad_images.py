@@ -138,6 +138,10 @@ def try_mount(image: Path, mp: Path) -> subprocess.CompletedProcess[str]:
     return mounts.run_scratchfs("mount", str(image), str(mp), "--log", str(mp.with_name("log")))
 
 
+def warnings(m: mounts.FuseMount) -> list[str]:
+    return [line for line in m.log_text().splitlines() if " WARNING " in line or " ERROR " in line]
+
+
 def read_all(path: bytes) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -318,6 +322,7 @@ def test_corrupt_data_block_gives_eio_on_that_file_only(data_image: tuple[Path, 
             assert exc.value.errno == errno.EIO, (attempt, exc.value)
         assert os.stat(victim).st_size == pristine_data[b"victim"].size
         check_degraded(m, pristine_data, {b"victim"})
+        assert len(warnings(m)) == 1, "the damaged file is not logged exactly once:\n" + "\n".join(warnings(m))
 
 
 def test_corrupt_fragment_block_gives_eio_on_its_files_only(data_image: tuple[Path, bytes], need_mounts: None,
@@ -335,7 +340,13 @@ def test_corrupt_fragment_block_gives_eio_on_its_files_only(data_image: tuple[Pa
     image = tmp_path / "frag.sqfs"
     image.write_bytes(damaged)
     with mounts.scratchfs_mount(image, mountpoint) as m:
-        check_degraded(m, pristine_data, members)
+        for member in members:
+            with pytest.raises(OSError) as exc:
+                read_all(os.path.join(os.fsencode(m.path), member))
+            assert exc.value.errno == errno.EIO, (member, exc.value)
+        check_degraded(m, pristine_data, members)  # reads every file again
+        assert len(warnings(m)) == len(members), "each damaged file must be logged exactly once:\n" + \
+            "\n".join(warnings(m))
 
 
 @pytest.mark.parametrize("which", ["inode-table", "directory-table"])
