@@ -512,7 +512,7 @@ class MetaBlock:
         return slice(self.offset + 2, self.offset + 2 + self.size)
 
 
-def metadata_blocks(data: bytes, start: int, end: int) -> list[MetaBlock]:
+def metadata_blocks(data: bytes | bytearray, start: int, end: int) -> list[MetaBlock]:
     """The metadata blocks stored back to back in [start, end)."""
     out = []
     pos = start
@@ -524,7 +524,7 @@ def metadata_blocks(data: bytes, start: int, end: int) -> list[MetaBlock]:
     return out
 
 
-def unpack_meta(data: bytes, block: MetaBlock) -> bytes:
+def unpack_meta(data: bytes | bytearray, block: MetaBlock) -> bytes:
     raw = data[block.payload]
     return zlib.decompress(raw) if block.compressed else raw
 
