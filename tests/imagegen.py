@@ -526,7 +526,7 @@ def metadata_blocks(data: bytes | bytearray, start: int, end: int) -> list[MetaB
 
 def unpack_meta(data: bytes | bytearray, block: MetaBlock) -> bytes:
     raw = data[block.payload]
-    return zlib.decompress(raw) if block.compressed else raw
+    return zlib.decompress(raw) if block.compressed else bytes(raw)
 
 
 def fragment_table(data: bytes) -> list[tuple[int, int]]:
