@@ -245,6 +245,34 @@ def test_damage_in_what_mount_reads_is_refused(case: str, data_image: tuple[Path
     assert_refused(try_mount(image, mountpoint), mountpoint, code=4)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_random_superblock_corruption(seed: int, data_image: tuple[Path, bytes], need_mounts: None,
+                                      pristine_data: dict[bytes, mounts.Entry],
+                                      mountpoint: Path, tmp_path: Path) -> None:  # fmt: skip
+    """1-3 random bytes of the superblock changed: a one-line refusal, or a mount that serves
+    nothing but the undamaged image's data (or EIO) and stays up."""
+    rng = random.Random(seed)
+    damaged = bytearray(data_image[1])
+    spots = sorted(rng.sample(range(4, imagegen.SUPERBLOCK_SIZE), rng.randint(1, 3)))  # magic: see REFUSED
+    for p in spots:
+        damaged[p] ^= rng.randrange(1, 256)
+    changed = [f for f in imagegen.SUPERBLOCK_FIELDS
+               if imagegen.read_superblock(bytes(damaged))[f] != imagegen.read_superblock(data_image[1])[f]]  # fmt: skip
+    image = tmp_path / "sb.sqfs"
+    image.write_bytes(damaged)
+    res = try_mount(image, mountpoint)
+    if res.returncode != 0:
+        assert_refused(res, mountpoint, code=4)
+        return
+    m = mounts.FuseMount(mountpoint, mountpoint.with_name("log"))
+    try:
+        check_degraded(m, pristine_data, None)
+    except AssertionError as e:
+        raise AssertionError(f"superblock fields {changed} changed (bytes {spots}): {e}") from None
+    finally:
+        mounts.unmount(mountpoint)
+
+
 def test_truncated_to_bytes_used_still_mounts(data_image: tuple[Path, bytes], pristine_data: dict[bytes, mounts.Entry],
                                               mountpoint: Path, tmp_path: Path) -> None:  # fmt: skip
     """Cutting only the padding after bytes_used is not damage (the refusals above are not blanket)."""
