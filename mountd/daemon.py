@@ -451,6 +451,15 @@ class Daemon:
         self._nursery.start_soon(self._copy, m, m.job)
 
     async def _copy(self, m: Managed, job: CopyJob) -> None:
+        # m.job stays set until the switch is done, so no policy round starts a second copy
+        # while the finished one is being opened and switched to.
+        try:
+            await self._copy_and_switch(m, job)
+        finally:
+            if m.job is job:
+                m.job = None
+
+    async def _copy_and_switch(self, m: Managed, job: CopyJob) -> None:
         src, ident = m.backing, m.identity
         assert src is not None and ident is not None
         tmp = self.store.new_temp(m.name)
@@ -472,8 +481,6 @@ class Daemon:
             log.warning("copy of %s failed (%s); serving from scratch, retrying in %.0f s", m.name, e, delay)
         finally:
             self.store.forget_temp(tmp)
-            if m.job is job:
-                m.job = None
         if result is None:
             if m.cache_file is None:
                 m.promoted_at = None
@@ -501,7 +508,13 @@ class Daemon:
             self._to_delete.append(file)
             await self._delete_pending()
             return
-        m.ds.swap(img, CACHE)
+        previous = m.cache_file  # (None unless two copies raced; then the older one goes once idle)
+
+        def on_idle(_old: Image) -> None:
+            if previous is not None:
+                self._to_delete.append(previous)
+
+        m.ds.swap(img, CACHE, on_idle)
         m.cache_file, m.checksum = file, checksum
         m.last_promotion = time.time()
         m.failures, m.last_error, m.prefetch = 0, None, False
@@ -559,37 +572,43 @@ class Daemon:
                 continue
             path = self.s.cachedir / c.file
             if m is not None:
-                m.adopting = True
-            ok = await trio.to_thread.run_sync(verify_copy, path, c.checksum)
-            if m is not None:
-                m.adopting = False
-            if not ok:
-                log.warning("cached copy %s does not verify; deleting it", path)
-                self._to_delete.append(c.file)
-                continue
-            m = self.managed.get(c.dataset)
-            if m is None:
-                if Path(c.backing).exists():
-                    continue  # will be handled by the next scans
-                try:
-                    img = await trio.to_thread.run_sync(self._open_image, path)
-                except (SquashfsError, OSError) as e:
-                    log.warning("cannot open cached copy %s: %s", path, e)
+                m.adopting = True  # kept out of policy rounds until adopted or refused
+            try:
+                ok = await trio.to_thread.run_sync(verify_copy, path, c.checksum)
+                if not ok:
+                    log.warning("cached copy %s does not verify; deleting it", path)
                     self._to_delete.append(c.file)
                     continue
-                m = self._add(c.dataset, img, CACHE, backing=Path(c.backing), identity=c.identity,
-                              size=c.identity.size, cache_file=c.file, checksum=c.checksum,
-                              backing_gone=True)  # fmt: skip
-                m.promoted_at = trio.current_time()
-                m.last_promotion = time.time()
-                log.warning("adopted %s for %s; its backing image %s is gone", c.file, c.dataset, c.backing)
-                continue
-            if m.identity != c.identity or m.cache_file is not None:
-                continue
-            m.promoted_at = trio.current_time()
-            await self._switch_to_cache(m, c.file, c.checksum)
-            log.info("adopted cached copy %s for %s", c.file, c.dataset)
+                await self._adopt(c, path)
+            finally:
+                if m is not None:
+                    m.adopting = False
         await self._delete_pending()
+
+    async def _adopt(self, c: CachedCopy, path: Path) -> None:
+        """Serve a verified copy: as the cached tier of its dataset, or alone if its backing is gone."""
+        m = self.managed.get(c.dataset)
+        if m is None:
+            if Path(c.backing).exists():
+                return  # appeared meanwhile (or unreadable): left to the next scans
+            try:
+                img = await trio.to_thread.run_sync(self._open_image, path)
+            except (SquashfsError, OSError) as e:
+                log.warning("cannot open cached copy %s: %s", path, e)
+                self._to_delete.append(c.file)
+                return
+            m = self._add(c.dataset, img, CACHE, backing=Path(c.backing), identity=c.identity,
+                          size=c.identity.size, cache_file=c.file, checksum=c.checksum,
+                          backing_gone=True)  # fmt: skip
+            m.promoted_at = trio.current_time()
+            m.last_promotion = time.time()
+            log.warning("adopted %s for %s; its backing image %s is gone", c.file, c.dataset, c.backing)
+            return
+        if m.identity != c.identity or m.cache_file is not None or m.job is not None:
+            return
+        m.promoted_at = trio.current_time()
+        await self._switch_to_cache(m, c.file, c.checksum)
+        log.info("adopted cached copy %s for %s", c.file, c.dataset)
 
     # ================================================================== control
     async def handle_request(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -636,7 +655,7 @@ class Daemon:
                 raise UsageError(f"{name} is in never_cache")
             if m.cache_file is not None:
                 return f"{name} is cached already"
-            if m.job is not None:
+            if m.job is not None or m.adopting:
                 return f"{name} is being copied already"
             if m.backing_gone:
                 raise NotFoundError(f"{name}: backing image is gone")

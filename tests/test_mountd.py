@@ -290,14 +290,15 @@ def cache_files(md: Mountd) -> set[str]:
     return {n for n in os.listdir(md.cache) if not n.startswith(".scratchfs-mountd")}
 
 
-def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30.0, md: Mountd | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         v = pred()
         if v:
             return v
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            detail = f"; status: {md.status()}\nlog:\n{md.log_text()[-5000:]}" if md else ""
+            raise AssertionError(f"timed out waiting for {what}{detail}")
         time.sleep(0.05)
 
 
@@ -388,7 +389,7 @@ def test_reader_sees_every_byte_through_20_promotions_and_demotions(top: Path) -
             log = md.log_text()
             assert log.count("promoted hot:") >= 20 and log.count("demoted hot (evict)") == 20, log[-3000:]
             # every cached copy is deleted once no read uses it; nothing else appears in the cache
-            wait_for(lambda: cache_files(md) == set(), "cached copies deleted")
+            wait_for(lambda: cache_files(md) == set(), "cached copies deleted", md=md)
     finally:
         slow.teardown()
 
