@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 TIMEOUT = 24 * 3600.0  # images are immutable: let the kernel cache entries and attributes
+ATTR_CACHE_ENTRIES = 200_000  # built attributes kept for readdir/lookup/getattr (cleared when full)
 NS_TIMEOUT = 1.0  # the list of datasets of a namespace changes: entries of the root expire fast
 SLOT_SHIFT = 32
 MASK32 = (1 << SLOT_SHIFT) - 1
@@ -144,6 +145,7 @@ class Operations(pyfuse3.Operations):
             target.listeners.append(self._namespace_changed)
         self._nodes[ROOT].lookups = 1
         self._handles: dict[int, _Handle] = {}
+        self._attr_cache: dict[tuple[int, int], pyfuse3.EntryAttributes] = {}
         self._next_fh = 1
         self._pool = ThreadPoolExecutor(max_workers=workers or max(2, os.cpu_count() or 2), thread_name_prefix="sqfs")
         self._readahead_bytes = readahead_bytes
@@ -218,6 +220,19 @@ class Operations(pyfuse3.Operations):
         """Open files of *ds* (mountd closes a retired image only when this is 0)."""
         return sum(1 for h in self._handles.values() if h.dataset is ds)
 
+    def _cached_attrs(self, ds: Dataset, n: Inode) -> pyfuse3.EntryAttributes:
+        """Attributes of *n*, built once (images are immutable; pyfuse3 copies them out).
+
+        Callers must not modify the returned object.
+        """
+        key = (ds.slot, n.ref)
+        a = self._attr_cache.get(key)
+        if a is None:
+            if len(self._attr_cache) >= ATTR_CACHE_ENTRIES:
+                self._attr_cache.clear()
+            a = self._attr_cache[key] = self._attrs(ds, n)
+        return a
+
     def _attrs(self, ds: Dataset, n: Inode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._fuse_ino(ds, n.ino)
@@ -264,7 +279,7 @@ class Operations(pyfuse3.Operations):
             neg.entry_timeout = TIMEOUT
             return neg
         self._remember(ds, child)
-        return self._attrs(ds, child)
+        return self._cached_attrs(ds, child)
 
     def _lookup_dataset(self, name: bytes) -> pyfuse3.EntryAttributes:
         assert self.ns is not None
@@ -294,7 +309,7 @@ class Operations(pyfuse3.Operations):
         if self._is_ns_root(inode):
             return self._ns_root_attrs()
         ds, n = self._inode(inode)
-        return self._attrs(ds, n)
+        return self._cached_attrs(ds, n)
 
     @_guard
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -329,11 +344,20 @@ class Operations(pyfuse3.Operations):
         lst = img.listing(d)
         refs = lst.refs
         names = lst.names
+        cache = self._attr_cache
+        nodes = self._nodes
+        slot = ds.slot
         for i in range(start_id, len(names)):
-            child = img.inode_by_ref(refs[i])
-            if not pyfuse3.readdir_reply(token, names[i], self._attrs(ds, child), i + 1):
+            ref = refs[i]
+            a = cache.get((slot, ref))
+            if a is None:
+                a = self._cached_attrs(ds, img.inode_by_ref(ref))
+            if not pyfuse3.readdir_reply(token, names[i], a, i + 1):
                 break
-            self._remember(ds, child)
+            node = nodes.get(a.st_ino)
+            if node is None:
+                node = nodes[a.st_ino] = _Node(ds, ref)
+            node.lookups += 1
 
     async def releasedir(self, fh: int) -> None:
         return None
