@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli import daemon_logging
 from .errors import BusyError, EnvironmentProblem, ExternalFailure, NotFoundError, ScratchfsError, UsageError
 from .squashfs import Image, SquashfsError
 from .units import parse_size
@@ -130,7 +131,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     image = os.path.abspath(args.image)
     img, root = open_checked(image, cache_size, args.subdir)
     if args.foreground:
-        _setup_logging(args, None)
+        daemon_logging(None, args.debug)
         return _serve(img, root, image, mp, allow_other, args, ready_fd=None)
     img.close()
     rfd, wfd = os.pipe()
@@ -141,7 +142,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         try:
             os.setsid()
             _detach_stdio()
-            _setup_logging(args, args.log or str(default_log_path()))
+            daemon_logging(args.log or str(default_log_path()), args.debug)
             img, root = open_checked(image, cache_size, args.subdir)
             code = _serve(img, root, image, mp, allow_other, args, ready_fd=wfd)
         except ScratchfsError as e:
@@ -189,22 +190,6 @@ def _detach_stdio() -> None:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-
-
-def _setup_logging(args: argparse.Namespace, logfile: str | None) -> None:
-    level = logging.DEBUG if args.debug else logging.INFO
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler: logging.Handler
-    if logfile:
-        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(logfile)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
 
 
 def _serve(img: Image, root: Any, image: str, mp: str, allow_other: bool, args: argparse.Namespace,
