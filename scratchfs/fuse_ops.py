@@ -445,7 +445,8 @@ class Operations(pyfuse3.Operations):
                 if n.frag_index != NO_FRAGMENT and off + size >= n.size:
                     # Small files are read in directory order, and mksquashfs packs their
                     # tails in that order: decode the next fragment block ahead.
-                    self._pool.submit(_prefetch_fragment, img, n.frag_index + 1)
+                    if ds.acquire(img):
+                        self._pool.submit(_prefetch_fragment, ds, img, n.frag_index + 1)
                 if self._reads_waiting > 1:
                     # Other reads are in flight: decode in a worker so they proceed meanwhile
                     # and several cores decode at once.
@@ -463,7 +464,7 @@ class Operations(pyfuse3.Operations):
             self._reads_waiting -= 1
             ds.end(img, nbytes)
         if off == h.next_off and off + nbytes < n.size:
-            self._readahead(img, n, off + nbytes)
+            self._readahead(ds, img, n, off + nbytes)
         h.next_off = off + nbytes
         return data
 
@@ -473,11 +474,12 @@ class Operations(pyfuse3.Operations):
         await _wait_futures([fut])
         return fut.result()
 
-    def _readahead(self, img: Image, n: Inode, pos: int) -> None:
+    def _readahead(self, ds: Dataset, img: Image, n: Inode, pos: int) -> None:
         bs = img.info.block_size
         count = max(2, self._readahead_bytes // bs)
         for i in img.missing_blocks(n, pos // bs, count):
-            self._pool.submit(_prefetch, img, n, i)
+            if ds.acquire(img):  # keeps img open until the job ran, even across a tier switch
+                self._pool.submit(_prefetch, ds, img, n, i)
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
@@ -541,18 +543,22 @@ async def _wait_futures(futs: list[Any]) -> None:
         await ev.wait()
 
 
-def _prefetch_fragment(img: Image, index: int) -> None:
+def _prefetch_fragment(ds: Dataset, img: Image, index: int) -> None:
     try:
         img.fragment_block(index)
-    except Exception:
+    except Exception:  # the reader that needs this block will see and report the error
         log.debug("readahead of fragment block %d failed", index, exc_info=True)
+    finally:
+        ds.release(img)
 
 
-def _prefetch(img: Image, n: Inode, index: int) -> None:
+def _prefetch(ds: Dataset, img: Image, n: Inode, index: int) -> None:
     try:
         img.block(n, index)
     except Exception:  # the reader that needs this block will see and report the error
         log.debug("readahead of block %d of inode %d failed", index, n.ino, exc_info=True)
+    finally:
+        ds.release(img)
 
 
 def mount_options(fsname: str, allow_other: bool = False, debug: bool = False) -> set[str]:

@@ -36,11 +36,18 @@ class Dataset:
             self._users[id(img)] = self._users.get(id(img), 0) + 1
             return img
 
-    def end(self, img: Image, nbytes: int) -> None:
-        """Finish a read begun on *img*; count its bytes for the tier that served them."""
+    def acquire(self, img: Image) -> bool:
+        """Hold *img* open for background work (readahead); False if it is already closed."""
+        with self._lock:
+            if img is not self.image and not any(r[0] is img for r in self._retired):
+                return False
+            self._users[id(img)] = self._users.get(id(img), 0) + 1
+            return True
+
+    def release(self, img: Image) -> None:
+        """Drop a hold taken by begin() or acquire(); a retired image closes with its last user."""
         done: list[tuple[Image, Callable[[Image], None] | None]] = []
         with self._lock:
-            tier = self._tier_of.get(id(img), self.tier)
             left = self._users[id(img)] - 1
             if left:
                 self._users[id(img)] = left
@@ -50,10 +57,15 @@ class Dataset:
                 if done:
                     self._retired = [r for r in self._retired if r[0] is not img]
                     self._tier_of.pop(id(img), None)
-        if self.on_read is not None:
-            self.on_read(self, tier, nbytes)
         for old, cb in done:
             _finish(old, cb)
+
+    def end(self, img: Image, nbytes: int) -> None:
+        """Finish a read begun on *img*; count its bytes for the tier that served them."""
+        tier = self._tier_of.get(id(img), self.tier)
+        self.release(img)
+        if self.on_read is not None:
+            self.on_read(self, tier, nbytes)
 
     def swap(self, image: Image, tier: str, on_idle: Callable[[Image], None] | None = None) -> None:
         """Make *image* active; the old one is closed (then *on_idle* called) once idle."""

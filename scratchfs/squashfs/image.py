@@ -14,6 +14,7 @@ up) or guarded by a lock (the caches).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import stat
 import struct
@@ -42,6 +43,7 @@ _MODE_OF_TYPE = {
     7: stat.S_IFSOCK,
 }
 NO_FRAGMENT = 0xFFFFFFFF
+_IMAGE_KEYS = itertools.count(1)
 # Field layouts of sqfs_inode_generic_t (little-endian x86/arm hosts; checked by tests):
 # the 16-byte base + payload counters, then the type-specific union at offset 24.
 _INODE_HEAD = struct.Struct("<HHHHIIII")
@@ -255,6 +257,7 @@ class Image:
         dir_cache_entries: int = 262144,
     ) -> None:
         self.path = Path(path)
+        self._key = next(_IMAGE_KEYS)  # cache keys are (image key, offset): fds get reused
         self._closed = False
         self._tls = threading.local()
         self._contexts: list[_Context] = []
@@ -668,7 +671,7 @@ class Image:
         if word & L.SQFS_BLOCK_SIZE_MASK == 0:  # sparse block
             return bytes(bs if (index + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - index * bs)
         off = inode.block_offsets[index]
-        key = (self._fd, off)
+        key = (self._key, off)
         if not load:
             return self.cache.get(key)
         expect = bs if (index + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - index * bs
@@ -694,7 +697,7 @@ class Image:
         if self._frag_lookup(self._frag_table, index, ctypes.byref(fr)) < 0:
             return None
         start, word = fr.start_offset, fr.size
-        return self.cache.get_or_load((self._fd, start), lambda: self._load_block(start, word, -1))
+        return self.cache.get_or_load((self._key, start), lambda: self._load_block(start, word, -1))
 
     def _tail(self, inode: Inode, load: bool) -> memoryview | bytes | None:
         """The tail end of a file stored in a fragment block (a view, no copy)."""
@@ -702,7 +705,7 @@ class Image:
         if tail <= 0 or inode.frag_index == NO_FRAGMENT:
             return b""
         start, word = self._fragment(inode)
-        key = (self._fd, start)
+        key = (self._key, start)
         if load:
             data: bytes | None = self.cache.get_or_load(key, lambda: self._load_block(start, word, -1))
         else:
@@ -762,9 +765,9 @@ class Image:
             if i < len(words):
                 if not words[i] & L.SQFS_BLOCK_SIZE_MASK:
                     continue
-                key = (self._fd, inode.block_offsets[i])
+                key = (self._key, inode.block_offsets[i])
             elif inode.frag_index != NO_FRAGMENT:
-                key = (self._fd, self._fragment(inode)[0])
+                key = (self._key, self._fragment(inode)[0])
             else:
                 continue
             fut = self.cache.loading(key)
@@ -778,7 +781,7 @@ class Image:
         offs = inode.block_offsets
         out = []
         for i in range(first, min(first + count, len(words))):
-            if words[i] & L.SQFS_BLOCK_SIZE_MASK and (self._fd, offs[i]) not in self.cache:
+            if words[i] & L.SQFS_BLOCK_SIZE_MASK and (self._key, offs[i]) not in self.cache:
                 out.append(i)
         return out
 
