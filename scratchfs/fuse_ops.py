@@ -34,7 +34,7 @@ import trio
 from .namespace import Namespace
 from .squashfs import CorruptImageError, Image, ImageIOError, Inode, LibraryError, SquashfsError
 from .squashfs.errors import NotSquashfsError, UnsupportedImageError
-from .squashfs.image import NO_FRAGMENT
+from .squashfs.image import MODE_OF_TYPE, NO_FRAGMENT
 from .tiers import Dataset
 
 log = logging.getLogger(__name__)
@@ -344,6 +344,8 @@ class Operations(pyfuse3.Operations):
         lst = img.listing(d)
         refs = lst.refs
         names = lst.names
+        if start_id >= len(names) and lst.error is not None:
+            raise lst.error  # the listing broke off at damaged metadata: say so after its entries
         cache = self._attr_cache
         nodes = self._nodes
         slot = ds.slot
@@ -351,13 +353,27 @@ class Operations(pyfuse3.Operations):
             ref = refs[i]
             a = cache.get((slot, ref))
             if a is None:
-                a = self._cached_attrs(ds, img.inode_by_ref(ref))
+                try:
+                    a = self._cached_attrs(ds, img.inode_by_ref(ref))
+                except SquashfsError as e:
+                    # As the kernel: list the name even if its inode is damaged; stat gives EIO.
+                    self._report("readdir", (f"{ds.name}:{lst.inos[i]}",), e)
+                    a = self._placeholder_attrs(ds, lst.inos[i], lst.types[i])
             if not pyfuse3.readdir_reply(token, names[i], a, i + 1):
                 break
             node = nodes.get(a.st_ino)
             if node is None:
                 node = nodes[a.st_ino] = _Node(ds, ref)
             node.lookups += 1
+
+    def _placeholder_attrs(self, ds: Dataset, sq_ino: int, basic_type: int) -> pyfuse3.EntryAttributes:
+        """Attributes for a listed entry whose inode cannot be decoded: never cached."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._fuse_ino(ds, sq_ino)
+        a.entry_timeout = a.attr_timeout = 0
+        a.st_mode = MODE_OF_TYPE.get(basic_type, stat.S_IFREG)
+        a.st_nlink = 1
+        return a
 
     async def releasedir(self, fh: int) -> None:
         return None

@@ -33,7 +33,7 @@ from ._lib import check, lib
 from .cache import BlockCache
 from .errors import CorruptImageError, ImageIOError, NotSquashfsError, SquashfsError, UnsupportedImageError
 
-_MODE_OF_TYPE = {
+MODE_OF_TYPE = {
     1: stat.S_IFDIR,
     2: stat.S_IFREG,
     3: stat.S_IFLNK,
@@ -142,7 +142,9 @@ class _Context:
         if not self.file:
             raise ImageIOError(f"{image.path}: cannot open image")
         self.cmp: Any = None
-        self.inode_reader = self.dir_reader = self.xattr_reader = None
+        self.inode_reader: Any = None
+        self.dir_reader: Any = None
+        self.xattr_reader: Any = None
         try:
             cfg = L.sqfs_compressor_config_t()
             sb = image._super
@@ -164,17 +166,23 @@ class _Context:
             if sb.flags & L.SQFS_FLAG_COMPRESSOR_OPTIONS:
                 check(cmp.contents.read_options(cmp, self.file), "reading compressor options")
             self.outbuf = ctypes.create_string_buffer(sb.block_size)
-            self.inode_reader = lib.sqfs_meta_reader_create(
-                self.file, cmp, sb.inode_table_start, sb.directory_table_start
-            )
-            self.dir_reader = lib.sqfs_meta_reader_create(
-                self.file, cmp, sb.directory_table_start, image._dir_table_end
-            )
-            if not self.inode_reader or not self.dir_reader:
-                raise L.error_for(-1, "creating metadata readers")
+            self.reset_meta()
         except BaseException:
             self.close()
             raise
+
+    def reset_meta(self) -> None:
+        """(Re)create the metadata readers: after a decoding error their cached block is suspect."""
+        sb = self.image._super
+        for name in ("dir_reader", "inode_reader"):
+            L.destroy(getattr(self, name, None))
+            setattr(self, name, None)
+        self.inode_reader = lib.sqfs_meta_reader_create(self.file, self.cmp, sb.inode_table_start,
+                                                        sb.directory_table_start)  # fmt: skip
+        self.dir_reader = lib.sqfs_meta_reader_create(self.file, self.cmp, sb.directory_table_start,
+                                                      self.image._dir_table_end)  # fmt: skip
+        if not self.inode_reader or not self.dir_reader:
+            raise L.error_for(-1, "creating metadata readers")
 
     def decompress(self, raw: bytes, limit: int) -> bytes:
         n = self._do_block(self.cmp, raw, len(raw), self.outbuf, limit)
@@ -233,13 +241,18 @@ class _LRU(OrderedDict[Any, Any]):
 class DirListing:
     """A directory's entries in on-disk (sorted) order: names, inode refs, inode numbers."""
 
-    __slots__ = ("names", "refs", "inos", "index")
+    __slots__ = ("names", "refs", "inos", "types", "index", "error")
 
-    def __init__(self, names: list[bytes], refs: list[int], inos: list[int]) -> None:
+    def __init__(self, names: list[bytes], refs: list[int], inos: list[int], types: list[int],
+                 error: SquashfsError | None = None) -> None:  # fmt: skip
         self.names = names
         self.refs = refs
         self.inos = inos
+        self.types = types  # basic inode type of each entry (1 dir, 2 file, 3 symlink, ...)
         self.index = {n: i for i, n in enumerate(names)}
+        # Set when the listing broke off at damaged metadata: the entries before it are real,
+        # whether more exist is unknown.
+        self.error = error
 
     def __len__(self) -> int:
         return len(self.names)
@@ -450,10 +463,14 @@ class Image:
     def _decode_inode(self, ref: int) -> Inode:
         ctx = self._ctx()
         out = ctypes.c_void_p()
-        check(
-            self._read_inode(ctx.inode_reader, self._super_ptr, ref >> 16, ref & 0xFFFF, ctypes.byref(out)),
-            f"{self.path}: inode {ref:#x}",
-        )
+        ret = self._read_inode(ctx.inode_reader, self._super_ptr, ref >> 16, ref & 0xFFFF, ctypes.byref(out))
+        if ret < 0:
+            ctx.reset_meta()
+            # A reader left in a bad state by an earlier error can misreport; retry once clean.
+            ret = self._read_inode(ctx.inode_reader, self._super_ptr, ref >> 16, ref & 0xFFFF, ctypes.byref(out))
+            if ret < 0:
+                ctx.reset_meta()
+                raise L.error_for(-5 if ret == -6 else ret, f"{self.path}: inode {ref:#x}")
         addr = out.value
         if not addr:
             raise CorruptImageError(f"{self.path}: inode {ref:#x} could not be read")
@@ -467,7 +484,7 @@ class Image:
         head = ctypes.string_at(addr, L.INODE_EXTRA_OFFSET)
         t, mode, uid_idx, gid_idx, mtime, ino, _avail, used = _INODE_HEAD.unpack_from(head)
         basic = t - 7 if t > 7 else t
-        if basic not in _MODE_OF_TYPE:
+        if basic not in MODE_OF_TYPE:
             raise CorruptImageError(f"{self.path}: inode {ref:#x} has unknown type {t}")
         ids = self._ids
         if uid_idx >= len(ids) or gid_idx >= len(ids):
@@ -476,7 +493,7 @@ class Image:
         n.ino = ino
         n.ref = ref
         n.itype = t
-        n.mode = _MODE_OF_TYPE[basic] | (mode & 0o7777)
+        n.mode = MODE_OF_TYPE[basic] | (mode & 0o7777)
         n.uid = ids[uid_idx]
         n.gid = ids[gid_idx]
         n.mtime = mtime
@@ -565,6 +582,7 @@ class Image:
         names: list[bytes] = []
         refs: list[int] = []
         inos: list[int] = []
+        types: list[int] = []
         readdir = self._readdir
         free = self._free
         string_at = ctypes.string_at
@@ -572,37 +590,48 @@ class Image:
         limit = self._super.inode_count
         what = f"{self.path}: directory of inode {dir_inode.ino}"
         hdr = L.DIR_ENTRY_NAME_OFFSET
-        while True:
-            ret = readdir(*args)
-            if ret > 0:
-                break
-            check(ret, what)
-            addr = ent.value
-            if not addr:
-                raise CorruptImageError(f"{what}: unreadable entry")
-            try:
-                size = _DIR_ENTRY.unpack_from(string_at(addr, hdr))[3]
-                name = string_at(addr + hdr, size + 1)
-            finally:
-                free(addr)
-            if b"/" in name or b"\0" in name or name in (b".", b".."):
-                raise CorruptImageError(f"{what}: invalid entry name {name!r}")
-            names.append(name)
-            refs.append(iref.value)
-            inos.append(inum.value)
-            if len(names) > limit:
-                raise CorruptImageError(f"{what}: more entries than inodes in the image")
-        return DirListing(names, refs, inos)
+        try:
+            while True:
+                ret = readdir(*args)
+                if ret > 0:
+                    break
+                check(ret, what)
+                addr = ent.value
+                if not addr:
+                    raise CorruptImageError(f"{what}: unreadable entry")
+                try:
+                    _off, _diff, etype, size = _DIR_ENTRY.unpack_from(string_at(addr, hdr))
+                    name = string_at(addr + hdr, size + 1)
+                finally:
+                    free(addr)
+                if b"/" in name or b"\0" in name or name in (b".", b".."):
+                    raise CorruptImageError(f"{what}: invalid entry name {name!r}")
+                names.append(name)
+                refs.append(iref.value)
+                inos.append(inum.value)
+                types.append(etype)
+                if len(names) > limit:
+                    raise CorruptImageError(f"{what}: more entries than inodes in the image")
+        except SquashfsError as e:
+            ctx.reset_meta()
+            if not names:
+                raise
+            return DirListing(names, refs, inos, types, error=e)
+        return DirListing(names, refs, inos, types)
 
     def lookup(self, dir_inode: Inode, name: bytes) -> Inode | None:
         lst = self.listing(dir_inode)
         i = lst.index.get(name)
         if i is None:
+            if lst.error is not None:
+                raise lst.error  # the name may be in the damaged part
             return None
         return self.inode_by_ref(lst.refs[i])
 
     def listdir(self, dir_inode: Inode) -> list[tuple[bytes, Inode]]:
         lst = self.listing(dir_inode)
+        if lst.error is not None:
+            raise lst.error
         return [(n, self.inode_by_ref(r)) for n, r in zip(lst.names, lst.refs, strict=True)]
 
     def walk(self, top: Inode | None = None) -> Iterator[tuple[bytes, Inode]]:
