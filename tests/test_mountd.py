@@ -504,7 +504,13 @@ def test_backing_image_replaced(top: Path) -> None:
         md.ctl("prefetch", "ds")
         st = md.wait_tier("ds", "cache")
         stale = Path(st["datasets"][0]["cache_file"])
-        assert stale.exists()
+        stale_ino = stale.stat().st_ino  # (the name may be reused by a later copy of the new image)
+
+        def stale_gone() -> bool:
+            try:
+                return stale.stat().st_ino != stale_ino
+            except FileNotFoundError:
+                return True
         with open(md.mnt / "ds" / "d.bin", "rb", buffering=0) as held:
             assert held.read(100) == old[:100]
             build_image(make_tree(top / "src-new", {"d.bin": new}), md.data / "ds.sqfs")  # rename over it
@@ -515,13 +521,14 @@ def test_backing_image_replaced(top: Path) -> None:
                 with open(md.mnt / "ds" / "d.bin", "rb") as f:
                     return f.read() == new
 
-            wait_for(new_content, "new content on the next open")
+            wait_for(new_content, "new content on the next open", md=md)
             # the file opened before keeps reading the image it was opened on, consistently
             os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             held.seek(0)
             assert held.read() == old
-            assert stale.exists()  # still in use by the open file
-        wait_for(lambda: not stale.exists(), "stale cached copy deleted once unused")
+            assert not stale_gone()  # still in use by the open file
+        wait_for(lambda: stale_gone() and f"deleted cached copy {stale}" in md.log_text(),
+                 "stale cached copy deleted once unused", md=md)  # fmt: skip
         assert "backing image of ds changed" in md.log_text()
 
 
