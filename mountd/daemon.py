@@ -201,7 +201,11 @@ class Daemon:
 
     def _on_hup(self) -> None:
         if self._nursery is not None:
-            self._nursery.start_soon(self.reload)
+            self._nursery.start_soon(self._reload_on_signal)
+
+    async def _reload_on_signal(self) -> None:
+        with contextlib.suppress(ScratchfsError):  # logged by reload(); the old settings stay
+            await self.reload()
 
     def _cancel_all_copies(self) -> None:
         for m in self.managed.values():

@@ -449,6 +449,14 @@ def test_status_ctl_permissions_metrics_reload_and_watcher(top: Path) -> None:
         assert "configuration reloaded" in md.log_text()
         md.write_config(pinned=[])
         assert "configuration reloaded" in md.ctl("reload")
+        # a bad configuration is refused on reload; the daemon keeps running with the old one
+        md.write_config(window="soon")
+        os.kill(md.pid, signal.SIGHUP)
+        wait_for(lambda: "reload refused" in md.log_text(), "the refused reload logged", md=md)
+        res = md.cli("ctl", "reload")
+        assert res.returncode == 2 and "window" in res.stderr and res.stderr.count("\n") == 1, res
+        md.cfg.pop("window")
+        md.write_config()
         assert md.dataset("alpha.v2")["pinned"] is False  # type: ignore[index]
         # new images appear, removed ones disappear, without a restart
         build_image(make_tree(top / "src-g", {"g.txt": b"gamma\n"}), md.data / "gamma.sqfs")
