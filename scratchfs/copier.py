@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,13 +94,24 @@ class CopyResult:
     identity: Identity  # of the source, as copied
 
 
-class _Throttle:
-    """Token bucket: never more than *rate* bytes/s on average (0 = unlimited)."""
+class Throttle:
+    """Never more than *rate* bytes/s on average since the start (0 = unlimited).
 
-    def __init__(self, rate: float, cancel: threading.Event) -> None:
+    ``clock`` and ``wait`` (which returns True when the copy is cancelled) are injectable;
+    by default the monotonic clock and the cancel event's wait.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        cancel: threading.Event,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[float], bool] | None = None,
+    ) -> None:
         self.rate = rate
-        self.cancel = cancel
-        self.start = time.monotonic()
+        self.clock = clock
+        self.wait = wait or cancel.wait
+        self.start = clock()
         self.sent = 0
 
     def __call__(self, n: int) -> None:
@@ -107,8 +119,8 @@ class _Throttle:
         if self.rate <= 0:
             return
         due = self.start + self.sent / self.rate
-        wait = due - time.monotonic()
-        if wait > 0 and self.cancel.wait(wait):
+        left = due - self.clock()
+        if left > 0 and self.wait(left):
             raise CopyCancelled("copy cancelled")
 
 
@@ -146,7 +158,7 @@ def copy_image(
         fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(fin, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        throttle = _Throttle(bandwidth, cancel)
+        throttle = Throttle(bandwidth, cancel)
         digests: list[bytes] = []
         piece = hashlib.sha256()
         in_piece = 0

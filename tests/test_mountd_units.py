@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from mountd.control import Peer, is_privileged
 from mountd.notify import notify
 from mountd.watcher import dataset_name, map_names
 from scratchfs import metrics
-from scratchfs.copier import CopyCancelled, CopyError, Identity, Progress, copy_image, verify_copy
+from scratchfs.copier import CopyCancelled, CopyError, Identity, Progress, Throttle, copy_image, verify_copy
 from scratchfs.image.manifest import describe_image, image_checksum, write_manifest
 from scratchfs.status_cmd import format_status
 
@@ -219,3 +220,35 @@ def test_state_record_is_json_with_format(tmp_path: Path) -> None:
     store.save()
     doc = json.loads((tmp_path / ".scratchfs-mountd.json").read_text())
     assert doc["format"] == 1 and doc["copies"][0]["identity"]["size"] == 7
+
+
+def test_throttle_holds_the_average_rate_with_injected_time() -> None:
+    now = [100.0]
+    waits: list[float] = []
+
+    def wait(seconds: float) -> bool:
+        waits.append(seconds)
+        now[0] += seconds
+        return False
+
+    t = Throttle(1000.0, threading.Event(), clock=lambda: now[0], wait=wait)
+    for _ in range(10):
+        t(500)  # 5000 bytes at 1000 B/s: due at 105 s
+    assert now[0] == pytest.approx(105.0) and sum(waits) == pytest.approx(5.0)
+    now[0] += 3.0  # the copier was slower than the limit for a while: no wait needed
+    t(2000)
+    assert now[0] == pytest.approx(108.0) and len(waits) == 10
+    cancelled = Throttle(1.0, threading.Event(), clock=lambda: 0.0, wait=lambda s: True)
+    with pytest.raises(CopyCancelled):
+        cancelled(10)
+    unlimited = Throttle(0, threading.Event(), clock=lambda: 0.0, wait=lambda s: pytest.fail("waited"))
+    unlimited(1 << 30)
+
+
+def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "scratchfs.cli", "status", "--socket", str(tmp_path / "none.sock")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 3 and res.stderr.count("\n") == 1 and "not running" in res.stderr, res.stderr
+    res = subprocess.run([sys.executable, "-m", "scratchfs.cli", "ctl", "pin", "--socket", str(tmp_path / "x")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 2 and "needs a dataset name" in res.stderr, res.stderr
