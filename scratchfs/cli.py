@@ -18,15 +18,15 @@ from .errors import ScratchfsError
 
 log = logging.getLogger(__name__)
 
-# Modules that add subcommands, in the order they appear in --help.
-COMMAND_MODULES = (
-    "scratchfs.mount_cmd",
-    "scratchfs.image.cmd",
-    "scratchfs.keepalive.cli",
-    "scratchfs.jobs_cmd",
-    "scratchfs.status_cmd",
-)
-
+# Modules that add subcommands, in the order they appear in --help, with the commands each
+# adds: only the module of the command being run is imported (start-up time of every call).
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "scratchfs.mount_cmd": ("mount", "umount"),
+    "scratchfs.image.cmd": ("image",),
+    "scratchfs.keepalive.cli": ("keepalive",),
+    "scratchfs.jobs_cmd": ("jobs",),
+    "scratchfs.status_cmd": ("status", "ctl"),
+}
 
 def setup_logging(debug: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
@@ -49,18 +49,18 @@ def daemon_logging(logfile: str | None, debug: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scratchfs", description=__doc__.splitlines()[0] if __doc__ else None)
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with *command*, only that command's module is imported."""
+    parser = argparse.ArgumentParser(
+        prog="scratchfs",
+        description="Read-only squashfs datasets over FUSE, image tools, and purge keepalive for HPC scratch.",
+    )
     parser.add_argument("--version", action="version", version=f"scratchfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue  # command module not part of this build
-        mod.register(sub)
+    for name, commands in COMMAND_MODULES.items():
+        if command is not None and command not in commands:
+            continue
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -78,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    known = {c for cmds in COMMAND_MODULES.values() for c in cmds}
+    parser = build_parser(first if first in known else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
