@@ -45,6 +45,7 @@ from scratchfs.squashfs import Image, SquashfsError
 from scratchfs.stats import CACHE, SCRATCH, ThroughputStats
 from scratchfs.tiers import Dataset
 from scratchfs.trace import TraceWriter
+from scratchfs.units import format_size
 
 from .cachestore import CachedCopy, CacheStore
 from .config import Share
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 RETRY_BASE = 5.0  # seconds before the first retry of a failed copy; doubles up to RETRY_MAX
 RETRY_MAX = 600.0
+PROGRESS_EVERY = 30.0  # seconds between log lines about a running copy
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class CopyJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     started: float = 0.0  # trio time
     why: str = "policy"
+    logged: float = 0.0  # trio time of the last progress log line
 
 
 @dataclass
@@ -378,12 +381,24 @@ class Daemon:
                 except OSError as e:
                     log.error("trace recording stopped: %s", e)
                     self._trace = None
+            self._log_copy_progress(now)
             if self.s.metrics_file is not None and now - last_metrics >= max(self.s.sample_interval, 1.0):
                 last_metrics = now
                 try:
                     await trio.to_thread.run_sync(metrics.write, str(self.s.metrics_file), self.status())
                 except (OSError, ScratchfsError) as e:
                     log.warning("cannot write metrics to %s: %s", self.s.metrics_file, e)
+
+    def _log_copy_progress(self, now: float) -> None:
+        """A log line per running copy every PROGRESS_EVERY seconds (status shows it live)."""
+        for m in self.managed.values():
+            job = m.job
+            if job is None or now - job.logged < PROGRESS_EVERY:
+                continue
+            job.logged = now
+            p = job.progress.as_dict()
+            log.info("copy of %s: %s %.0f%% of %s, %s/s", m.name, p["phase"], p["fraction"] * 100,
+                     format_size(p["bytes_total"]), format_size(p["rate"]))  # fmt: skip
 
     async def _policy_loop(self) -> None:
         while True:
@@ -450,7 +465,7 @@ class Daemon:
         assert self._nursery is not None
         if m.backing is None or m.backing_gone:
             return
-        m.job = CopyJob(Progress(m.size), started=trio.current_time(), why=why)
+        m.job = CopyJob(Progress(m.size), started=trio.current_time(), why=why, logged=trio.current_time())
         m.promoted_at = m.job.started
         self._nursery.start_soon(self._copy, m, m.job)
 

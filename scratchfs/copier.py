@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ScratchfsError
 from .image.manifest import CHECKSUM_ALGORITHM, CHUNK, SUPERBLOCK_SIZE, image_checksum, read_manifest
@@ -75,7 +76,7 @@ class Progress:
         self.phase = "queued"  # queued, copying, verifying, done, failed
         self.started = time.monotonic()
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         return {
             "phase": self.phase,
