@@ -23,7 +23,6 @@ awaits; worker threads get plain values and return plain values.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import os
@@ -38,18 +37,19 @@ import trio
 
 from scratchfs import metrics
 from scratchfs.copier import CopyCancelled, CopyError, CopyResult, Identity, Progress, copy_image, verify_copy
-from scratchfs.errors import NotFoundError, PermissionRefused, ScratchfsError, UsageError
+from scratchfs.errors import ScratchfsError
 from scratchfs.namespace import Namespace
 from scratchfs.policy import Decision, PolicyParams, choose, demand_from_snapshot
 from scratchfs.squashfs import Image, SquashfsError
 from scratchfs.stats import CACHE, SCRATCH, ThroughputStats
 from scratchfs.tiers import Dataset
-from scratchfs.trace import TraceWriter
 from scratchfs.units import format_size
 
+from . import requests
 from .cachestore import CachedCopy, CacheStore
 from .config import Share
-from .control import ControlServer, Peer, is_privileged
+from .control import ControlServer, Peer
+from .recorder import TraceRecorder
 from .watcher import Seen, scan
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,9 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._ops: Any = None
         self.last_decision: Decision | None = None
-        self._free = 0
-        self._capacity = 0
-        self._trace: TraceWriter | None = None
-        self._trace_file: io.TextIOWrapper | None = None
-        self._trace_pending: dict[str, int] = {}
-        self._trace_t0 = 0.0
+        self.free_now = 0
+        self.capacity_now = 0
+        self._trace: TraceRecorder | None = None
         self.started_wall = time.time()
         self.live = False
 
@@ -162,7 +159,8 @@ class Daemon:
         self._ops = ops
         opts = mount_options(f"scratchfs-mountd:{s.mountdir}", allow_other=s.allow_other, debug=s.debug)
         if self._record_trace:
-            self._open_trace()
+            self._trace = TraceRecorder(self._record_trace, trio.current_time(),
+                                        {n: m.size for n, m in self.managed.items()})  # fmt: skip
         ready = trio.Event()
 
         def on_ready() -> None:  # worker thread, once a stat through the mount succeeded
@@ -197,10 +195,8 @@ class Daemon:
             self._cancel_all_copies()
             with trio.CancelScope(shield=True):
                 await self._save()
-            if self._trace_file is not None:
-                with contextlib.suppress(OSError):
-                    self._flush_trace(trio.current_time())
-                    self._trace_file.close()
+            if self._trace is not None:
+                self._trace.close(trio.current_time(), self._sizes())
 
     def _on_hup(self) -> None:
         if self._nursery is not None:
@@ -270,9 +266,9 @@ class Daemon:
         # Called on the trio thread by every read the FUSE layer serves: keep it O(1).
         self.stats.record(ds.name, tier, nbytes, trio.current_time())
         if self._trace is not None:
-            self._trace_pending[ds.name] = self._trace_pending.get(ds.name, 0) + nbytes
+            self._trace.count(ds.name, nbytes)
 
-    def _retire(self, ds: Dataset, files: list[str]) -> None:
+    def retire(self, ds: Dataset, files: list[str]) -> None:
         """Close *ds* and delete *files* once no open file uses *ds* (see _reap)."""
         self._graveyard.append((ds, files))
 
@@ -322,7 +318,7 @@ class Daemon:
         self.ns.remove(m.name)
         del self.managed[m.name]
         self.stats.forget(m.name)
-        self._retire(m.ds, [])
+        self.retire(m.ds, [])
 
     async def _seen(self, name: str, sn: Seen) -> None:
         m = self.managed.get(name)
@@ -357,7 +353,7 @@ class Daemon:
         stale = [m.cache_file] if m.cache_file else []
         new = self._add(name, img, SCRATCH, backing=sn.path, identity=sn.identity, size=sn.identity.size)
         new.failures = 0
-        self._retire(m.ds, stale)
+        self.retire(m.ds, stale)
 
     # ================================================================== loops
     async def _watch_loop(self) -> None:
@@ -375,12 +371,8 @@ class Daemon:
         while True:
             await trio.sleep(self.s.sample_interval)
             now = trio.current_time()
-            if self._trace is not None:
-                try:
-                    self._flush_trace(now)
-                except OSError as e:
-                    log.error("trace recording stopped: %s", e)
-                    self._trace = None
+            if self._trace is not None and not self._trace.flush(now, self._sizes()):
+                self._trace = None
             self._log_copy_progress(now)
             if self.s.metrics_file is not None and now - last_metrics >= max(self.s.sample_interval, 1.0):
                 last_metrics = now
@@ -410,6 +402,9 @@ class Daemon:
             except Exception:
                 log.exception("policy round failed")
 
+    def _sizes(self) -> dict[str, int]:
+        return {n: m.size for n, m in self.managed.items()}
+
     def pins(self) -> set[str]:
         return (set(self.s.pinned) | self.ctl_pins) - self.ctl_unpins
 
@@ -423,7 +418,7 @@ class Daemon:
         now = trio.current_time()
         snap = self.stats.snapshot(now)
         demand = demand_from_snapshot(snap)
-        self._capacity, self._free = self._measure_cache()
+        self.capacity_now, self.free_now = self._measure_cache()
         sizes = {n: m.size for n, m in self.managed.items() if not m.adopting}
         cached = {
             n: (m.promoted_at if m.promoted_at is not None else now)
@@ -433,7 +428,7 @@ class Daemon:
         # Datasets whose backing is gone can only be served from the cache: hold them like pins.
         forced = self.pins() | {n for n, m in self.managed.items() if m.backing_gone}
         params = PolicyParams(min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth)
-        d = choose(demand=demand, sizes=sizes, capacity=self._capacity, free=self._free, cached=cached,
+        d = choose(demand=demand, sizes=sizes, capacity=self.capacity_now, free=self.free_now, cached=cached,
                    pinned=forced, never_cache=self.s.never_cache, now=now, params=params)  # fmt: skip
         self.last_decision = d
         for name in sorted(d.demote):
@@ -629,148 +624,15 @@ class Daemon:
         await self._switch_to_cache(m, c.file, c.checksum)
         log.info("adopted cached copy %s for %s", c.file, c.dataset)
 
-    # ================================================================== control
+    # ================================================================== control (see requests.py)
     async def handle_request(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        op = req.get("op")
-        try:
-            if op == "status":
-                return {"ok": True, "status": self.status()}
-            if op not in ("pin", "unpin", "prefetch", "evict", "reload"):
-                raise UsageError(f"unknown request {op!r}")
-            if not is_privileged(peer, self.s.control_gid):
-                raise PermissionRefused(f"{op}: permission denied (root or the mountd control group only)")
-            if op == "reload":
-                await self.reload()
-                return {"ok": True, "message": "configuration reloaded"}
-            name = req.get("name")
-            if not isinstance(name, str):
-                raise UsageError(f"{op} needs a dataset name")
-            message = await self.control(op, name)
-            log.info("control: %s %s by uid %d: %s", op, name, peer.uid, message)
-            return {"ok": True, "message": message}
-        except ScratchfsError as e:
-            return {"ok": False, "error": str(e), "code": e.exit_code}
-        except Exception as e:  # a bug must not kill the daemon
-            log.exception("control request %r failed", op)
-            return {"ok": False, "error": f"internal error: {e}", "code": 1}
-
-    async def control(self, op: str, name: str) -> str:
-        m = self.managed.get(name)
-        if m is None:
-            raise NotFoundError(f"no dataset {name!r}")
-        if op == "pin":
-            self.ctl_pins.add(name)
-            self.ctl_unpins.discard(name)
-            self._wake_policy.set()
-            return f"{name} pinned"
-        if op == "unpin":
-            self.ctl_pins.discard(name)
-            if name in self.s.pinned:
-                self.ctl_unpins.add(name)
-            self._wake_policy.set()
-            return f"{name} unpinned"
-        if op == "prefetch":
-            if name in self.s.never_cache:
-                raise UsageError(f"{name} is in never_cache")
-            if m.cache_file is not None:
-                return f"{name} is cached already"
-            if m.job is not None or m.adopting:
-                return f"{name} is being copied already"
-            if m.backing_gone:
-                raise NotFoundError(f"{name}: backing image is gone")
-            m.retry_at = 0.0
-            m.prefetch = True
-            self.start_copy(m, why="prefetch")
-            return f"copying {name}"
-        # evict
-        if name in self.pins():
-            raise UsageError(f"{name} is pinned; unpin it first")
-        self.evicted_at[name] = trio.current_time()  # not promoted again by the policy for a window
-        m.prefetch = False
-        if m.job is not None:
-            m.job.cancel.set()
-            return f"copy of {name} cancelled"
-        if m.cache_file is None:
-            return f"{name} is not cached"
-        if m.backing_gone:
-            self.ns.remove(name)
-            del self.managed[name]
-            self._retire(m.ds, [m.cache_file])
-            return f"{name} removed (its backing image is gone)"
-        if not await self.demote(m, why="evict"):
-            raise ScratchfsError(f"could not demote {name} (see the daemon log)")
-        return f"{name} demoted"
+        return await requests.handle_request(self, req, peer)
 
     def status(self) -> dict[str, Any]:
-        now = trio.current_time()
-        snap = self.stats.snapshot(now)
-        pins = self.pins()
-        out = []
-        used = 0
-        for name in sorted(self.managed):
-            m = self.managed[name]
-            ds = snap.datasets.get(name)
-            scratch_b = ds.tier_total(SCRATCH) if ds else 0
-            cache_b = ds.tier_total(CACHE) if ds else 0
-            if m.cache_file is not None or m.job is not None:
-                used += m.size
-            out.append({
-                "name": name,
-                "tier": m.ds.tier,
-                "size": m.size,
-                "backing": str(m.backing) if m.backing else None,
-                "backing_gone": m.backing_gone,
-                "cache_file": str(self.s.cachedir / m.cache_file) if m.cache_file else None,
-                "rate": ds.rate if ds else 0.0,
-                "bytes_scratch": scratch_b,
-                "bytes_cache": cache_b,
-                "hit_ratio": ds.hit_ratio if ds else None,
-                "pinned": name in pins,
-                "never_cache": name in self.s.never_cache,
-                "last_promotion": m.last_promotion,
-                "last_demotion": m.last_demotion,
-                "copy": dict(m.job.progress.as_dict(), why=m.job.why) if m.job else None,
-                "copy_failures": m.failures,
-                "last_error": m.last_error,
-                "adopting": m.adopting,
-            })  # fmt: skip
-        return {
-            "pid": os.getpid(),
-            "mountdir": str(self.s.mountdir),
-            "cachedir": str(self.s.cachedir),
-            "started": self.started_wall,
-            "window": self.s.window,
-            "live": self.live,
-            "cache": {
-                "capacity": self._capacity,
-                "free": self._free,
-                "budget": self.last_decision.budget if self.last_decision else None,
-                "used": used,
-            },
-            "datasets": out,
-            "refused": [{"name": n, "images": [str(p) for p in ps]} for n, ps in sorted(self.clashes.items())],
-        }
+        return requests.status(self)
 
-    # ================================================================== trace
-    def _open_trace(self) -> None:
-        assert self._record_trace is not None
-        f = open(self._record_trace, "w", encoding="utf-8")  # noqa: SIM115 - closed at shutdown
-        self._trace_file = f
-        self._trace_t0 = trio.current_time()
-        self._trace = TraceWriter(f, {n: m.size for n, m in self.managed.items()},
-                                  recorder="scratchfs-mountd", started=time.time())  # fmt: skip
-
-    def _flush_trace(self, now: float) -> None:
-        if self._trace is None:
-            return
-        pending, self._trace_pending = self._trace_pending, {}
-        self._trace.sizes({n: m.size for n, m in self.managed.items()})
-        t = now - self._trace_t0
-        for name, nbytes in sorted(pending.items()):
-            if nbytes:
-                with contextlib.suppress(ValueError):
-                    self._trace.event(t, name, nbytes)
-        self._trace.flush()
+    def wake_policy(self) -> None:
+        self._wake_policy.set()
 
 
 def _raise_readahead(mp: str, kb: int = 1024) -> None:

@@ -1,0 +1,50 @@
+"""``--record-trace``: the reads mountd serves, written in the trace format of scratchfs.trace.
+
+The FUSE read path only adds bytes to a per-dataset counter (:meth:`TraceRecorder.count`, O(1));
+the sampler writes one event per dataset and sampling interval (:meth:`TraceRecorder.flush`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+
+from scratchfs.trace import TraceWriter
+
+log = logging.getLogger(__name__)
+
+
+class TraceRecorder:
+    def __init__(self, path: str, t0: float, sizes: Mapping[str, int]) -> None:
+        self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._t0 = t0
+        self._pending: dict[str, int] = {}
+        self._writer = TraceWriter(self._file, sizes, recorder="scratchfs-mountd", started=time.time())
+
+    def count(self, dataset: str, nbytes: int) -> None:
+        self._pending[dataset] = self._pending.get(dataset, 0) + nbytes
+
+    def flush(self, now: float, sizes: Mapping[str, int]) -> bool:
+        """Write what was counted since the last flush; False once recording had to stop."""
+        pending, self._pending = self._pending, {}
+        try:
+            self._writer.sizes(sizes)
+            t = now - self._t0
+            for name, nbytes in sorted(pending.items()):
+                if nbytes:
+                    with contextlib.suppress(ValueError):  # a dataset gone before its first size line
+                        self._writer.event(t, name, nbytes)
+            self._writer.flush()
+        except OSError as e:
+            log.error("trace recording stopped: %s", e)
+            with contextlib.suppress(OSError):
+                self._file.close()
+            return False
+        return True
+
+    def close(self, now: float, sizes: Mapping[str, int]) -> None:
+        if self.flush(now, sizes):
+            with contextlib.suppress(OSError):
+                self._file.close()
