@@ -134,7 +134,7 @@ class Daemon:
         self.ctl_pins: set[str] = set()
         self.ctl_unpins: set[str] = set()
         self.evicted_at: dict[str, float] = {}
-        self._graveyard: list[tuple[Dataset, list[str]]] = []
+        self._graveyard: list[tuple[Dataset, list[str], bool]] = []  # (dataset, files, idle last pass)
         self._to_delete: list[str] = []
         self._save_lock = trio.Lock()
         self._wake_policy = trio.Event()
@@ -270,16 +270,24 @@ class Daemon:
 
     def retire(self, ds: Dataset, files: list[str]) -> None:
         """Close *ds* and delete *files* once no open file uses *ds* (see _reap)."""
-        self._graveyard.append((ds, files))
+        self._graveyard.append((ds, files, False))
 
     def _reap(self) -> None:
+        """Close retired datasets no open file uses any more, and delete their files.
+
+        A dataset is closed on the second pass that finds it without open files: readahead
+        work queued by its last reads (which holds the image through Dataset.acquire) has
+        finished by then, a scan interval later.
+        """
         keep = []
-        for ds, files in self._graveyard:
+        for ds, files, idle in self._graveyard:
             if self._ops is not None and self._ops.open_handles(ds) > 0:
-                keep.append((ds, files))
-                continue
-            ds.image.close()
-            self._to_delete.extend(files)
+                keep.append((ds, files, False))
+            elif not idle:
+                keep.append((ds, files, True))
+            else:
+                ds.image.close()
+                self._to_delete.extend(files)
         self._graveyard = keep
 
     async def _delete_pending(self) -> None:

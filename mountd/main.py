@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from scratchfs import __version__
+from scratchfs.cli import daemon_logging
 from scratchfs.errors import BusyError, EnvironmentProblem, ExternalFailure, ScratchfsError
 from scratchfs.locking import Lock, is_locked
 from scratchfs.mount_cmd import _detach_stdio, _tell, _wait_ready, check_mountpoint
@@ -80,21 +81,6 @@ def load_settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def setup_logging(logfile: str | None, debug: bool) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler: logging.Handler
-    if logfile:
-        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(logfile)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
 def check(settings: Settings) -> None:
     """Problems found before forking: one line each."""
     if not os.path.exists("/dev/fuse"):
@@ -152,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args)
         check(settings)
         if args.foreground:
-            setup_logging(args.log, args.debug)
+            daemon_logging(args.log, args.debug)
             return serve(settings, args, ready_fd=None)
     except ScratchfsError as e:
         print(f"scratchfs-mountd: error: {e}", file=sys.stderr)
@@ -167,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             os.setsid()
             _detach_stdio()
-            setup_logging(args.log or DEFAULT_LOG, args.debug)
+            daemon_logging(args.log or DEFAULT_LOG, args.debug)
             code = serve(settings, args, ready_fd=wfd)
         except ScratchfsError as e:
             log.error("%s", e)
