@@ -107,7 +107,10 @@ def generate_sample_tree(
                 data = _text_bytes(rng, corpus, large_size)
                 name = f"large{j:02d}.txt"
             else:
-                data = rng.randbytes(large_size)
+                # randbytes() of more than 256 MiB overflows: draw it in 64 MiB pieces
+                # (identical output to one call for sizes up to 64 MiB).
+                chunk = 64 << 20
+                data = b"".join(rng.randbytes(min(chunk, large_size - o)) for o in range(0, large_size, chunk))
                 name = f"large{j:02d}.bin"
             _write(big / name, data, BASE_MTIME + n_small + j)
             files += 1
