@@ -20,24 +20,30 @@ Algorithm
    pins (already cached ones first, then by value per byte), then cached datasets promoted less
    than ``min_residency`` ago (by value per byte).
 
-4. **Value of the rest.**  A dataset's demand estimate is the higher of its throughput while
-   active in the window (window bytes / the part of the window it has been active) and its
-   throughput over the newest part of the window (so a rise is seen within a fraction of the
-   window).  Demand is valued over a fixed ``horizon`` (mountd: twice the window):
+4. **Value of the rest.**  All byte figures are *image* bytes: the read path counts bytes
+   served (after decompression), and :func:`demand_from_snapshot` scales them by each
+   image's compression ratio (image size / logical size, given by the caller; 1 if unknown),
+   so reads are compared with copy sizes like with like.  A dataset's rate ``r`` is the higher
+   of its throughput while active in the window and its throughput over the newest part of
+   the window (so a rise is seen within a fraction of the window).  Value is the bytes
+   expected to be read over a fixed ``horizon`` ``H`` (mountd: twice the window):
 
-   * cached (incumbent): ``value = demand * horizon * (1 + hysteresis)``
-   * not cached (candidate): ``value = demand * max(horizon - size / copy_bandwidth, 0) - size``:
-     the bytes it would serve from the SSD once copied (reads during the copy still go to
+   * cached (incumbent): ``value = r * H * (1 + hysteresis)``
+   * not cached (candidate): ``value = r * max(H - size / copy_bandwidth, 0) - size``: the
+     bytes it would serve from the SSD once copied (reads during the copy still go to
      scratch) minus the bytes the copy itself reads from scratch.
 
-   **Admission (ski rental).**  A candidate is considered at all only once the demand of its
-   current run has paid for its copy: with ``age`` the time it has been read without a
-   window-long pause, ``demand * (age - copy_time) > admission * size`` (``admission`` = 1 by
-   default: read about its own size since the run began, plus what is read while the copy
-   would run).  A dataset read once, start to end, never qualifies and stays on scratch; one
-   read over and over qualifies after its first pass.  This is the classic rent-or-buy rule,
-   which never pays more than about twice what the best choice in hindsight pays in traffic.
-   Candidates with ``value <= 0`` or a demand below ``min_rate`` are not considered either.
+   **Admission.**  A candidate is given that value only once its current run is expected to
+   read more than its size after the copy is done: with ``remaining`` the bytes the run is
+   expected to read from now on, ``remaining - r * copy_time > size``.  A run that has lasted
+   ``age`` is expected to last as long again (``remaining = r * age``: the classic rent-or-buy
+   rule, which never pays more than about twice what the best choice in hindsight pays in
+   traffic); but if the dataset's *previous* run read more than this one so far, the run is
+   expected to read as much as that one (``remaining = last_run - run``).  So a dataset read
+   once, start to end (a scan), never qualifies and stays on scratch; one read over and over
+   qualifies after its first pass; and one whose last run was long qualifies as soon as its
+   next run starts.  Runs are separated by a window without reads (see :mod:`.stats`).
+   Candidates not admitted, with ``value <= 0`` or a rate not above ``min_rate`` are worth 0.
 
    Value per byte (``value / size``) ranks datasets.
 
@@ -51,6 +57,13 @@ Algorithm
 6. **Keep idle incumbents** while there is room: cached datasets that lost their demand stay
    (best value per byte first) as long as nothing with value needs the space, so returning
    demand finds them still cached and nothing is copied twice.
+
+   **Spare space** (``spare``, on by default): what is still free after that is lent to
+   datasets being read that were not admitted (or whose value is not positive) but would
+   serve reads from the cache once copied (``r * (H - copy_time) > 0``), most such bytes per
+   byte first.  Nothing is demoted for them: they only fill space no valued dataset wants,
+   and they give it back like any idle incumbent.  This trades copy traffic for hits where
+   the SSD would otherwise sit empty; ``spare=False`` keeps the cache to admitted datasets.
 
 7. **Hysteresis / no flapping.**  The same steps are run with incumbents only; the set with
    candidates replaces it only if its total value is strictly higher.  Because a candidate's
@@ -85,18 +98,17 @@ DP_CELL_LIMIT = 2_000_000
 class PolicyParams:
     """Tuning of :func:`choose`.  Times in seconds, bandwidth in bytes/s."""
 
-    horizon: float = 1200.0  # how far ahead demand is valued (mountd: 2 × window)
-    max_horizon: float = 4 * 3600.0  # cap on the age the admission test extrapolates
-    admission: float = 1.0  # fraction of its size a dataset must have been read before promotion
+    horizon: float = 1200.0  # how far ahead reads are predicted (mountd: 2 × window)
     min_residency: float = 0.0
     copy_bandwidth: float = 0.0  # 0 = unlimited (copies take no time)
     hysteresis: float = 0.1
     min_rate: float = 0.0  # demand (bytes/s) below which a dataset is never promoted
+    spare: bool = True  # fill space no valued dataset wants with datasets that would be read from it
     resolution: int = 1000  # knapsack DP size units
 
     def __post_init__(self) -> None:
-        if not self.horizon > 0 or not self.max_horizon > 0:
-            raise ValueError("horizon and max_horizon must be positive")
+        if not self.horizon > 0:
+            raise ValueError("horizon must be positive")
         if self.min_residency < 0 or self.copy_bandwidth < 0 or self.hysteresis < 0 or self.min_rate < 0:
             raise ValueError("min_residency, copy_bandwidth, hysteresis and min_rate must not be negative")
         if self.resolution < 1:
@@ -105,25 +117,72 @@ class PolicyParams:
 
 @dataclass(frozen=True)
 class Demand:
-    """What the policy needs to know about one dataset's load."""
+    """What the policy needs to know about one dataset's load, in image bytes (see ``scale``)."""
 
     rate: float = 0.0  # bytes/s while active in the window
     recent_rate: float = 0.0  # bytes/s over the newest part of the window
     age: float = 0.0  # seconds this dataset has been read without a window-long pause
+    run_bytes: float | None = None  # bytes of the current run (None: rate × age)
+    last_run_bytes: float = 0.0  # bytes of the previous run
 
     @property
     def estimate(self) -> float:
         return max(self.rate, self.recent_rate)
 
+    @property
+    def run(self) -> float:
+        return self.run_bytes if self.run_bytes is not None else self.rate * self.age
 
-def demand_from_snapshot(snap: StatsSnapshot) -> dict[str, Demand]:
-    """Per-dataset :class:`Demand` from a stats snapshot."""
+    def remaining(self) -> float:
+        """Bytes the current run is expected to read from now on (0 between runs).
+
+        A run that has lasted ``age`` is expected to last as long again, at the current rate;
+        or, if the previous run read more, to read as much as that one in all: a dataset whose
+        runs are long is expected to be read long again from the start of its next run, while
+        one read once end to end (a scan) is not.
+        """
+        est = self.estimate
+        if est <= 0:
+            return 0.0
+        return max(est * self.age, self.last_run_bytes - self.run)
+
+    def predicted(self, start: float, end: float) -> float:
+        """Bytes expected to be read between ``start`` and ``end`` seconds from now, at the
+        current rate (what a held dataset is worth over the horizon)."""
+        if end <= start:
+            return 0.0
+        return self.estimate * (end - start)
+
+
+def demand_from_snapshot(snap: StatsSnapshot, scale: Mapping[str, float] | None = None) -> dict[str, Demand]:
+    """Per-dataset :class:`Demand` from a stats snapshot.
+
+    The read path counts the bytes it *serves*, after decompression; image sizes (what a copy
+    reads, what the cache holds) are compressed bytes.  ``scale`` maps a dataset to its image
+    bytes per served byte (image size / logical size of its files, its compression ratio) and
+    every byte figure is multiplied by it, so the policy compares like with like: the bytes a
+    dataset's reads take from the storage it is on, against the bytes its copy takes.  A
+    dataset missing from ``scale`` counts 1 (served bytes taken as image bytes).
+
+    Datasets with nothing in the window are left out: :func:`choose` takes a missing dataset
+    as ``Demand()``, which is what their figures would say.
+    """
     out: dict[str, Demand] = {}
+    ratio = scale or {}
     for name, d in snap.datasets.items():
+        if not d.window_bytes:
+            continue
+        k = ratio.get(name, 1.0)
         age = max(snap.now - d.active_since, 0.0) if d.active_since is not None else 0.0
         active = min(snap.span, age) if age > 0 else snap.span
         rate = d.window_bytes / max(active, snap.resolution)
-        out[name] = Demand(rate=rate, recent_rate=d.recent_rate, age=age)
+        out[name] = Demand(
+            rate=rate * k,
+            recent_rate=d.recent_rate * k,
+            age=age,
+            run_bytes=d.run_bytes * k,
+            last_run_bytes=d.last_run_bytes * k,
+        )
     return out
 
 
@@ -240,17 +299,20 @@ def choose(
     eligible = {n for n, s in sizes.items() if n not in never and 0 <= s <= budget}
 
     bw = params.copy_bandwidth
+    horizon = params.horizon
     values: dict[str, float] = {}
+    gains: dict[str, float] = {}  # candidates: bytes they would serve from the cache within the horizon
     for name in eligible:
         d = demand.get(name, Demand())
-        est = d.estimate
         size = sizes[name]
         if name in cached:
-            values[name] = est * params.horizon * (1 + params.hysteresis)
-        elif est >= params.min_rate and est > 0:
+            values[name] = d.predicted(0.0, horizon) * (1 + params.hysteresis)
+        elif d.estimate > params.min_rate:
             copy_time = size / bw if bw > 0 else 0.0
-            paid = est * (min(d.age, params.max_horizon) - copy_time) - params.admission * size
-            values[name] = est * max(params.horizon - copy_time, 0.0) - size if paid > 0 else 0.0
+            gains[name] = d.predicted(copy_time, horizon)
+            # admission: this run (or the last one) says it will be read more than its size
+            # once the copy is done
+            values[name] = gains[name] - size if d.remaining() - d.estimate * copy_time > size else 0.0
         else:
             values[name] = 0.0
 
@@ -289,6 +351,11 @@ def choose(
     # Idle incumbents stay while the space is not wanted.
     idle = [n for n in incumbents if n not in reasons]
     take(sorted(idle, key=lambda n: (-density(n), -cached[n], n)), "kept")
+    if params.spare:
+        # Space nobody wants: datasets being read that do not (yet) pay for their copy, most
+        # bytes expected from the cache per byte first.
+        spare = [n for n, g in gains.items() if n not in reasons and g > 0 and values[n] <= 0]
+        take(sorted(spare, key=lambda n: (-gains[n] / max(sizes[n], 1), n)), "spare")
 
     held = frozenset(hold)
     assert sum(sizes[n] for n in held) <= budget

@@ -18,6 +18,21 @@ over time it did not observe).
 
 Requests arriving with a time older than the window (a caller whose clock went backwards) still
 count in the totals but not in the window.
+
+Runs
+----
+Snapshots also follow each dataset's *runs*: a run begins with the first bucket holding bytes
+after a snapshot found the window empty, and ends at the first snapshot that finds the window
+empty again (so runs are separated by at least a window without reads).  Per dataset the
+snapshot reports the bytes of the current run and of the previous run: what lets the
+promotion policy tell a dataset read long, again and again, from one read once end to end.
+Datasets seen before are remembered (totals and last run) until
+:meth:`ThroughputStats.forget` or :meth:`ThroughputStats.retain`.  Like ``active_since``, runs
+rely on snapshots being taken more often than once per window.
+
+A dataset with nothing in the window and no run to close reports the same figures from one
+snapshot to the next; its :class:`DatasetStats` is reused, so a snapshot of many idle datasets
+stays cheap.
 """
 
 from __future__ import annotations
@@ -32,6 +47,20 @@ log = logging.getLogger(__name__)
 #: Tier names used by the read path.  Any other string is accepted as a tier too.
 SCRATCH = "scratch"
 CACHE = "cache"
+
+
+
+class _Run:
+    """Run bookkeeping of one dataset, updated by snapshots only."""
+
+    __slots__ = ("since", "base", "prev_bytes", "runs", "idle")
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # start of the current run, None between runs
+        self.base = 0  # the dataset's total bytes before the current run
+        self.prev_bytes = 0  # bytes of the previous finished run
+        self.runs = 0  # finished runs
+        self.idle: DatasetStats | None = None  # figures while nothing is in the window
 
 
 class _Ring:
@@ -71,6 +100,9 @@ class DatasetStats:
     window_bytes: int
     total_bytes: int
     total_requests: int
+    run_bytes: int = 0  # bytes of the current run (0 between runs)
+    last_run_bytes: int = 0  # bytes of the previous finished run
+    runs: int = 0  # finished runs
 
     def tier_total(self, tier: str) -> int:
         t = self.tiers.get(tier)
@@ -123,7 +155,14 @@ class ThroughputStats:
     for a whole window.
     """
 
-    def __init__(self, window: float, buckets: int = 60, *, start: float = 0.0, recent_fraction: float = 0.25) -> None:
+    def __init__(
+        self,
+        window: float,
+        buckets: int = 60,
+        *,
+        start: float = 0.0,
+        recent_fraction: float = 0.25,
+    ) -> None:
         if not window > 0 or not math.isfinite(window):
             raise ValueError(f"window must be a positive number of seconds, not {window!r}")
         if buckets < 2:
@@ -136,7 +175,8 @@ class ThroughputStats:
         self.start = float(start)
         self.recent_buckets = max(1, round(self.buckets * recent_fraction))
         self._rings: dict[tuple[str, str], _Ring] = {}
-        self._active_since: dict[str, float] = {}
+        self._by_name: dict[str, list[tuple[str, _Ring]]] = {}  # the rings of each dataset
+        self._runs: dict[str, _Run] = {}
 
     # -- hot path -------------------------------------------------------------------------
 
@@ -145,6 +185,9 @@ class ThroughputStats:
         ring = self._rings.get((dataset, tier))
         if ring is None:
             ring = self._rings[(dataset, tier)] = _Ring(self.buckets)
+            self._by_name.setdefault(dataset, []).append((tier, ring))
+            if dataset not in self._runs:
+                self._runs[dataset] = _Run()
         ring.total_bytes += nbytes
         ring.total_reqs += 1
         idx = int(now // self.width)
@@ -170,15 +213,17 @@ class ThroughputStats:
         """Drop every counter of *dataset* (its image went away)."""
         for key in [k for k in self._rings if k[0] == dataset]:
             del self._rings[key]
-        self._active_since.pop(dataset, None)
+        self._by_name.pop(dataset, None)
+        self._runs.pop(dataset, None)
 
     def retain(self, datasets: Iterable[str]) -> None:
         """Forget every dataset not in *datasets*."""
         keep = set(datasets)
         for key in [k for k in self._rings if k[0] not in keep]:
             del self._rings[key]
-        for name in [n for n in self._active_since if n not in keep]:
-            del self._active_since[name]
+        for name in [n for n in self._runs if n not in keep]:
+            del self._runs[name]
+            self._by_name.pop(name, None)
 
     def span(self, now: float) -> float:
         """Seconds the window covers at *now* (see the module docstring)."""
@@ -212,37 +257,54 @@ class ThroughputStats:
         span = self.span(now)
         into = now - idx * self.width
         recent_span = max(min((self.recent_buckets - 1) * self.width + into, now - self.start), self.width)
-        per: dict[str, dict[str, TierStats]] = {}
-        recent: dict[str, int] = {}
-        oldest: dict[str, int] = {}
-        for (name, tier), ring in self._rings.items():
-            if ring.last <= idx - self.buckets:  # nothing in the window: skip the ring scan
-                per.setdefault(name, {})[tier] = TierStats(0, 0, 0.0, ring.total_bytes, ring.total_reqs)
-                recent[name] = recent.get(name, 0)
-                continue
-            wb, wr = self._sum(ring, idx, self.buckets)
-            if wb:
-                first = self._oldest(ring, idx)
-                if first is not None:
-                    oldest[name] = min(first, oldest.get(name, first))
-            rb, _ = self._sum(ring, idx, self.recent_buckets)
-            per.setdefault(name, {})[tier] = TierStats(wb, wr, wb / span, ring.total_bytes, ring.total_reqs)
-            recent[name] = recent.get(name, 0) + rb
         out: dict[str, DatasetStats] = {}
-        for name, tiers in per.items():
-            wb = sum(t.window_bytes for t in tiers.values())
+        stale = idx - self.buckets  # a ring whose newest bucket is this old has nothing in the window
+        for name, rings in self._by_name.items():
+            run = self._runs[name]
+            if run.since is None and all(r.last <= stale for _, r in rings):
+                cached = run.idle
+                if cached is not None and cached.total_requests == sum(r.total_reqs for _, r in rings):
+                    out[name] = cached
+                    continue
+            tiers: dict[str, TierStats] = {}
+            wb = rb = total = reqs = 0
+            first: int | None = None
+            for tier, ring in rings:
+                total += ring.total_bytes
+                reqs += ring.total_reqs
+                if ring.last <= stale:  # nothing in the window: skip the ring scan
+                    tiers[tier] = TierStats(0, 0, 0.0, ring.total_bytes, ring.total_reqs)
+                    continue
+                tb, tr = self._sum(ring, idx, self.buckets)
+                if tb:
+                    f = self._oldest(ring, idx)
+                    if f is not None:
+                        first = f if first is None else min(first, f)
+                rb += self._sum(ring, idx, self.recent_buckets)[0]
+                wb += tb
+                tiers[tier] = TierStats(tb, tr, tb / span, ring.total_bytes, ring.total_reqs)
             if wb == 0:
-                self._active_since.pop(name, None)
-            elif name not in self._active_since:
-                self._active_since[name] = max(oldest[name] * self.width, self.start)
-            out[name] = DatasetStats(
+                if run.since is not None:  # the run ended
+                    run.prev_bytes = total - run.base
+                    run.runs += 1
+                    run.since = None
+            elif run.since is None:
+                assert first is not None
+                run.since = max(first * self.width, self.start)
+                run.base = total - wb
+            ds = DatasetStats(
                 name=name,
                 tiers=tiers,
                 rate=wb / span,
-                recent_rate=recent[name] / recent_span,
-                active_since=self._active_since.get(name),
+                recent_rate=rb / recent_span,
+                active_since=run.since,
                 window_bytes=wb,
-                total_bytes=sum(t.total_bytes for t in tiers.values()),
-                total_requests=sum(t.total_requests for t in tiers.values()),
+                total_bytes=total,
+                total_requests=reqs,
+                run_bytes=total - run.base if run.since is not None else 0,
+                last_run_bytes=run.prev_bytes,
+                runs=run.runs,
             )
+            run.idle = ds if wb == 0 else None
+            out[name] = ds
         return StatsSnapshot(now=now, window=self.window, span=span, resolution=self.width, datasets=out)

@@ -24,6 +24,8 @@ def worlds(draw: st.DrawFn) -> dict:
             rate=draw(st.floats(0, 2 * GiB)),
             recent_rate=draw(st.floats(0, 2 * GiB)),
             age=draw(st.floats(0, 20_000)),
+            run_bytes=draw(st.none() | st.floats(0, 200 * GiB)),
+            last_run_bytes=draw(st.floats(0, 200 * GiB)),
         )
         for n in names
     }
@@ -45,6 +47,7 @@ def worlds(draw: st.DrawFn) -> dict:
             min_residency=draw(st.sampled_from([0.0, 600.0, 3000.0])),
             copy_bandwidth=draw(st.sampled_from([0.0, 100e6, 1e9])),
             hysteresis=draw(st.sampled_from([0.0, 0.1, 0.5])),
+            spare=draw(st.booleans()),
         ),
     }
 
@@ -131,14 +134,62 @@ def test_stable_demand_converges_without_cycles(w: dict) -> None:
 
 
 def test_read_once_is_not_promoted_but_rereads_are() -> None:
-    """Ski-rental admission: a dataset must have been read about its size in this run."""
-    params = PolicyParams(horizon=1200, copy_bandwidth=0)
+    """Rent-or-buy admission: a dataset must have been read about its size in this run."""
+    params = PolicyParams(horizon=1200, copy_bandwidth=0, spare=False)
     size = 10 * GiB
     common = dict(sizes={"a": size}, capacity=100 * GiB, free=100 * GiB, cached={}, now=1000.0, params=params)
     half = Demand(rate=size / 2 / 100, age=100)  # half its size read in 100 s
     assert choose(demand={"a": half}, **common).hold == frozenset()
     twice = Demand(rate=2 * size / 100, age=100)  # twice its size in 100 s
     assert choose(demand={"a": twice}, **common).hold == {"a"}
+
+
+def test_copy_time_counts_against_admission() -> None:
+    """Reads during the copy still go to scratch: a run must outlast the copy by a size's worth."""
+    size = 10 * GiB
+    rate = size / 100  # its size in 100 s, read for 150 s so far
+    demand = {"a": Demand(rate=rate, age=150, run_bytes=1.5 * size)}
+    common = dict(sizes={"a": size}, capacity=100 * GiB, free=100 * GiB, cached={}, now=1000.0)
+    assert choose(demand=demand, params=PolicyParams(copy_bandwidth=0, spare=False), **common).hold == {"a"}
+    slow_copy = PolicyParams(copy_bandwidth=size / 60, spare=False)  # 60 s of copying: 1.5 - 0.6 < 1
+    assert choose(demand=demand, params=slow_copy, **common).hold == frozenset()
+
+
+def test_long_last_run_admits_the_next_run_at_once_but_a_scan_is_never_admitted() -> None:
+    params = PolicyParams(horizon=1200, copy_bandwidth=500e6, spare=False)
+    size = 50 * GiB
+    common = dict(sizes={"a": size}, capacity=100 * GiB, free=100 * GiB, cached={}, now=1000.0, params=params)
+    rate = 200e6
+    starting = Demand(rate=rate, age=20, run_bytes=rate * 20)  # a run that began 20 s ago
+    assert choose(demand={"a": starting}, **common).hold == frozenset()
+    after_long = Demand(rate=rate, age=20, run_bytes=rate * 20, last_run_bytes=5 * size)
+    d = choose(demand={"a": after_long}, **common)
+    assert d.hold == {"a"} and d.reasons["a"] == "value"
+    # a scan: the last run read the image once; this one is half-way through it
+    scan = Demand(rate=rate, age=size / 2 / rate, run_bytes=size / 2, last_run_bytes=size)
+    assert choose(demand={"a": scan}, **common).hold == frozenset()
+
+
+def test_spare_space_fills_but_never_demotes() -> None:
+    size = 10 * GiB
+    params = PolicyParams(horizon=1200, copy_bandwidth=0)
+    young = Demand(rate=size / 100, age=20)  # not admitted yet: read 20 % of its size
+    idle_cached = {"old": 0.0}  # cached, no demand at all
+    sizes = {"new": size, "old": size}
+    # room for both: the young run gets the spare space, the idle incumbent stays
+    d = choose(demand={"new": young}, sizes=sizes, capacity=20 * GiB, free=10 * GiB, cached=idle_cached, now=1e5, params=params)
+    assert d.hold == {"new", "old"} and d.reasons == {"old": "kept", "new": "spare"}
+    # room for one: the idle incumbent is not demoted for a spare-space candidate
+    d = choose(demand={"new": young}, sizes=sizes, capacity=10 * GiB, free=0, cached=idle_cached, now=1e5, params=params)
+    assert d.hold == {"old"} and not d.promote
+    # spare off: only admitted datasets are copied
+    off = PolicyParams(horizon=1200, copy_bandwidth=0, spare=False)
+    d = choose(demand={"new": young}, sizes=sizes, capacity=20 * GiB, free=10 * GiB, cached=idle_cached, now=1e5, params=off)
+    assert d.hold == {"old"}
+    # a copy that would finish after the horizon serves nothing: not even spare space for it
+    slow = PolicyParams(horizon=1200, copy_bandwidth=size / 2000)
+    d = choose(demand={"new": young}, sizes=sizes, capacity=20 * GiB, free=10 * GiB, cached=idle_cached, now=1e5, params=slow)
+    assert d.hold == {"old"}
 
 
 def test_hysteresis_keeps_incumbent_against_a_similar_challenger() -> None:
@@ -173,9 +224,45 @@ def test_demand_from_snapshot() -> None:
     s = ThroughputStats(window=600, buckets=60)
     for t in range(300, 400):
         s.record("a", SCRATCH, 1_000_000, float(t))
-    dem = demand_from_snapshot(s.snapshot(400.0))["a"]
+    s.record("idle", SCRATCH, 5, 1.0)
+    snap = s.snapshot(400.0)
+    dem = demand_from_snapshot(snap)["a"]
     assert dem.age == pytest.approx(100.0)
     assert dem.rate == pytest.approx(1e6)  # rate while active, not diluted over the window
+    assert dem.run == 100_000_000
+    # nothing in the window: left out, which choose() reads as no demand
+    assert "idle" not in demand_from_snapshot(s.snapshot(1000.0)) and snap.datasets["idle"].total_bytes == 5
+
+
+def test_demand_scaled_to_image_bytes() -> None:
+    """Served (decompressed) bytes times image/logical size: compared with image sizes."""
+    s = ThroughputStats(window=600, buckets=60)
+    for t in range(0, 100):
+        s.record("a", SCRATCH, 1_000_000, float(t))
+    s.snapshot(100.0)  # a run starts
+    assert s.snapshot(700.0).datasets["a"].last_run_bytes == 100_000_000  # a window without reads ends it
+    for t in range(700, 760):
+        s.record("a", SCRATCH, 2_000_000, float(t))
+    snap = s.snapshot(760.0)  # the next run
+    plain = demand_from_snapshot(snap)["a"]
+    half = demand_from_snapshot(snap, {"a": 0.5, "other": 3.0})["a"]
+    assert half.rate == pytest.approx(plain.rate / 2) and half.recent_rate == pytest.approx(plain.recent_rate / 2)
+    assert half.run == pytest.approx(plain.run / 2)
+    assert half.last_run_bytes == pytest.approx(plain.last_run_bytes / 2)
+    assert half.age == plain.age
+
+
+def test_compression_ratio_changes_the_decision() -> None:
+    """4 GiB served from an image compressed 4:1 is one image size of traffic, not four."""
+    size = 2 * GiB
+    params = PolicyParams(copy_bandwidth=0, spare=False)
+    s = ThroughputStats(window=600, buckets=60)
+    for t in range(0, 100):
+        s.record("a", SCRATCH, 4 * GiB // 100, float(t))  # twice its image size served in 100 s
+    snap = s.snapshot(100.0)
+    common = dict(sizes={"a": size}, capacity=10 * GiB, free=10 * GiB, cached={}, now=100.0, params=params)
+    assert choose(demand=demand_from_snapshot(snap), **common).hold == {"a"}
+    assert choose(demand=demand_from_snapshot(snap, {"a": 0.25}), **common).hold == frozenset()
 
 
 @settings(max_examples=150, deadline=None)
