@@ -126,3 +126,66 @@ def test_window_matches_brute_force(buckets: int, width: float, reads: list[tupl
     got = snap.datasets["d"].window_bytes if reads else 0
     assert got == expect
     assert (snap.datasets["d"].total_bytes if reads else 0) == sum(n for _, n in reads)
+
+
+def test_runs_current_and_previous() -> None:
+    s = ThroughputStats(window=60, buckets=6)
+    for t in range(0, 30):
+        s.record("a", SCRATCH, 100, float(t))
+        s.record("a", CACHE, 10, float(t))
+        if t % 5 == 0:
+            s.snapshot(float(t))
+    a = s.snapshot(30.0).datasets["a"]
+    assert (a.run_bytes, a.last_run_bytes, a.runs) == (3300, 0, 0)  # both tiers count
+    a = s.snapshot(100.0).datasets["a"]  # a window without reads: the run is over
+    assert (a.run_bytes, a.last_run_bytes, a.runs, a.active_since) == (0, 3300, 1, None)
+    for t in range(200, 210):
+        s.record("a", SCRATCH, 7, float(t))
+    a = s.snapshot(210.0).datasets["a"]
+    assert (a.run_bytes, a.last_run_bytes, a.runs, a.active_since) == (70, 3300, 1, 200.0)
+    assert a.total_bytes == 3300 + 70
+
+
+def test_idle_figures_follow_late_records() -> None:
+    """An idle dataset's figures are reused between snapshots, but a late record still shows."""
+    s = ThroughputStats(window=60, buckets=6)
+    s.record("a", SCRATCH, 10, 1.0)
+    s.snapshot(5.0)
+    first = s.snapshot(500.0).datasets["a"]
+    assert s.snapshot(600.0).datasets["a"] is first  # nothing changed: the same figures
+    s.record("a", SCRATCH, 5, 2.0)  # a clock that went back: counts in the totals only
+    again = s.snapshot(700.0).datasets["a"]
+    assert again.total_bytes == 15 and again.total_requests == 2 and again.window_bytes == 0
+    s.forget("a")
+    assert "a" not in s.snapshot(800.0).datasets
+
+
+@settings(max_examples=150, deadline=None)
+@given(gaps=st.lists(st.tuples(st.floats(0.1, 150), st.integers(0, 1000)), min_size=1, max_size=40))
+def test_runs_match_brute_force(gaps: list[tuple[float, int]]) -> None:
+    """Snapshots before and after each read: a run ends where a snapshot sees an empty window."""
+    s = ThroughputStats(window=60, buckets=6)
+    reads: list[tuple[float, int]] = []
+    runs: list[int] = []  # bytes of each run, brute force
+    in_run = False
+    t = 0.0
+    for gap, n in gaps:
+        t += gap
+        idx = int(t // 10)
+        if in_run and not any(idx - 6 < int(rt // 10) <= idx and rn for rt, rn in reads):
+            in_run = False
+        s.snapshot(t)
+        s.record("d", SCRATCH, n, t)
+        reads.append((t, n))
+        s.snapshot(t)
+        if n and not in_run:
+            runs.append(0)
+            in_run = True
+        if in_run:
+            runs[-1] += n
+    d = s.snapshot(t).datasets["d"]
+    finished = runs[:-1] if in_run else runs
+    assert d.run_bytes == (runs[-1] if in_run else 0)
+    assert d.last_run_bytes == (finished[-1] if finished else 0)
+    assert d.runs == len(finished)
+    assert d.total_bytes == sum(n for _, n in reads)
