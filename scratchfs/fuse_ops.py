@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 TIMEOUT = 24 * 3600.0  # images are immutable: let the kernel cache entries and attributes
 ATTR_CACHE_ENTRIES = 200_000  # built attributes kept for readdir/lookup/getattr (cleared when full)
-NS_TIMEOUT = 1.0  # the list of datasets of a namespace changes: entries of the root expire fast
+NS_TIMEOUT = 1.0
+FRAGMENT_READAHEAD = 2  # fragment blocks decoded ahead of a small-file reader  # the list of datasets of a namespace changes: entries of the root expire fast
 SLOT_SHIFT = 32
 MASK32 = (1 << SLOT_SHIFT) - 1
 
@@ -458,11 +459,6 @@ class Operations(pyfuse3.Operations):
                 futs = img.loading(n, off, size)
                 if futs:
                     await _wait_futures(futs)
-                if n.frag_index != NO_FRAGMENT and off + size >= n.size:
-                    # Small files are read in directory order, and mksquashfs packs their
-                    # tails in that order: decode the next fragment block ahead.
-                    if ds.acquire(img):
-                        self._pool.submit(_prefetch_fragment, ds, img, n.frag_index + 1)
                 if self._reads_waiting > 1:
                     # Other reads are in flight: decode in a worker so they proceed meanwhile
                     # and several cores decode at once.
@@ -481,6 +477,12 @@ class Operations(pyfuse3.Operations):
             ds.end(img, nbytes)
         if off == h.next_off and off + nbytes < n.size:
             self._readahead(ds, img, n, off + nbytes)
+        elif n.frag_index != NO_FRAGMENT and off + size >= n.size:
+            # Small files are read in directory order, and mksquashfs packs their tails in
+            # that order: keep the next fragment blocks decoding ahead.
+            for idx in range(n.frag_index + 1, n.frag_index + 1 + FRAGMENT_READAHEAD):
+                if img.fragment_pending(idx) and ds.acquire(img):
+                    self._pool.submit(_prefetch_fragment, ds, img, idx)
         h.next_off = off + nbytes
         return data
 

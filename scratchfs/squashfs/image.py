@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import logging
 import os
 import stat
 import struct
@@ -42,6 +43,8 @@ MODE_OF_TYPE = {
     6: stat.S_IFIFO,
     7: stat.S_IFSOCK,
 }
+log = logging.getLogger(__name__)
+
 NO_FRAGMENT = 0xFFFFFFFF
 _IMAGE_KEYS = itertools.count(1)
 # Field layouts of sqfs_inode_generic_t (little-endian x86/arm hosts; checked by tests):
@@ -337,6 +340,7 @@ class Image:
                 lib.sqfs_frag_table_read(tbl, ctx.file, ctypes.byref(sb), ctx.cmp),
                 f"{self.path}: fragment table",
             )
+        self._advise_metadata()
         self.root = self.inode_by_ref(sb.root_inode_ref)
         if not self.root.is_dir:
             raise CorruptImageError(f"{self.path}: root inode is not a directory")
@@ -356,6 +360,20 @@ class Image:
             duplicates=not sb.flags & L.SQFS_FLAG_NO_DUPLICATES,
             version=f"{sb.version_major}.{sb.version_minor}",
         )
+
+    def _advise_metadata(self, limit: int = 256 << 20) -> None:
+        """Ask the kernel to read the metadata tables ahead (they sit at the end of the image).
+
+        Lookups then decode inodes and directories from the page cache instead of waiting on
+        scratch for each 8 KiB metadata block. Asynchronous; bounded by *limit* bytes.
+        """
+        start = self._super.inode_table_start
+        length = min(self._super.bytes_used - start, limit)
+        if length > 0 and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                log.debug("posix_fadvise failed on %s", self.path, exc_info=True)
 
     def _validate_super(self) -> None:
         sb = self._super
@@ -717,6 +735,15 @@ class Image:
                   f"{self.path}: fragment {inode.frag_index}")  # fmt: skip
             loc = inode.frag_loc = (fr.start_offset, fr.size)
         return loc
+
+    def fragment_pending(self, index: int) -> bool:
+        """True when fragment block *index* exists and is neither cached nor being decoded."""
+        if self._frag_table is None or index >= self._super.fragment_entry_count:
+            return False
+        fr = L.sqfs_fragment_t()
+        if self._frag_lookup(self._frag_table, index, ctypes.byref(fr)) < 0:
+            return False
+        return (self._key, fr.start_offset) not in self.cache
 
     def fragment_block(self, index: int) -> bytes | None:
         """Decode fragment block *index* into the cache (readahead); None if there is none."""
