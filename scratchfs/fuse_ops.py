@@ -544,21 +544,32 @@ class Operations(pyfuse3.Operations):
 
 
 async def _wait_futures(futs: list[Any]) -> None:
-    """Wait, without blocking the trio thread, for futures completed by worker threads."""
-    token = trio.lowlevel.current_trio_token()
-    for fut in futs:
-        if fut.done():
-            continue
-        ev = trio.Event()
+    """Wait, without blocking the trio thread, until worker threads completed all *futs*.
 
-        def wake(_f: Any, ev: trio.Event = ev) -> None:
+    Only the last completion wakes the trio thread (each wake-up costs a socket write and a
+    scheduling round).
+    """
+    pending = [f for f in futs if not f.done()]
+    if not pending:
+        return
+    token = trio.lowlevel.current_trio_token()
+    ev = trio.Event()
+    left = [len(pending)]
+    lock = threading.Lock()
+
+    def done(_f: Any) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
             try:
                 token.run_sync_soon(ev.set)
             except trio.RunFinishedError:
                 pass
 
-        fut.add_done_callback(wake)
-        await ev.wait()
+    for f in pending:
+        f.add_done_callback(done)
+    await ev.wait()
 
 
 def _prefetch_fragment(ds: Dataset, img: Image, index: int) -> None:
