@@ -58,12 +58,16 @@ Algorithm
    (best value per byte first) as long as nothing with value needs the space, so returning
    demand finds them still cached and nothing is copied twice.
 
-   **Spare space** (``spare``, on by default): what is still free after that is lent to
+   **Spare space** (``spare``, on by default): space that no valued dataset wants is lent to
    datasets being read that were not admitted (or whose value is not positive) but would
    serve reads from the cache once copied (``r * (H - copy_time) > 0``), most such bytes per
-   byte first.  Nothing is demoted for them: they only fill space no valued dataset wants,
-   and they give it back like any idle incumbent.  This trades copy traffic for hits where
-   the SSD would otherwise sit empty; ``spare=False`` keeps the cache to admitted datasets.
+   byte first.  An idle incumbent whose last run paid for a copy (read at least its size)
+   keeps its place; one whose last run did not (or that was never seen in a run) holds its
+   space on loan only: it is demoted when a dataset being read wants the space, the newest
+   promoted loans kept longest.  Nothing held for value, pinned or within
+   ``min_residency`` is ever demoted for spare space.  This trades copy traffic for hits
+   where the SSD would otherwise hold data nobody reads; ``spare=False`` keeps the cache to
+   admitted datasets and keeps every idle incumbent while there is room.
 
 7. **Hysteresis / no flapping.**  The same steps are run with incumbents only; the set with
    candidates replaces it only if its total value is strictly higher.  Because a candidate's
@@ -71,7 +75,9 @@ Algorithm
    a change under constant demand strictly raises the held demand ``sum(demand * H)``; with
    finitely many sets, constant demand therefore converges and never cycles.  Incumbents also
    do not pay the copy cost a candidate pays, which is what keeps two datasets of similar
-   demand from trading places.
+   demand from trading places.  Spare space changes nothing here: a loan is only ever taken
+   back by a dataset being read (``r > 0``) from one that is not (``r = 0``), so under
+   constant demand a loan given back is never asked for again.
 
 Datasets not in ``sizes`` (their image went away) are never held.
 """
@@ -149,9 +155,7 @@ class Demand:
     def predicted(self, start: float, end: float) -> float:
         """Bytes expected to be read between ``start`` and ``end`` seconds from now, at the
         current rate (what a held dataset is worth over the horizon)."""
-        if end <= start:
-            return 0.0
-        return self.estimate * (end - start)
+        return self.estimate * max(end - start, 0.0)
 
 
 def demand_from_snapshot(snap: StatsSnapshot, scale: Mapping[str, float] | None = None) -> dict[str, Demand]:
@@ -164,13 +168,15 @@ def demand_from_snapshot(snap: StatsSnapshot, scale: Mapping[str, float] | None 
     dataset's reads take from the storage it is on, against the bytes its copy takes.  A
     dataset missing from ``scale`` counts 1 (served bytes taken as image bytes).
 
-    Datasets with nothing in the window are left out: :func:`choose` takes a missing dataset
-    as ``Demand()``, which is what their figures would say.
+    Datasets with nothing in the window get only their last run's bytes, and are left out if
+    they have none: :func:`choose` takes a missing dataset as ``Demand()``.
     """
     out: dict[str, Demand] = {}
     ratio = scale or {}
     for name, d in snap.datasets.items():
         if not d.window_bytes:
+            if d.last_run_bytes:
+                out[name] = Demand(last_run_bytes=d.last_run_bytes * ratio.get(name, 1.0))
             continue
         k = ratio.get(name, 1.0)
         age = max(snap.now - d.active_since, 0.0) if d.active_since is not None else 0.0
@@ -275,6 +281,11 @@ def best_subset(items: Iterable[tuple[str, int, float]], budget: int, resolution
 # -- the policy -------------------------------------------------------------------------------
 
 
+def _last_run(demand: Mapping[str, Demand], name: str) -> float:
+    d = demand.get(name)
+    return d.last_run_bytes if d is not None else 0.0
+
+
 def choose(
     *,
     demand: Mapping[str, Demand],
@@ -296,16 +307,20 @@ def choose(
     pins = set(pinned)
     cached_bytes = sum(sizes[n] for n in cached if n in sizes)
     budget = max(0, min(int(capacity), cached_bytes + int(free)))
-    eligible = {n for n, s in sizes.items() if n not in never and 0 <= s <= budget}
+    # Only datasets with demand, cached or pinned can be held: the rest are not looked at.
+    relevant = {n for n in (*demand, *cached, *pins) if n in sizes}
+    eligible = {n for n in relevant if n not in never and 0 <= sizes[n] <= budget}
 
     bw = params.copy_bandwidth
     horizon = params.horizon
     values: dict[str, float] = {}
     gains: dict[str, float] = {}  # candidates: bytes they would serve from the cache within the horizon
     for name in eligible:
-        d = demand.get(name, Demand())
+        d = demand.get(name)
         size = sizes[name]
-        if name in cached:
+        if d is None:  # no demand: worth nothing (cached or pinned)
+            values[name] = 0.0
+        elif name in cached:
             values[name] = d.predicted(0.0, horizon) * (1 + params.hysteresis)
         elif d.estimate > params.min_rate:
             copy_time = size / bw if bw > 0 else 0.0
@@ -350,12 +365,17 @@ def choose(
     take(sorted(picked, key=lambda n: (-density(n), n)), why)
     # Idle incumbents stay while the space is not wanted.
     idle = [n for n in incumbents if n not in reasons]
-    take(sorted(idle, key=lambda n: (-density(n), -cached[n], n)), "kept")
     if params.spare:
+        # Idle incumbents whose last run did not pay for a copy hold their space on loan only.
+        lent = {n for n in idle if _last_run(demand, n) < sizes[n]}
+        take(sorted((n for n in idle if n not in lent), key=lambda n: (-density(n), -cached[n], n)), "kept")
         # Space nobody wants: datasets being read that do not (yet) pay for their copy, most
-        # bytes expected from the cache per byte first.
+        # bytes expected from the cache per byte first; then the loans, newest first.
         spare = [n for n, g in gains.items() if n not in reasons and g > 0 and values[n] <= 0]
         take(sorted(spare, key=lambda n: (-gains[n] / max(sizes[n], 1), n)), "spare")
+        take(sorted(lent, key=lambda n: (-cached[n], n)), "kept")
+    else:
+        take(sorted(idle, key=lambda n: (-density(n), -cached[n], n)), "kept")
 
     held = frozenset(hold)
     assert sum(sizes[n] for n in held) <= budget

@@ -231,19 +231,21 @@ class ThroughputStats:
         covered = (self.buckets - 1) * self.width + (now - idx * self.width)
         return max(min(covered, now - self.start), self.width)
 
-    def _oldest(self, ring: _Ring, idx: int) -> int | None:
-        lo = idx - self.buckets
-        tags = [t for t, nb in zip(ring.tags, ring.nbytes) if lo < t <= idx and nb]
-        return min(tags) if tags else None
-
-    def _sum(self, ring: _Ring, idx: int, nbuckets: int) -> tuple[int, int]:
-        lo = idx - nbuckets  # buckets lo+1 .. idx are in
-        b = r = 0
+    def _scan(self, ring: _Ring, idx: int) -> tuple[int, int, int, int | None]:
+        """Window bytes, window requests, recent bytes and the oldest bucket with bytes."""
+        lo = idx - self.buckets  # buckets lo+1 .. idx are in the window
+        recent_lo = idx - self.recent_buckets
+        b = r = rb = 0
+        oldest: int | None = None
         for tag, nb, nr in zip(ring.tags, ring.nbytes, ring.nreqs):
             if lo < tag <= idx:
                 b += nb
                 r += nr
-        return b, r
+                if tag > recent_lo:
+                    rb += nb
+                if nb and (oldest is None or tag < oldest):
+                    oldest = tag
+        return b, r, rb, oldest
 
     def snapshot(self, now: float) -> StatsSnapshot:
         """Figures at *now*.
@@ -275,12 +277,10 @@ class ThroughputStats:
                 if ring.last <= stale:  # nothing in the window: skip the ring scan
                     tiers[tier] = TierStats(0, 0, 0.0, ring.total_bytes, ring.total_reqs)
                     continue
-                tb, tr = self._sum(ring, idx, self.buckets)
-                if tb:
-                    f = self._oldest(ring, idx)
-                    if f is not None:
-                        first = f if first is None else min(first, f)
-                rb += self._sum(ring, idx, self.recent_buckets)[0]
+                tb, tr, trb, f = self._scan(ring, idx)
+                if f is not None:
+                    first = f if first is None else min(first, f)
+                rb += trb
                 wb += tb
                 tiers[tier] = TierStats(tb, tr, tb / span, ring.total_bytes, ring.total_reqs)
             if wb == 0:

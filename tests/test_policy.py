@@ -170,25 +170,38 @@ def test_long_last_run_admits_the_next_run_at_once_but_a_scan_is_never_admitted(
     assert choose(demand={"a": scan}, **common).hold == frozenset()
 
 
-def test_spare_space_fills_but_never_demotes() -> None:
+def test_spare_space_lent_to_runs_not_yet_admitted() -> None:
     size = 10 * GiB
     params = PolicyParams(horizon=1200, copy_bandwidth=0)
     young = Demand(rate=size / 100, age=20)  # not admitted yet: read 20 % of its size
-    idle_cached = {"old": 0.0}  # cached, no demand at all
     sizes = {"new": size, "old": size}
+    cached = {"old": 0.0}
+    common = dict(sizes=sizes, cached=cached, now=1e5)
+    paid = {"new": young, "old": Demand(last_run_bytes=3 * size)}  # idle; its last run paid for its copy
+    loan = {"new": young, "old": Demand(last_run_bytes=size / 2)}  # idle; its last run did not
     # room for both: the young run gets the spare space, the idle incumbent stays
-    d = choose(demand={"new": young}, sizes=sizes, capacity=20 * GiB, free=10 * GiB, cached=idle_cached, now=1e5, params=params)
-    assert d.hold == {"new", "old"} and d.reasons == {"old": "kept", "new": "spare"}
-    # room for one: the idle incumbent is not demoted for a spare-space candidate
-    d = choose(demand={"new": young}, sizes=sizes, capacity=10 * GiB, free=0, cached=idle_cached, now=1e5, params=params)
+    for demand in (paid, loan, {"new": young}):
+        d = choose(demand=demand, capacity=20 * GiB, free=10 * GiB, params=params, **common)
+        assert d.hold == {"new", "old"} and d.reasons == {"old": "kept", "new": "spare"}
+    # room for one: an idle incumbent whose last run paid for its copy keeps its place ...
+    d = choose(demand=paid, capacity=10 * GiB, free=0, params=params, **common)
     assert d.hold == {"old"} and not d.promote
-    # spare off: only admitted datasets are copied
-    off = PolicyParams(horizon=1200, copy_bandwidth=0, spare=False)
-    d = choose(demand={"new": young}, sizes=sizes, capacity=20 * GiB, free=10 * GiB, cached=idle_cached, now=1e5, params=off)
+    # ... one that never paid for it (or was never read) gives it back to a dataset being read
+    for demand in (loan, {"new": young}):
+        d = choose(demand=demand, capacity=10 * GiB, free=0, params=params, **common)
+        assert d.hold == {"new"} and d.demote == {"old"} and d.reasons["new"] == "spare"
+    # but not while it is within min_residency
+    resident = PolicyParams(horizon=1200, copy_bandwidth=0, min_residency=600)
+    d = choose(demand=loan, sizes=sizes, cached={"old": 1e5 - 10}, now=1e5, capacity=10 * GiB, free=0, params=resident)
     assert d.hold == {"old"}
-    # a copy that would finish after the horizon serves nothing: not even spare space for it
+    # spare off: only admitted datasets are copied, idle ones stay
+    off = PolicyParams(horizon=1200, copy_bandwidth=0, spare=False)
+    for capacity, free in ((20 * GiB, 10 * GiB), (10 * GiB, 0)):
+        d = choose(demand=loan, capacity=capacity, free=free, params=off, **common)
+        assert d.hold == {"old"}
+    # a copy that would finish after the horizon serves nothing: no spare space for it
     slow = PolicyParams(horizon=1200, copy_bandwidth=size / 2000)
-    d = choose(demand={"new": young}, sizes=sizes, capacity=20 * GiB, free=10 * GiB, cached=idle_cached, now=1e5, params=slow)
+    d = choose(demand=loan, capacity=20 * GiB, free=10 * GiB, params=slow, **common)
     assert d.hold == {"old"}
 
 
@@ -230,8 +243,11 @@ def test_demand_from_snapshot() -> None:
     assert dem.age == pytest.approx(100.0)
     assert dem.rate == pytest.approx(1e6)  # rate while active, not diluted over the window
     assert dem.run == 100_000_000
-    # nothing in the window: left out, which choose() reads as no demand
-    assert "idle" not in demand_from_snapshot(s.snapshot(1000.0)) and snap.datasets["idle"].total_bytes == 5
+    assert demand_from_snapshot(snap)["idle"].run == 5
+    later = demand_from_snapshot(s.snapshot(1000.0))  # nothing in the window: only the last run
+    assert later == {"a": Demand(last_run_bytes=100_000_000), "idle": Demand(last_run_bytes=5)}
+    s.record("never", SCRATCH, 7, 1001.0)  # read, but no snapshot saw it in a run
+    assert "never" not in demand_from_snapshot(s.snapshot(1700.0))
 
 
 def test_demand_scaled_to_image_bytes() -> None:

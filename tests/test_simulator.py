@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -92,6 +93,50 @@ def test_scratch_manager_floor_can_overshoot() -> None:
     names = ["a", "b", "c"]
     picked = sim._floor_knapsack(names, [1.0, 1.0, 1.0], dict.fromkeys(names, size), cap)
     assert sorted(picked) == names and 3 * size > cap
+
+
+def _reference_floor_knapsack(names: list[str], values: list[float], sizes: dict[str, int], capacity: int) -> list[str]:
+    """The textbook table, cell by cell, as scratch_manager's code has it."""
+    cap = 1000
+    weights = [sizes[n] * cap // capacity for n in names]
+    table = [[0.0] * (cap + 1)]
+    for v, w in zip(values, weights):
+        prev = table[-1]
+        table.append([max(prev[c], prev[c - w] + v) if w <= c else prev[c] for c in range(cap + 1)])
+    out, c = [], cap
+    for i in range(len(names), 0, -1):
+        if table[i][c] != table[i - 1][c]:
+            out.append(names[i - 1])
+            c -= weights[i - 1]
+    return out
+
+
+def test_scratch_manager_knapsack_matches_the_cell_by_cell_table() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        cap = rng.randint(1, 10**7)
+        names = [f"n{i}" for i in range(rng.randint(0, 25))]
+        sizes = {n: rng.choice([rng.randint(0, cap), rng.randint(0, cap // 50 + 1), cap // 3 + 1, 2 * cap]) for n in names}
+        values = [rng.choice([float(1 << 20), 3.0, rng.uniform(0, 1e9)]) for _ in names]  # ties included
+        assert sim._floor_knapsack(names, values, sizes, cap) == _reference_floor_knapsack(names, values, sizes, cap)
+
+
+def test_recorded_logical_sizes_scale_ours() -> None:
+    """A trace that records logical sizes: ours sees image bytes (here 4:1 compressed)."""
+    events = [Event(float(t), "a", 4 * 100 // 10) for t in range(0, 200, 1)]  # 40 served bytes/s
+    plain = Trace({"a": 1000}, events)
+    packed = Trace({"a": 1000}, events, meta={"logical_sizes": {"a": 4000, "gone": 5}})
+    cfg = sim.SimConfig(capacity=10_000, copy_bandwidth=0, window=60, interval=5, min_residency=0)
+    assert sim.OursPolicy(plain, cfg).scale == {}
+    assert sim.OursPolicy(packed, cfg).scale == {"a": 0.25}
+    # 8000 served bytes = 8 image sizes unscaled, 2 scaled: both promote, the scaled one later
+    first_hit = []
+    for tr in (plain, packed):
+        pol = sim.OursPolicy(tr, cfg)
+        pol.params = sim.PolicyParams(horizon=120, copy_bandwidth=0, min_residency=0, spare=False)
+        r = sim.replay(tr, pol)
+        first_hit.append(r.hit_bytes)
+    assert first_hit[0] > first_hit[1] > 0
 
 
 def test_trace_roundtrip_plain_and_gz(tmp_path: Path) -> None:

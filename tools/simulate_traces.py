@@ -4,7 +4,10 @@
 Policies, all replayed against the same trace, cache capacity and copy model:
 
 * ``ours``  — :func:`scratchfs.policy.choose` fed by :class:`scratchfs.stats.ThroughputStats`,
-  run every ``--interval`` seconds, as mountd runs it.
+  run every ``--interval`` seconds (default 2 s, mountd's default ``policy_interval``), as
+  mountd runs it.  A recorded trace whose header has ``logical_sizes`` (dataset → bytes of
+  its files, uncompressed) gets its served bytes scaled to image bytes by image size /
+  logical size, as mountd does (see :func:`scratchfs.policy.demand_from_snapshot`).
 * ``lru``   — whole-image LRU: a read of an image that is not cached starts its copy, evicting
   the least recently read images until it fits.
 * ``scratch_manager`` — the policy of CEA-LIST's scratch_manager as its README and code describe
@@ -65,6 +68,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scratchfs.errors import ScratchfsError  # noqa: E402
@@ -88,7 +93,7 @@ class SimConfig:
     capacity: int
     copy_bandwidth: float = 500 * MiB  # bytes/s, 0 = instant
     window: float = 600.0
-    interval: float = 30.0  # policy round
+    interval: float = 2.0  # policy round (mountd's default policy_interval)
     min_residency: float = 600.0
     hysteresis: float = 0.1
     oracle_horizons: tuple[float, ...] = (1.0, 3.0, 9.0)  # × window
@@ -209,6 +214,12 @@ class OursPolicy(SimPolicy):
             copy_bandwidth=cfg.copy_bandwidth,
             hysteresis=cfg.hysteresis,
         )
+        logical = trace.meta.get("logical_sizes")
+        self.scale = {
+            n: trace.sizes[n] / v
+            for n, v in (logical.items() if isinstance(logical, dict) else ())
+            if n in trace.sizes and isinstance(v, int) and v > 0
+        }
 
     def on_read(self, ev: Event, hit: bool) -> None:
         self.stats.record(ev.dataset, CACHE if hit else SCRATCH, ev.nbytes, ev.t)
@@ -216,7 +227,7 @@ class OursPolicy(SimPolicy):
     def round(self, now: float) -> None:
         snap = self.stats.snapshot(now)
         d = choose(
-            demand=demand_from_snapshot(snap),
+            demand=demand_from_snapshot(snap, self.scale),
             sizes=self.trace.sizes,
             capacity=self.cfg.capacity,
             free=self.cfg.capacity - self.cache.used,
@@ -283,21 +294,20 @@ def _floor_knapsack(names: list[str], values: list[float], sizes: dict[str, int]
     """0/1 knapsack over weights floored to 1000 units of the capacity (scratch_manager's).
 
     The same table as its dynamic programme (an item is taken only if strictly better), one
-    row per item, each row computed with list-level operations for speed.
+    row per item; each row is one vector operation (the same float additions and maxima as a
+    cell-by-cell loop, so the picks are identical).
     """
     cap = 1000
     weights = [sizes[n] * cap // capacity for n in names]
-    rows = [[0.0] * (cap + 1)]
-    for v, w in zip(values, weights):
-        best = rows[-1]
-        if w > cap:
-            rows.append(best)
-            continue
-        shifted = [-math.inf] * w + best[: cap + 1 - w]
-        rows.append(list(map(max, best, map(v.__add__, shifted))))
+    rows = np.zeros((len(names) + 1, cap + 1))
+    for i, (v, w) in enumerate(zip(values, weights), 1):
+        best, row = rows[i - 1], rows[i]
+        row[:] = best
+        if w <= cap:
+            np.maximum(best[w:], best[: cap + 1 - w] + v, out=row[w:])
     out, c = [], cap
     for i in range(len(names), 0, -1):
-        if rows[i][c] != rows[i - 1][c]:
+        if rows[i, c] != rows[i - 1, c]:
             out.append(names[i - 1])
             c -= weights[i - 1]
     return out
@@ -604,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--capacity", help="cache capacity for recorded traces (default: 35%% of their total image size)")
     p.add_argument("--copy-bandwidth", default="500M", help="copier bandwidth, bytes/s (0 = instant) [500M]")
     p.add_argument("--window", default="10m", help="throughput window [10m]")
-    p.add_argument("--interval", default="30s", help="policy round [30s]")
+    p.add_argument("--interval", default="2s", help="policy round (mountd's default policy_interval) [2s]")
     p.add_argument("--min-residency", default="10m", help="[10m]")
     p.add_argument("--scale", type=float, default=1.0, help="shrink synthetic traces (sizes, durations) by this factor")
     p.add_argument("--seed", type=int, default=1)
