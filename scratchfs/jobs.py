@@ -167,15 +167,7 @@ def load_state() -> JobsState:
 def update_state(wait: float = 30.0) -> Iterator[JobsState]:
     """The state under its lock, saved atomically on clean exit."""
     lock = Lock(jobs_dir() / "state.lock", what="tracked-jobs state")
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            lock.acquire()
-            break
-        except BusyError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    lock.acquire(wait=wait, poll=0.05)
     try:
         st = load_state()
         yield st

@@ -47,7 +47,18 @@ class Lock:
         self._fd: int | None = None
         self.took_over_stale = False
 
-    def acquire(self) -> None:
+    def acquire(self, wait: float = 0.0, poll: float = 0.05) -> None:
+        """Take the lock; with *wait* > 0 keep trying that many seconds before BusyError."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self._try_acquire()
+            except BusyError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(poll)
+
+    def _try_acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

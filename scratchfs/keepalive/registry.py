@@ -11,13 +11,12 @@ import datetime as dt
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BusyError, NotFoundError, PermissionRefused, UsageError
+from ..errors import NotFoundError, PermissionRefused, UsageError
 from ..locking import Lock
 from ..state import atomic_write_json
 from . import paths
@@ -111,15 +110,7 @@ def save_registry(reg: Registry, profile: Profile | None = None) -> None:
 def update_registry(profile_name: str, profile: Profile | None = None, wait: float = 10.0) -> Iterator[Registry]:
     """Load the registry under its lock, yield it, save it atomically on clean exit."""
     lock = Lock(paths.registry_lock_path(profile_name, profile), what=f"registry of profile {profile_name}")
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            lock.acquire()
-            break
-        except BusyError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    lock.acquire(wait=wait, poll=0.05)
     try:
         reg = load_registry(profile_name, profile)
         yield reg

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BusyError, EnvironmentProblem, ExternalFailure, UsageError
+from ..errors import EnvironmentProblem, ExternalFailure, UsageError
 from ..locking import Lock
 from ..state import atomic_write, atomic_write_json, read_json
 from . import paths
@@ -286,15 +286,7 @@ def locked(state_dir: Path, what: str, wait: float = 120.0) -> Iterator[None]:
     """The schedule lock: every submission and install happens under it, so two submitters
     (a finishing chain link and ``repair``) never both submit."""
     lock = Lock(state_dir / LOCK_NAME, what=f"scheduling of {what}")
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            lock.acquire()
-            break
-        except BusyError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    lock.acquire(wait=wait, poll=0.2)
     try:
         yield
     finally:
