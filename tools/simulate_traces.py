@@ -4,10 +4,11 @@
 Policies, all replayed against the same trace, cache capacity and copy model:
 
 * ``ours``  — :func:`scratchfs.policy.choose` fed by :class:`scratchfs.stats.ThroughputStats`,
-  run every ``--interval`` seconds (default 2 s, mountd's default ``policy_interval``), as
-  mountd runs it.  A recorded trace whose header has ``logical_sizes`` (dataset → bytes of
-  its files, uncompressed) gets its served bytes scaled to image bytes by image size /
-  logical size, as mountd does (see :func:`scratchfs.policy.demand_from_snapshot`).
+  run every ``--interval`` seconds (default 2 s, mountd's default ``policy_interval``; the
+  round-based baselines below use the same rounds), as mountd runs it.  A recorded trace
+  whose header has ``logical_sizes`` (dataset → bytes of its files, uncompressed) gets its
+  served bytes scaled to image bytes by image size / logical size (see
+  :func:`scratchfs.policy.demand_from_snapshot`); without it served bytes count as image bytes.
 * ``lru``   — whole-image LRU: a read of an image that is not cached starts its copy, evicting
   the least recently read images until it fits.
 * ``scratch_manager`` — the policy of CEA-LIST's scratch_manager as its README and code describe
@@ -24,8 +25,9 @@ Policies, all replayed against the same trace, cache capacity and copy model:
   each new copy would finish) − (bytes it would have to copy)*, within the capacity (exact-byte
   knapsack), keeping idle cached images while space allows.  It uses the same copier.  It is
   run for several H (multiples of the window) and the one with the highest hit ratio is
-  reported.  Its objective, like ours, counts copy traffic as a cost; a policy that ignores copy
-  traffic can score a higher hit ratio than it by copying much more.
+  reported.  Its objective, like ours' admission, counts copy traffic as a cost; a policy that
+  ignores copy traffic can score a higher hit ratio than it by copying much more (LRU does,
+  and so does ours where it lends spare space: see ``cold``).
 
 Copy model (all policies): one copier, serial, at ``--copy-bandwidth`` bytes/s (0 = instant).
 A promoted image takes ``size / bandwidth`` seconds after the copies queued before it; reads of
@@ -43,8 +45,8 @@ Trace shapes (seeded, ``--scale`` shrinks them for quick runs):
 * ``hot``     — 24 images, Zipf-like popularity; jobs arrive at random and read one image at
   100–400 MiB/s for 10–60 minutes; the popular set never changes.
 * ``shift``   — like ``hot`` but the popularity ranking is re-drawn every 90 minutes.
-* ``cold``    — 4 images read by a steady stream of jobs, plus 1500 small images (0.2–4 GiB)
-  each read by one or two short jobs reading a part of it, at random times.
+* ``cold``    — 4 images of 50 GiB read by a steady stream of jobs, plus 1500 small images
+  (0.5–8 GiB) each read by one to three short jobs reading 10–50 % of it, at random times.
 * ``scan``    — a steady hot set of 5 images, and every 2 hours a job scanning 40 large images
   once each, end to end.
 
