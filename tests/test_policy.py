@@ -299,3 +299,26 @@ def test_best_subset_exact_and_optimal_for_small_inputs(items: list[tuple[int, f
             if sum(c[1] for c in comb) <= budget:
                 best = max(best, sum(c[2] for c in comb if c[2] > 0))
     assert sum(vals[n] for n in got) == pytest.approx(best)
+
+
+def test_next_run_of_a_long_read_dataset_is_admitted_from_stats() -> None:
+    """Through the stats: same reads now, but only the dataset whose last run was long is copied."""
+    s = ThroughputStats(window=60, buckets=6)
+    size = 1000
+    for t in range(0, 300):
+        s.record("long", SCRATCH, 5 * size // 300, float(t))  # five times its size
+        s.record("short", SCRATCH, size // 2 // 300, float(t))  # half its size
+        if t % 2 == 0:
+            s.snapshot(float(t))
+    for t in range(300, 1000, 2):
+        s.snapshot(float(t))  # a pause longer than the window ends both runs
+    for t in range(1000, 1006):  # a new run of each: 100 bytes/s, 10 % of a size so far
+        s.record("long", SCRATCH, 100, float(t))
+        s.record("short", SCRATCH, 100, float(t))
+        s.snapshot(float(t))
+    snap = s.snapshot(1006.0)
+    assert snap.datasets["long"].last_run_bytes >= 5 * size - 300 and snap.datasets["short"].runs == 1
+    params = PolicyParams(horizon=120, copy_bandwidth=0, spare=False)
+    d = choose(demand=demand_from_snapshot(snap), sizes={"long": size, "short": size}, capacity=10 * size,
+               free=10 * size, cached={}, now=1006.0, params=params)  # fmt: skip
+    assert d.hold == {"long"}
