@@ -10,7 +10,6 @@ with the daemon's one-line reason), as ``scratchfs mount`` does. Under systemd
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -22,7 +21,7 @@ from scratchfs import __version__
 from scratchfs.cli import daemon_logging
 from scratchfs.errors import BusyError, EnvironmentProblem, ExternalFailure, ScratchfsError
 from scratchfs.locking import Lock, is_locked
-from scratchfs.mount_cmd import _detach_stdio, _tell, _wait_ready, check_mountpoint
+from scratchfs.mount_cmd import _tell, check_mountpoint, run_detached
 from scratchfs.status_cmd import DEFAULT_SOCKET
 from scratchfs.units import parse_size
 
@@ -145,29 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the daemon
-        os.close(rfd)
-        code = 1
-        try:
-            os.setsid()
-            _detach_stdio()
-            daemon_logging(args.log or DEFAULT_LOG, args.debug)
-            code = serve(settings, args, ready_fd=wfd)
-        except ScratchfsError as e:
-            log.error("%s", e)
-            _tell(wfd, f"error {e.exit_code} {e}")
-        except BaseException as e:
-            log.exception("mountd failed")
-            _tell(wfd, f"error 1 {type(e).__name__}: {e}")
-        finally:
-            with contextlib.suppress(Exception):
-                logging.shutdown()
-            os._exit(code)
-    os.close(wfd)
-    return _wait_ready(rfd, pid, str(settings.mountdir))
-
+    return run_detached(lambda ready_fd: serve(settings, args, ready_fd=ready_fd), args.log or DEFAULT_LOG,
+                        args.debug, str(settings.mountdir))  # fmt: skip
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
         daemon_logging(None, args.debug)
         return _serve(img, root, image, mp, allow_other, args, ready_fd=None)
     img.close()
+
+    def child(ready_fd: int) -> int:
+        img, root = open_checked(image, cache_size, args.subdir)
+        return _serve(img, root, image, mp, allow_other, args, ready_fd=ready_fd)
+
+    return run_detached(child, args.log or str(default_log_path()), args.debug, args.mountpoint)
+
+
+def run_detached(child: Callable[[int], int], logfile: str, debug: bool, mountpoint: str) -> int:
+    """Fork a daemon that runs ``child(ready_fd)``; return once it reports the mount live.
+
+    The child writes "ready" to *ready_fd* once serving; its ScratchfsError (or any other
+    failure) comes back through the pipe and is printed here as one line with its exit code.
+    """
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -142,18 +157,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
         try:
             os.setsid()
             _detach_stdio()
-            daemon_logging(args.log or str(default_log_path()), args.debug)
-            img, root = open_checked(image, cache_size, args.subdir)
-            code = _serve(img, root, image, mp, allow_other, args, ready_fd=wfd)
+            daemon_logging(logfile, debug)
+            code = child(wfd)
         except ScratchfsError as e:
+            log.error("%s", e)
             _tell(wfd, f"error {e.exit_code} {e}")
         except BaseException as e:
-            log.exception("mount daemon failed")
+            log.exception("daemon failed")
             _tell(wfd, f"error 1 {type(e).__name__}: {e}")
         finally:
+            with contextlib.suppress(Exception):
+                logging.shutdown()
             os._exit(code)
     os.close(wfd)
-    return _wait_ready(rfd, pid, args.mountpoint)
+    return _wait_ready(rfd, pid, mountpoint)
 
 
 def _tell(fd: int | None, msg: str) -> None:
