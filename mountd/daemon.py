@@ -38,6 +38,7 @@ import trio
 from scratchfs import metrics
 from scratchfs.copier import CopyCancelled, CopyError, CopyResult, Identity, Progress, copy_image, verify_copy
 from scratchfs.errors import ScratchfsError
+from scratchfs.image.manifest import read_manifest
 from scratchfs.namespace import Namespace
 from scratchfs.policy import Decision, PolicyParams, choose, demand_from_snapshot
 from scratchfs.squashfs import Image, SquashfsError
@@ -116,6 +117,7 @@ class Managed:
     last_error: str | None = None
     adopting: bool = False
     prefetch: bool = False  # asked for by `ctl prefetch`: copied (and retried) regardless of demand
+    logical: int = 0  # bytes of the files in the image, from its manifest (0: unknown)
 
 
 class Daemon:
@@ -259,6 +261,7 @@ class Daemon:
         ds = self.ns.add(name, img, tier)
         ds.on_read = self._on_read
         m = Managed(name=name, ds=ds, size=kw.pop("size"), **kw)
+        m.logical = _logical_bytes(m.backing)
         self.managed[name] = m
         return m
 
@@ -425,7 +428,9 @@ class Daemon:
     async def policy_round(self) -> Decision:
         now = trio.current_time()
         snap = self.stats.snapshot(now)
-        demand = demand_from_snapshot(snap)
+        # The read path counts decompressed bytes served; copies and the cache cost image
+        # bytes: scale by each image's compression ratio where its manifest tells it.
+        demand = demand_from_snapshot(snap, {n: m.size / m.logical for n, m in self.managed.items() if m.logical})
         self.capacity_now, self.free_now = self._measure_cache()
         sizes = {n: m.size for n, m in self.managed.items() if not m.adopting}
         cached = {
@@ -654,3 +659,15 @@ def _raise_readahead(mp: str, kb: int = 1024) -> None:
 
 
 __all__ = ["Daemon", "Settings"]
+
+
+def _logical_bytes(backing: Path | None) -> int:
+    """Bytes of the files in an image, from the manifest beside it; 0 when unknown."""
+    if backing is None:
+        return 0
+    try:
+        man = read_manifest(backing)
+    except ScratchfsError as e:
+        log.debug("no usable manifest for %s: %s", backing, e)
+        return 0
+    return man.logical_bytes if man is not None and man.logical_bytes > 0 else 0

@@ -252,3 +252,19 @@ def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "scratchfs.cli", "ctl", "pin", "--socket", str(tmp_path / "x")],
                          capture_output=True, text=True)  # fmt: skip
     assert res.returncode == 2 and "needs a dataset name" in res.stderr, res.stderr
+
+
+def test_logical_bytes_come_from_the_manifest(tmp_path: Path) -> None:
+    """The policy's compression scale (image bytes per served byte) needs the logical size."""
+    from mountd.daemon import _logical_bytes
+    from scratchfs.image.manifest import Manifest, manifest_path, write_manifest
+
+    img = tmp_path / "ds.sqfs"
+    img.write_bytes(b"hsqs" + bytes(92))
+    assert _logical_bytes(img) == 0  # no manifest: unknown
+    write_manifest(img, Manifest(image_name="ds.sqfs", image_bytes=96, image_mtime_ns=0, superblock_hex="",
+                                 checksum=None, created=0.0, logical_bytes=12345))  # fmt: skip
+    assert _logical_bytes(img) == 12345
+    manifest_path(img).write_text("{broken")
+    assert _logical_bytes(img) == 0  # an unusable manifest is not fatal
+    assert _logical_bytes(None) == 0
