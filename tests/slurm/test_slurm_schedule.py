@@ -199,7 +199,7 @@ def test_chain_job_killed_at_time_limit_still_chains_and_next_run_resumes(user: 
     out2 = _state_dir(u) / "logs" / f"scheduled-{second}.out"
     wait_for(lambda: out2.exists() and "resuming plan" in out2.read_text(), 90, "the next link to resume")
     u.ok(u.run("scancel", second))
-    r2 = wait_for(lambda: (r2 := _last_run(u)) and r2.get("pid") != r["pid"] and r2, 60,
+    r2 = wait_for(lambda: (r2 := _last_run(u)) and r2.get("pid") != r["pid"] and r2, 120,
                   "the next link's run record")
     assert isinstance(r2, dict)
     assert r2["resumed"] and r2["units_done_before"] >= done_first, r2
