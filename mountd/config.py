@@ -23,7 +23,17 @@ key                 value                                                  defau
 ``never_cache``     dataset names never copied to the cache                ``[]``
 ``allow_other``     let every user read the mount (FUSE ``allow_other``)   ``true``
 ``control_group``   group allowed to use ``scratchfs ctl`` besides root    none (root only)
+``control_socket``  the control socket ``scratchfs status``/``ctl`` use     ``"/run/scratchfs/mountd.sock"``
+``metrics_file``    Prometheus text metrics written here every second      none (no metrics)
+``block_cache``     decoded-block cache per image (bytes with unit)        ``"64M"``
+``threads``         decompression/readahead threads                        number of cores
+``scan_interval``   time between scans of the data directories             ``"2s"``
+``policy_interval`` time between promotion policy rounds                   ``"2s"``
 ==================  =====================================================  =================
+
+Each key has a command-line flag (:data:`_FLAGS`); the value used is the flag's if given, else
+the file's, else the default above.  A SIGHUP reload reads the file again and applies the
+same flags on top; keys in :data:`RESTART_KEYS` keep their running value until a restart.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchfs.errors import NotFoundError, UsageError
+from scratchfs.status_cmd import DEFAULT_SOCKET
 from scratchfs.units import parse_duration, parse_size
 
 if sys.version_info >= (3, 11):
@@ -49,8 +60,16 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
 
 DEFAULT_PATH = Path("/etc/scratchfs/mountd.toml")
 
-#: Keys a SIGHUP reload cannot change: they need a restart.
-RESTART_KEYS = frozenset({"datadir", "cachedir", "mountdir", "allow_other", "control_group"})
+#: Keys a SIGHUP reload cannot change: they need a restart.  (The socket is bound, the FUSE
+#: mount and its worker threads exist, open images have their block caches, the throughput
+#: statistics were built for the window.)  Everything else applies from the next round.
+RESTART_KEYS = frozenset({
+    "datadir", "cachedir", "mountdir", "allow_other", "control_group", "control_socket", "threads",
+    "block_cache", "window",
+})  # fmt: skip
+
+#: Shortest scan or policy interval: anything shorter would keep the daemon busy for nothing.
+MIN_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,12 @@ class MountdConfig:
     allow_other: bool = True
     control_group: str | None = None
     control_gid: int | None = None
+    control_socket: Path = Path(DEFAULT_SOCKET)
+    metrics_file: Path | None = None
+    block_cache: int = 64 << 20
+    threads: int | None = None  # None: as many as cores
+    scan_interval: float = 2.0
+    policy_interval: float = 2.0
     source: str = "<defaults>"
 
     def capacity_bytes(self, fs_total: int) -> int:
@@ -102,7 +127,7 @@ class MountdConfig:
 
     def restart_needed(self, new: MountdConfig) -> list[str]:
         """Keys whose change *new* brings that a reload cannot apply."""
-        fields = {"datadir": "datadirs"}
+        fields = {"datadir": "datadirs", "control_group": "control_gid"}
         return sorted(k for k in RESTART_KEYS if getattr(self, fields.get(k, k)) != getattr(new, fields.get(k, k)))
 
 
@@ -175,6 +200,19 @@ def _duration(value: object, *, positive: bool) -> float:
     return secs
 
 
+def _interval(value: object) -> float:
+    secs = _duration(value, positive=True)
+    if secs < MIN_INTERVAL:
+        raise UsageError(f"must be at least {MIN_INTERVAL:g}s: {value!r}")
+    return secs
+
+
+def _threads(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"must be a whole number of threads, at least 1, not {value!r}")
+    return value
+
+
 def _names(value: object) -> frozenset[str]:
     if not isinstance(value, list):
         raise UsageError("must be a list of dataset names")
@@ -214,6 +252,12 @@ _PARSERS: dict[str, Any] = {
     "never_cache": _names,
     "allow_other": _bool,
     "control_group": _group,
+    "control_socket": _path,
+    "metrics_file": _path,
+    "block_cache": _size,
+    "threads": _threads,
+    "scan_interval": _interval,
+    "policy_interval": _interval,
 }
 KEYS = frozenset(_PARSERS)
 REQUIRED = ("datadir", "cachedir", "mountdir")
@@ -251,6 +295,12 @@ def _validate(cfg: MountdConfig, label: Mapping[str, str]) -> MountdConfig:
             raise UsageError(f"{label['mountdir']}: {cfg.mountdir} overlaps datadir {d}")
     if _overlap(cfg.cachedir, cfg.mountdir):
         raise UsageError(f"{label['mountdir']}: {cfg.mountdir} overlaps cachedir {cfg.cachedir}")
+    for key in ("control_socket", "metrics_file"):
+        path = getattr(cfg, key)
+        if path is not None and (path == cfg.mountdir or cfg.mountdir in path.parents):
+            raise UsageError(f"{label[key]}: {path} is inside mountdir {cfg.mountdir}")
+    if cfg.metrics_file is not None and cfg.metrics_file == cfg.control_socket:
+        raise UsageError(f"{label['metrics_file']}: {cfg.metrics_file} is also the control socket")
     both = cfg.pinned & cfg.never_cache
     if both:
         raise UsageError(f"{label['pinned']}: {', '.join(sorted(both))} also listed in never_cache")
@@ -308,7 +358,15 @@ _FLAGS = {
     "never_cache": ("--never-cache", "comma-separated dataset names never cached"),
     "allow_other": ("--allow-other", "let every user read the mount (yes/no)"),
     "control_group": ("--control-group", "group allowed to use `scratchfs ctl`"),
+    "control_socket": ("--socket", f"control socket (default {DEFAULT_SOCKET})"),
+    "metrics_file": ("--metrics", "write Prometheus text metrics to this file"),
+    "block_cache": ("--block-cache", "decoded-block cache per image (default 64M)"),
+    "threads": ("--threads", "decompression threads (default: cores)"),
+    "scan_interval": ("--scan-interval", "time between data directory scans (default 2s)"),
+    "policy_interval": ("--policy-interval", "time between policy rounds (default 2s)"),
 }
+
+_PATH_KEYS = ("datadir", "cachedir", "mountdir", "control_socket", "metrics_file")
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
@@ -319,6 +377,7 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f"cfg_{key}", action="append", metavar="DIR", help=help_text)
         else:
             group.add_argument(flag, dest=f"cfg_{key}", metavar=key.upper(), help=help_text)
+    # every flag defaults to "not given" (None): the file's value, else the default, applies
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
@@ -337,7 +396,7 @@ def _from_cli(key: str, value: object) -> object:
         if key == "datadir" and isinstance(value, list):
             return [os.path.abspath(v) if isinstance(v, str) and v else v for v in value]
         return value
-    if key in ("datadir", "cachedir", "mountdir"):
+    if key in _PATH_KEYS:
         return os.path.abspath(value) if value else value
     if key in ("pinned", "never_cache"):
         return [v.strip() for v in value.split(",") if v.strip()]
@@ -350,6 +409,11 @@ def _from_cli(key: str, value: object) -> object:
         raise UsageError(f"{_FLAGS[key][0]}: must be yes or no, not {value!r}")
     if key == "control_group" and value.isdigit():
         return int(value)
+    if key == "threads":
+        try:
+            return int(value)
+        except ValueError:
+            return value  # the parser names the flag and the value
     return value
 
 

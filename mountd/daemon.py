@@ -48,7 +48,7 @@ from scratchfs.units import format_size
 
 from . import requests
 from .cachestore import CachedCopy, CacheStore
-from .config import Share
+from .config import RESTART_KEYS, Share
 from .control import ControlServer, Peer
 from .recorder import TraceRecorder
 from .watcher import Seen, scan
@@ -58,6 +58,16 @@ log = logging.getLogger(__name__)
 RETRY_BASE = 5.0  # seconds before the first retry of a failed copy; doubles up to RETRY_MAX
 RETRY_MAX = 600.0
 PROGRESS_EVERY = 30.0  # seconds between log lines about a running copy
+
+#: Config key → Settings field, where they differ.
+_SETTING_OF = {"datadir": "datadirs", "control_group": "control_gid"}
+
+
+def _shown(value: object) -> str:
+    """A setting as a log line shows it."""
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
+    return "default" if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -240,15 +250,11 @@ class Daemon:
         except ScratchfsError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             raise
-        fixed = ("datadirs", "mountdir", "cachedir", "control_socket", "control_gid", "allow_other", "threads",
-                 "block_cache")  # fmt: skip
-        for name in fixed:
+        for key in sorted(RESTART_KEYS):
+            name = _SETTING_OF.get(key, key)
             if getattr(new, name) != getattr(self.s, name):
-                log.warning("reload: %s changed; takes effect on restart only", name)
+                log.warning("reload: %s changes need a restart; keeping %s", key, _shown(getattr(self.s, name)))
                 new = replace(new, **{name: getattr(self.s, name)})
-        if new.window != self.s.window:
-            log.warning("reload: window changed; takes effect on restart only")
-            new = replace(new, window=self.s.window)
         self.s = new
         log.info("configuration reloaded")
         self._wake_policy.set()

@@ -14,16 +14,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
-from pathlib import Path
 
 from scratchfs import __version__
 from scratchfs.cli import daemon_logging
 from scratchfs.errors import BusyError, EnvironmentProblem, ExternalFailure, ScratchfsError
 from scratchfs.locking import Lock, is_locked
 from scratchfs.mount_cmd import _tell, check_mountpoint, run_detached
-from scratchfs.status_cmd import DEFAULT_SOCKET
-from scratchfs.units import parse_size
 
 from . import config as cfgmod
 from .cachestore import LOCK_NAME
@@ -42,19 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(cfgmod.DEFAULT_PATH), help=f"config file (default {cfgmod.DEFAULT_PATH})")
     p.add_argument("--foreground", "-f", action="store_true", help="serve in this process (systemd: Type=notify)")
     p.add_argument("--record-trace", metavar="FILE", help="record a read trace for tools/simulate_traces.py")
-    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"control socket (default {DEFAULT_SOCKET})")
-    p.add_argument("--metrics", metavar="FILE", help="write Prometheus text metrics to FILE")
     p.add_argument("--log", metavar="FILE", help=f"log file when detached (default {DEFAULT_LOG})")
-    p.add_argument("--block-cache", default="64M", help="decoded-block cache per image (default 64M)")
-    p.add_argument("--threads", type=int, default=None, help="decompression threads (default: cores)")
-    p.add_argument("--scan-interval", type=float, default=2.0, help="seconds between data directory scans")
-    p.add_argument("--policy-interval", type=float, default=2.0, help="seconds between policy rounds")
     p.add_argument("--debug", action="store_true", help="debug logging")
     cfgmod.add_override_arguments(p)
     return p
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
+    """The config file with the command line's settings on top (flag > file > default)."""
     cfg = cfgmod.load_config(args.config)
     cfg = cfgmod.apply_overrides(cfg, cfgmod.overrides_from_args(args))
     return Settings(
@@ -69,13 +60,13 @@ def load_settings(args: argparse.Namespace) -> Settings:
         pinned=cfg.pinned,
         never_cache=cfg.never_cache,
         allow_other=cfg.allow_other,
-        control_socket=Path(os.path.abspath(args.socket)),
+        control_socket=cfg.control_socket,
         control_gid=cfg.control_gid,
-        metrics_file=Path(os.path.abspath(args.metrics)) if args.metrics else None,
-        block_cache=parse_size(args.block_cache),
-        threads=args.threads,
-        scan_interval=max(0.1, args.scan_interval),
-        policy_interval=max(0.1, args.policy_interval),
+        metrics_file=cfg.metrics_file,
+        block_cache=cfg.block_cache,
+        threads=cfg.threads,
+        scan_interval=cfg.scan_interval,
+        policy_interval=cfg.policy_interval,
         debug=args.debug,
     )
 
@@ -97,8 +88,8 @@ def serve(settings: Settings, args: argparse.Namespace, ready_fd: int | None) ->
     import trio
 
     def reload() -> Settings:
-        new = load_settings(args)
-        return replace(new, control_socket=settings.control_socket, metrics_file=settings.metrics_file)
+        # The same flags on top of the file again; the daemon keeps restart-only keys as they run.
+        return load_settings(args)
 
     def on_ready() -> None:
         _tell(ready_fd, "ready")
