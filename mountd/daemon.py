@@ -171,8 +171,7 @@ class Daemon:
         self._ops = ops
         opts = mount_options(f"scratchfs-mountd:{s.mountdir}", allow_other=s.allow_other, debug=s.debug)
         if self._record_trace:
-            self._trace = TraceRecorder(self._record_trace, trio.current_time(),
-                                        {n: m.size for n, m in self.managed.items()})  # fmt: skip
+            self._start_trace(self._record_trace, trio.current_time())
         ready = trio.Event()
 
         def on_ready() -> None:  # worker thread, once a stat through the mount succeeded
@@ -208,7 +207,7 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 await self._save()
             if self._trace is not None:
-                self._trace.close(trio.current_time(), self._sizes())
+                self._trace.close(trio.current_time(), self._sizes(), self._logical_sizes())
 
     def _on_hup(self) -> None:
         if self._nursery is not None:
@@ -388,8 +387,7 @@ class Daemon:
         while True:
             await trio.sleep(self.s.sample_interval)
             now = trio.current_time()
-            if self._trace is not None and not self._trace.flush(now, self._sizes()):
-                self._trace = None
+            self._flush_trace(now)
             self._log_copy_progress(now)
             if self.s.metrics_file is not None and now - last_metrics >= max(self.s.sample_interval, 1.0):
                 last_metrics = now
@@ -421,6 +419,17 @@ class Daemon:
 
     def _sizes(self) -> dict[str, int]:
         return {n: m.size for n, m in self.managed.items()}
+
+    def _logical_sizes(self) -> dict[str, int]:
+        """Bytes of each dataset's files, where its manifest tells it."""
+        return {n: m.logical for n, m in self.managed.items() if m.logical}
+
+    def _start_trace(self, path: str, now: float) -> None:
+        self._trace = TraceRecorder(path, now, self._sizes(), self._logical_sizes())
+
+    def _flush_trace(self, now: float) -> None:
+        if self._trace is not None and not self._trace.flush(now, self._sizes(), self._logical_sizes()):
+            self._trace = None
 
     def pins(self) -> set[str]:
         return (set(self.s.pinned) | self.ctl_pins) - self.ctl_unpins

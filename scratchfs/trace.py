@@ -4,24 +4,32 @@ Format: JSON lines (UTF-8, optionally gzip-compressed when the file name ends in
 
 * Line 1, the header::
 
-      {"scratchfs_trace": 1, "sizes": {"imagenet.v1": 150000000000, ...}}
+      {"scratchfs_trace": 1, "sizes": {"imagenet.v1": 150000000000, ...},
+       "logical_sizes": {"imagenet.v1": 410000000000, ...}}
 
-  ``sizes`` maps each dataset name to its image size in bytes.  Other header keys are allowed
-  and ignored (a recorder may note its host, start time, window…).
+  ``sizes`` maps each dataset name to its image size in bytes.  ``logical_sizes`` (optional)
+  maps a dataset to its logical size: the bytes of its files, uncompressed (from the image's
+  manifest).  The read path serves logical bytes while copies and the cache cost image bytes;
+  a replay can scale one to the other with these two figures.  A dataset whose logical size is
+  unknown is left out.  Other header keys are allowed and ignored (a recorder may note its
+  host, start time, window…).
 
 * Then one line per read (or per aggregate of reads of one dataset in a short interval)::
 
       {"t": 12.5, "dataset": "imagenet.v1", "bytes": 1048576}
 
   ``t`` is seconds since the start of the recording (non-decreasing), ``bytes`` a non-negative
-  integer.
+  integer (bytes served, i.e. logical bytes).
 
-* A line ``{"sizes": {...}}`` may appear anywhere after the header: datasets that appeared (or
-  changed size) while recording.  The size of a dataset is the last one given.
+* A line ``{"sizes": {...}, "logical_sizes": {...}}`` (either object may be left out) may
+  appear anywhere after the header: datasets that appeared (or changed size) while recording,
+  with their logical sizes where known.  The size and the logical size of a dataset are the
+  last ones given.
 
-Every dataset an event names must have a size given before that event.  A torn last line (a
-recorder that crashed mid-write) is ignored with a warning; any other bad line is an error that
-names the line.
+Every dataset an event names must have a size given before that event; a logical size may
+only be given for a dataset with a size (given before or on the same line).  A torn last line
+(a recorder that crashed mid-write) is ignored with a warning; any other bad line is an error
+that names the line.  Traces without ``logical_sizes`` are read as before (no logical sizes).
 """
 
 from __future__ import annotations
@@ -54,9 +62,10 @@ class Event:
 
 @dataclass
 class Trace:
-    sizes: dict[str, int]
+    sizes: dict[str, int]  # dataset → image bytes
     events: list[Event] = field(default_factory=list)
     meta: dict[str, object] = field(default_factory=dict)
+    logical_sizes: dict[str, int] = field(default_factory=dict)  # dataset → bytes of its files, where known
 
     @property
     def duration(self) -> float:
@@ -67,35 +76,60 @@ class Trace:
         return sum(e.nbytes for e in self.events)
 
 
-def _check_sizes(raw: object, where: str) -> dict[str, int]:
+def _check_sizes(raw: object, where: str, key: str = "sizes") -> dict[str, int]:
     if not isinstance(raw, dict):
-        raise UsageError(f"{where}: 'sizes' must be an object of name: bytes")
+        raise UsageError(f"{where}: '{key}' must be an object of name: bytes")
     out: dict[str, int] = {}
     for name, size in raw.items():
         if not name or "/" in name or name in (".", ".."):
             raise UsageError(f"{where}: bad dataset name {name!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if key == "logical_sizes":
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise UsageError(f"{where}: logical size of {name!r} must be a positive integer (leave unknown ones out)")
+        elif isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise UsageError(f"{where}: size of {name!r} must be a non-negative integer")
         out[name] = size
     return out
 
 
+def _add_logical(trace: Trace, raw: object, where: str) -> None:
+    logical = _check_sizes(raw, where, "logical_sizes")
+    for name in logical:
+        if name not in trace.sizes:
+            raise UsageError(f"{where}: logical size of {name!r}, which has no size")
+    trace.logical_sizes.update(logical)
+
+
 class TraceWriter:
     """Writes the format above to an open text stream (mountd owns the file and its rotation)."""
 
-    def __init__(self, stream: IO[str], sizes: Mapping[str, int], **meta: object) -> None:
+    def __init__(self, stream: IO[str], sizes: Mapping[str, int],
+                 logical_sizes: Mapping[str, int] | None = None, **meta: object) -> None:  # fmt: skip
         self._f = stream
-        self._sizes = dict(sizes)
+        self._sizes = {k: int(v) for k, v in sizes.items()}
+        self._logical = _known(logical_sizes or {}, self._sizes)
         self._last_t = -math.inf
         header: dict[str, object] = {HEADER_KEY: FORMAT_VERSION, **meta, "sizes": self._sizes}
+        if self._logical:
+            header["logical_sizes"] = self._logical
         self._f.write(json.dumps(header, separators=(",", ":"), sort_keys=True) + "\n")
 
-    def sizes(self, changed: Mapping[str, int]) -> None:
-        """Record datasets that appeared or changed size."""
+    def sizes(self, changed: Mapping[str, int], logical_sizes: Mapping[str, int] | None = None) -> None:
+        """Record datasets that appeared or changed size, and logical sizes newly known or changed.
+
+        Logical sizes of datasets without a size (here or before), or not positive, are left out.
+        """
         new = {k: int(v) for k, v in changed.items() if self._sizes.get(k) != v}
+        self._sizes.update(new)
+        logical = {k: v for k, v in _known(logical_sizes or {}, self._sizes).items() if self._logical.get(k) != v}
+        self._logical.update(logical)
+        line: dict[str, object] = {}
         if new:
-            self._sizes.update(new)
-            self._f.write(json.dumps({"sizes": new}, separators=(",", ":"), sort_keys=True) + "\n")
+            line["sizes"] = new
+        if logical:
+            line["logical_sizes"] = logical
+        if line:
+            self._f.write(json.dumps(line, separators=(",", ":"), sort_keys=True) + "\n")
 
     def event(self, t: float, dataset: str, nbytes: int) -> None:
         if dataset not in self._sizes:
@@ -108,6 +142,10 @@ class TraceWriter:
         self._f.flush()
 
 
+def _known(logical: Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, int]:
+    return {k: int(v) for k, v in logical.items() if k in sizes and int(v) > 0}
+
+
 def write_trace(path: str | os.PathLike[str], trace: Trace) -> None:
     """Write a whole trace atomically (``.gz`` → gzip)."""
     with atomic_open(path, "wb") as raw:
@@ -115,7 +153,8 @@ def write_trace(path: str | os.PathLike[str], trace: Trace) -> None:
         if str(path).endswith(".gz"):
             stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0)  # type: ignore[assignment]
         text = io.TextIOWrapper(stream, encoding="utf-8")
-        w = TraceWriter(text, trace.sizes, **trace.meta)
+        meta = {k: v for k, v in trace.meta.items() if k not in (HEADER_KEY, "sizes", "logical_sizes")}
+        w = TraceWriter(text, trace.sizes, trace.logical_sizes, **meta)
         for e in trace.events:
             w.event(e.t, e.dataset, e.nbytes)
         text.flush()
@@ -160,11 +199,13 @@ def parse_lines(lines: Iterable[str], where: str = "trace") -> Trace:
             if rec.get(HEADER_KEY) != FORMAT_VERSION:
                 raise UsageError(f"{loc}: not a scratchfs trace (header needs \"{HEADER_KEY}\": {FORMAT_VERSION})")
             sizes = _check_sizes(rec.get("sizes", {}), loc)
-            meta = {k: v for k, v in rec.items() if k not in (HEADER_KEY, "sizes")}
+            meta = {k: v for k, v in rec.items() if k not in (HEADER_KEY, "sizes", "logical_sizes")}
             trace = Trace(sizes=sizes, meta=meta)
+            _add_logical(trace, rec.get("logical_sizes", {}), loc)
             continue
-        if "t" not in rec and "sizes" in rec:
-            trace.sizes.update(_check_sizes(rec["sizes"], loc))
+        if "t" not in rec and ("sizes" in rec or "logical_sizes" in rec):
+            trace.sizes.update(_check_sizes(rec.get("sizes", {}), loc))
+            _add_logical(trace, rec.get("logical_sizes", {}), loc)
             continue
         t, name, nbytes = rec.get("t"), rec.get("dataset"), rec.get("bytes")
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:

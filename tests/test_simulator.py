@@ -125,7 +125,7 @@ def test_recorded_logical_sizes_scale_ours() -> None:
     """A trace that records logical sizes: ours sees image bytes (here 4:1 compressed)."""
     events = [Event(float(t), "a", 4 * 100 // 10) for t in range(0, 200, 1)]  # 40 served bytes/s
     plain = Trace({"a": 1000}, events)
-    packed = Trace({"a": 1000}, events, meta={"logical_sizes": {"a": 4000, "gone": 5}})
+    packed = Trace({"a": 1000}, events, logical_sizes={"a": 4000, "gone": 5})
     cfg = sim.SimConfig(capacity=10_000, copy_bandwidth=0, window=60, interval=5, min_residency=0)
     assert sim.OursPolicy(plain, cfg).scale == {}
     assert sim.OursPolicy(packed, cfg).scale == {"a": 0.25}

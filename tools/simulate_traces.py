@@ -6,9 +6,10 @@ Policies, all replayed against the same trace, cache capacity and copy model:
 * ``ours``  — :func:`scratchfs.policy.choose` fed by :class:`scratchfs.stats.ThroughputStats`,
   run every ``--interval`` seconds (default 2 s, mountd's default ``policy_interval``; the
   round-based baselines below use the same rounds), as mountd runs it.  A recorded trace
-  whose header has ``logical_sizes`` (dataset → bytes of its files, uncompressed) gets its
-  served bytes scaled to image bytes by image size / logical size (see
-  :func:`scratchfs.policy.demand_from_snapshot`); without it served bytes count as image bytes.
+  with logical sizes (``Trace.logical_sizes``: dataset → bytes of its files, uncompressed, as
+  mountd records them from the images' manifests) gets its served bytes scaled to image bytes
+  by image size / logical size (see :func:`scratchfs.policy.demand_from_snapshot`), as mountd
+  does; datasets without one count served bytes as image bytes.
 * ``lru``   — whole-image LRU: a read of an image that is not cached starts its copy, evicting
   the least recently read images until it fits.
 * ``scratch_manager`` — the policy of CEA-LIST's scratch_manager as its README and code describe
@@ -216,12 +217,8 @@ class OursPolicy(SimPolicy):
             copy_bandwidth=cfg.copy_bandwidth,
             hysteresis=cfg.hysteresis,
         )
-        logical = trace.meta.get("logical_sizes")
-        self.scale = {
-            n: trace.sizes[n] / v
-            for n, v in (logical.items() if isinstance(logical, dict) else ())
-            if n in trace.sizes and isinstance(v, int) and v > 0
-        }
+        # image bytes per served byte, where the trace knows the logical size
+        self.scale = {n: trace.sizes[n] / v for n, v in trace.logical_sizes.items() if n in trace.sizes and v > 0}
 
     def on_read(self, ev: Event, hit: bool) -> None:
         self.stats.record(ev.dataset, CACHE if hit else SCRATCH, ev.nbytes, ev.t)
