@@ -24,13 +24,14 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine, Hashable, Sequence
+from concurrent.futures import Future
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
+from .decodepool import AHEAD, DEMAND, DecodePool
 from .namespace import Namespace
 from .squashfs import CorruptImageError, Image, ImageIOError, Inode, LibraryError, SquashfsError
 from .squashfs.errors import NotSquashfsError, UnsupportedImageError
@@ -42,8 +43,11 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 TIMEOUT = 24 * 3600.0  # images are immutable: let the kernel cache entries and attributes
 ATTR_CACHE_ENTRIES = 200_000  # built attributes kept for readdir/lookup/getattr (cleared when full)
-NS_TIMEOUT = 1.0
-FRAGMENT_READAHEAD = 2  # fragment blocks decoded ahead of a small-file reader  # the list of datasets of a namespace changes: entries of the root expire fast
+NS_TIMEOUT = 1.0  # the list of datasets of a namespace changes: entries of the root expire fast
+FRAGMENT_READAHEAD = 2  # fragment blocks decoded ahead of a small-file reader
+# A read within this distance of where the handle's reads have got to continues a sequential
+# stream: the kernel sends a stream's requests several at a time, not always in order.
+SEQ_SLACK = 8 << 20
 SLOT_SHIFT = 32
 MASK32 = (1 << SLOT_SHIFT) - 1
 
@@ -85,12 +89,13 @@ class _Node:
 
 
 class _Handle:
-    __slots__ = ("dataset", "inode", "next_off")
+    __slots__ = ("dataset", "inode", "next_off", "ahead_until")
 
     def __init__(self, dataset: Dataset, inode: Inode) -> None:
         self.dataset = dataset
         self.inode = inode
-        self.next_off = 0
+        self.next_off = 0  # the end of the furthest read so far
+        self.ahead_until = 0  # readahead was queued up to here
 
 
 def _guard(fn: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
@@ -148,7 +153,7 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._attr_cache: dict[tuple[int, int], pyfuse3.EntryAttributes] = {}
         self._next_fh = 1
-        self._pool = ThreadPoolExecutor(max_workers=workers or max(2, os.cpu_count() or 2), thread_name_prefix="sqfs")
+        self._pool = DecodePool(workers or max(2, os.cpu_count() or 2))
         self._readahead_bytes = readahead_bytes
         self._reads_waiting = 0  # read requests being served right now (this one included)
         self._reported: set[tuple[str, str]] = set()
@@ -157,7 +162,7 @@ class Operations(pyfuse3.Operations):
 
     # ---------------------------------------------------------------- plumbing
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.close(wait=True)
 
     def _report(self, op: str, args: tuple[Any, ...], exc: BaseException, unexpected: bool = False) -> None:
         """Log a failure once per (operation, error kind, object); repeats go to DEBUG."""
@@ -451,19 +456,21 @@ class Operations(pyfuse3.Operations):
         nbytes = 0
         self._reads_waiting += 1
         try:
-            # Cached blocks are served at once. Blocks a readahead worker is decoding are
-            # awaited; what nobody is decoding is decoded right here (a thread hop costs
-            # more than decoding one block), and sequential readers get readahead.
+            # Cached blocks are served at once. Otherwise each block nobody is decoding yet is
+            # handed to the decode pool as its own job (the blocks of one request decode on
+            # every core), and blocks being decoded are awaited. A lone one-block read is
+            # decoded right here: a thread hop costs more than decoding one block.
             data = img.read_view(n, off, size, load=False)
             if data is None:
-                futs = img.loading(n, off, size)
-                if futs:
-                    await _wait_futures(futs)
-                if self._reads_waiting > 1:
-                    # Other reads are in flight: decode in a worker so they proceed meanwhile
-                    # and several cores decode at once.
-                    data = await self._in_worker(img.read_view, n, off, size)
+                loads = img.loads(n, off, size)
+                if len(loads) == 1 and self._reads_waiting == 1 and img.cache.loading(loads[0][0]) is None:
+                    data = img.read_view(n, off, size, load=True)
                 else:
+                    futs = self._start(ds, img, loads, DEMAND)
+                    self._ahead(h, ds, img, n, off, size)
+                    if futs:
+                        await _wait_futures(futs)
+                    # Blocks whose load failed are loaded once more here, raising the error.
                     data = img.read_view(n, off, size, load=True)
             assert data is not None
             nbytes = len(data)
@@ -475,29 +482,55 @@ class Operations(pyfuse3.Operations):
         finally:
             self._reads_waiting -= 1
             ds.end(img, nbytes)
-        if off == h.next_off and off + nbytes < n.size:
-            self._readahead(ds, img, n, off + nbytes)
-        elif n.frag_index != NO_FRAGMENT and off + size >= n.size:
+        self._ahead(h, ds, img, n, off, nbytes)
+        if n.frag_index != NO_FRAGMENT and off + size >= n.size:
             # Small files are read in directory order, and mksquashfs packs their tails in
             # that order: keep the next fragment blocks decoding ahead.
             for idx in range(n.frag_index + 1, n.frag_index + 1 + FRAGMENT_READAHEAD):
-                if img.fragment_pending(idx) and ds.acquire(img):
-                    self._pool.submit(_prefetch_fragment, ds, img, idx)
-        h.next_off = off + nbytes
+                load = img.fragment_load(idx)
+                if load is not None:
+                    self._start(ds, img, [load], AHEAD)
+        if off + nbytes > h.next_off:
+            h.next_off = off + nbytes
         return data
 
-    async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run *fn* in the decode pool and wake this task when it is done."""
-        fut = self._pool.submit(fn, *args)
-        await _wait_futures([fut])
-        return fut.result()
+    def _start(
+        self, ds: Dataset, img: Image, loads: Sequence[tuple[Hashable, Callable[[], bytes]]], priority: int
+    ) -> list[Future[bytes]]:
+        """Claim and queue the loads nobody has started; futures of all that are not cached."""
+        futs: list[Future[bytes]] = []
+        cache = img.cache
+        if not ds.acquire(img):  # closed by a tier switch meanwhile (readahead after the read)
+            return futs
+        try:
+            for key, load in loads:
+                claim = cache.begin_load(key)
+                if claim is None:
+                    continue
+                fut, mine = claim
+                futs.append(fut)
+                if mine:
+                    ds.acquire(img)  # held until the job ran (or was cancelled)
+                    self._pool.submit(
+                        priority,
+                        functools.partial(_run_load, ds, img, key, fut, load),
+                        functools.partial(_cancel_load, ds, img, key, fut),
+                    )
+        finally:
+            ds.release(img)
+        return futs
 
-    def _readahead(self, ds: Dataset, img: Image, n: Inode, pos: int) -> None:
-        bs = img.info.block_size
-        count = max(2, self._readahead_bytes // bs)
-        for i in img.missing_blocks(n, pos // bs, count):
-            if ds.acquire(img):  # keeps img open until the job ran, even across a tier switch
-                self._pool.submit(_prefetch, ds, img, n, i)
+    def _ahead(self, h: _Handle, ds: Dataset, img: Image, n: Inode, off: int, size: int) -> None:
+        """Readahead for a handle whose reads move forward through the file."""
+        if not h.next_off - SEQ_SLACK <= off <= h.next_off + SEQ_SLACK:
+            return
+        start = max(off + size, h.ahead_until)
+        stop = min(off + size + self._readahead_bytes, n.size)
+        if stop - start < img.info.block_size and start < n.size and stop < n.size:
+            return  # less than a block more to queue: wait for the reader to move on
+        if stop > start:
+            h.ahead_until = stop
+            self._start(ds, img, img.loads(n, start, stop - start), AHEAD)
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
@@ -572,20 +605,18 @@ async def _wait_futures(futs: list[Any]) -> None:
     await ev.wait()
 
 
-def _prefetch_fragment(ds: Dataset, img: Image, index: int) -> None:
+def _run_load(ds: Dataset, img: Image, key: Hashable, fut: Future[bytes], load: Callable[[], bytes]) -> None:
     try:
-        img.fragment_block(index)
-    except Exception:  # the reader that needs this block will see and report the error
-        log.debug("readahead of fragment block %d failed", index, exc_info=True)
+        img.cache.run_load(key, fut, load)
+    except Exception:  # the reader waiting for this block loads it again and reports the error
+        log.debug("decoding block %r of %s failed", key, img.path, exc_info=True)
     finally:
         ds.release(img)
 
 
-def _prefetch(ds: Dataset, img: Image, n: Inode, index: int) -> None:
+def _cancel_load(ds: Dataset, img: Image, key: Hashable, fut: Future[bytes]) -> None:
     try:
-        img.block(n, index)
-    except Exception:  # the reader that needs this block will see and report the error
-        log.debug("readahead of block %d of inode %d failed", index, n.ino, exc_info=True)
+        img.cache.end_load(key, fut, None, ImageIOError(f"{img.path}: unmounting"))
     finally:
         ds.release(img)
 

@@ -64,6 +64,49 @@ class BlockCache:
         with self._lock:
             self._put_locked(key, data)
 
+    def begin_load(self, key: Hashable) -> tuple[Future[bytes], bool] | None:
+        """Claim the load of *key*: None when it is cached; else (future, mine).
+
+        ``mine`` is True when the caller now owns the load and must end it with
+        :meth:`end_load` (in any thread, possibly later); False when another load of *key*
+        is already under way (its future is returned).
+        """
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return None
+            fut = self._loading.get(key)
+            if fut is not None:
+                return fut, False
+            fut = self._loading[key] = Future()
+            self.misses += 1
+            return fut, True
+
+    def end_load(self, key: Hashable, fut: Future[bytes], data: bytes | None, exc: BaseException | None = None) -> None:
+        """End a load claimed with :meth:`begin_load`: store *data*, or fail waiters with *exc*."""
+        with self._lock:
+            if self._loading.get(key) is fut:
+                del self._loading[key]
+            if exc is None:
+                assert data is not None
+                self._put_locked(key, data)
+        if exc is None:
+            fut.set_result(data)  # type: ignore[arg-type]
+        else:
+            fut.set_exception(exc)
+
+    def run_load(self, key: Hashable, fut: Future[bytes], load: Callable[[], bytes]) -> bytes:
+        """Run a load claimed with :meth:`begin_load` and end it."""
+        try:
+            data = load()
+        except BaseException as e:
+            self.end_load(key, fut, None, e)
+            raise
+        self.end_load(key, fut, data)
+        return data
+
     def get_or_load(self, key: Hashable, load: Callable[[], bytes]) -> bytes:
         """Return the block, loading it in this thread unless another thread already is."""
         with self._lock:
@@ -80,18 +123,7 @@ class BlockCache:
         assert fut is not None
         if not mine:
             return fut.result()  # raises the loader's exception, if any
-        try:
-            data = load()
-        except BaseException as e:
-            with self._lock:
-                del self._loading[key]
-            fut.set_exception(e)
-            raise
-        with self._lock:
-            del self._loading[key]
-            self._put_locked(key, data)
-        fut.set_result(data)
-        return data
+        return self.run_load(key, fut, load)
 
     def clear(self) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ up) or guarded by a lock (the caches).
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import logging
 import os
@@ -22,8 +23,7 @@ import struct
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -736,25 +736,6 @@ class Image:
             loc = inode.frag_loc = (fr.start_offset, fr.size)
         return loc
 
-    def fragment_pending(self, index: int) -> bool:
-        """True when fragment block *index* exists and is neither cached nor being decoded."""
-        if self._frag_table is None or index >= self._super.fragment_entry_count:
-            return False
-        fr = L.sqfs_fragment_t()
-        if self._frag_lookup(self._frag_table, index, ctypes.byref(fr)) < 0:
-            return False
-        return (self._key, fr.start_offset) not in self.cache
-
-    def fragment_block(self, index: int) -> bytes | None:
-        """Decode fragment block *index* into the cache (readahead); None if there is none."""
-        if self._frag_table is None or index >= self._super.fragment_entry_count:
-            return None
-        fr = L.sqfs_fragment_t()
-        if self._frag_lookup(self._frag_table, index, ctypes.byref(fr)) < 0:
-            return None
-        start, word = fr.start_offset, fr.size
-        return self.cache.get_or_load((self._key, start), lambda: self._load_block(start, word, -1))
-
     def _tail(self, inode: Inode, load: bool) -> memoryview | bytes | None:
         """The tail end of a file stored in a fragment block (a view, no copy)."""
         tail = inode.size - len(inode.block_words or ()) * self._super.block_size
@@ -809,37 +790,40 @@ class Image:
         assert view is not None
         return bytes(view)
 
-    def loading(self, inode: Inode, offset: int, size: int) -> list[Future[bytes]]:
-        """Futures of blocks of this range that another thread is decoding right now."""
+    def loads(self, inode: Inode, offset: int, size: int) -> list[tuple[tuple[int, int], Callable[[], bytes]]]:
+        """(cache key, loader) of every stored block a read of this range needs, in order.
+
+        Sparse blocks need no load. A caller claims each key with ``cache.begin_load`` and
+        runs the loaders it owns wherever it likes (worker threads), in any order.
+        """
         end = min(inode.size, offset + size)
-        if offset >= end:
+        if offset >= end or not inode.is_file:
             return []
         bs = self._super.block_size
         words = inode.block_words or ()
-        out = []
-        for i in range(offset // bs, (end - 1) // bs + 1):
+        offs = inode.block_offsets
+        out: list[tuple[tuple[int, int], Callable[[], bytes]]] = []
+        for i in range((offset // bs), (end - 1) // bs + 1):
             if i < len(words):
-                if not words[i] & L.SQFS_BLOCK_SIZE_MASK:
+                word = words[i]
+                if not word & L.SQFS_BLOCK_SIZE_MASK:
                     continue
-                key = (self._key, inode.block_offsets[i])
+                expect = bs if (i + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - i * bs
+                out.append(((self._key, offs[i]), functools.partial(self._load_block, offs[i], word, expect)))
             elif inode.frag_index != NO_FRAGMENT:
-                key = (self._key, self._fragment(inode)[0])
-            else:
-                continue
-            fut = self.cache.loading(key)
-            if fut is not None:
-                out.append(fut)
+                start, fword = self._fragment(inode)
+                out.append(((self._key, start), functools.partial(self._load_block, start, fword, -1)))
         return out
 
-    def missing_blocks(self, inode: Inode, first: int, count: int) -> list[int]:
-        """Indices in [first, first+count) of data blocks neither cached nor being loaded."""
-        words = inode.block_words or ()
-        offs = inode.block_offsets
-        out = []
-        for i in range(first, min(first + count, len(words))):
-            if words[i] & L.SQFS_BLOCK_SIZE_MASK and (self._key, offs[i]) not in self.cache:
-                out.append(i)
-        return out
+    def fragment_load(self, index: int) -> tuple[tuple[int, int], Callable[[], bytes]] | None:
+        """(cache key, loader) of fragment block *index*, or None if there is no such block."""
+        if self._frag_table is None or index >= self._super.fragment_entry_count:
+            return None
+        fr = L.sqfs_fragment_t()
+        if self._frag_lookup(self._frag_table, index, ctypes.byref(fr)) < 0:
+            return None
+        start, word = fr.start_offset, fr.size
+        return (self._key, start), functools.partial(self._load_block, start, word, -1)
 
     # ------------------------------------------------------------------ xattrs
     def xattrs(self, inode: Inode) -> dict[bytes, bytes]:
