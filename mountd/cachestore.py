@@ -38,7 +38,7 @@ class CachedCopy:
     dataset: str
     backing: str  # path of the image it copies
     identity: Identity  # of the backing image when copied
-    checksum: str  # sha256-tree of the content
+    checksum: str  # tree checksum of the content (see scratchfs.copier.verify_copy)
     created: float  # wall clock
 
     def to_json(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 :func:`copy_image` runs in a worker thread (it blocks). It reads the source image
 sequentially, writes a temp file the caller named (and recorded, so a crash leaves nothing
-unknown behind), hashes what it read with the image manifest's "sha256-tree" checksum, fsyncs
+unknown behind), hashes what it read with the image manifest's tree checksum, fsyncs
 the temp file, drops it from the page cache and hashes it again *from the disk*: the copy is
 accepted only when what was written is what was read (and, when the image has a manifest
 that still describes it, what the manifest says). The source must not change while copying
@@ -16,7 +16,6 @@ caller retries with backoff and keeps serving from the source meanwhile.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -27,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ScratchfsError
-from .image.manifest import CHECKSUM_ALGORITHM, CHUNK, SUPERBLOCK_SIZE, image_checksum, read_manifest
+from .image.manifest import (
+    CHECKSUM_ALGORITHM,
+    CHUNK,
+    SUPERBLOCK_SIZE,
+    image_checksum,
+    new_hash,
+    read_manifest,
+)
 from .state import sync_dir
 
 log = logging.getLogger(__name__)
@@ -91,7 +97,7 @@ class Progress:
 class CopyResult:
     path: Path
     size: int
-    checksum: str  # sha256-tree of the content
+    checksum: str  # tree checksum of the content (image.manifest.CHECKSUM_ALGORITHM)
     identity: Identity  # of the source, as copied
 
 
@@ -161,7 +167,7 @@ def copy_image(
             os.posix_fadvise(fin, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         throttle = Throttle(bandwidth, cancel)
         digests: list[bytes] = []
-        piece = hashlib.sha256()
+        piece = new_hash()
         in_piece = 0
         buf = bytearray(READ_SIZE)
         view = memoryview(buf)
@@ -177,7 +183,7 @@ def copy_image(
             in_piece += n
             if in_piece == CHUNK:
                 digests.append(piece.digest())
-                piece, in_piece = hashlib.sha256(), 0
+                piece, in_piece = new_hash(), 0
             written = 0
             while written < n:
                 written += os.write(fout, chunk[written:])
@@ -186,7 +192,9 @@ def copy_image(
             throttle(n)
         if in_piece or not digests:
             digests.append(piece.digest())
-        checksum = hashlib.sha256(b"".join(digests)).hexdigest()
+        top = new_hash()
+        top.update(b"".join(digests))
+        checksum = str(top.hexdigest())
         if pos != ident.size:
             raise CopyError(f"{src} changed size while copying ({ident.size} → {pos} bytes)")
         os.fsync(fout)
@@ -249,7 +257,9 @@ def verify_copy(path: str | os.PathLike[str], checksum: str, threads: int | None
         _drop_page_cache(fd)
     finally:
         os.close(fd)
+    # A record written before the switch to xxh3 holds a 64-digit sha256-tree checksum.
+    algorithm = "sha256-tree" if len(checksum) == 64 else CHECKSUM_ALGORITHM
     try:
-        return image_checksum(path, threads) == checksum
+        return image_checksum(path, threads, algorithm=algorithm) == checksum
     except (OSError, ScratchfsError):
         return False

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from scratchfs import cli
 from scratchfs.image import build as buildmod
@@ -184,13 +185,31 @@ def test_build_writes_image_and_manifest(sample: Path, tmp_path: Path) -> None:
     assert ents[b"large/large00.txt"][1] == 3 << 20
 
 
-def test_checksum_is_a_tree_of_sha256(tmp_path: Path) -> None:
+def test_checksum_is_a_tree_of_xxh3_and_old_sha256_trees_still_compute(tmp_path: Path) -> None:
     p = tmp_path / "f"
     data = os.urandom(CHUNK * 2 + 12345)
     p.write_bytes(data)
-    pieces = [hashlib.sha256(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK)]
-    assert image_checksum(p) == hashlib.sha256(b"".join(pieces)).hexdigest()
+    pieces = [xxhash.xxh3_128(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK)]
+    assert image_checksum(p) == xxhash.xxh3_128(b"".join(pieces)).hexdigest()
     assert image_checksum(p, threads=1) == image_checksum(p, threads=3)
+    old = [hashlib.sha256(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK)]
+    assert image_checksum(p, algorithm="sha256-tree") == hashlib.sha256(b"".join(old)).hexdigest()
+
+
+def test_a_manifest_with_the_older_sha256_tree_checksum_is_still_checked(sample: Path, tmp_path: Path) -> None:
+    out = tmp_path / "old.sqfs"
+    assert run_cli("build", str(sample), str(out)) == 0
+    mpath = manifest_path(out)
+    doc = json.loads(mpath.read_text())
+    doc["image"]["checksum_algorithm"] = "sha256-tree"
+    doc["image"]["checksum"] = image_checksum(out, algorithm="sha256-tree")
+    mpath.write_text(json.dumps(doc))
+    r = check_image(out, full=True)
+    assert r.ok and r.checksum_checked
+    doc["image"]["checksum"] = "0" * 64
+    mpath.write_text(json.dumps(doc))
+    r = check_image(out, full=True)
+    assert not r.ok and "checksum" in r.problems[0]
 
 
 def test_manifest_check_detects_replaced_and_damaged_images(sample: Path, tmp_path: Path) -> None:

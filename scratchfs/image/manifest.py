@@ -4,9 +4,12 @@ A manifest records how an image was built and what it looked like right after: s
 the 96 superblock bytes and a checksum. ``check_image`` compares an image with its manifest:
 cheap by default (one stat and one 96-byte read), the full checksum only when asked.
 
-The checksum ("sha256-tree"): the image is cut into CHUNK-byte pieces, each hashed with
-SHA-256 (in parallel), and the result is the SHA-256 of the concatenated piece digests. Pieces
-are hashed on all cores, so checking a big image costs far less than a plain sha256sum.
+The checksum ("xxh3-128-tree"): the image is cut into CHUNK-byte pieces, each hashed with
+XXH3-128 (in parallel), and the result is the XXH3-128 of the concatenated piece digests.
+XXH3 runs at memory speed (7 GB/s on one core here, SHA-256 1 GB/s), so the checksum of a
+new image costs a build a few percent, not a sixth. It detects damaged and replaced images; it
+is not a signature (whoever can replace an image can rewrite its manifest too). Manifests
+written with the earlier "sha256-tree" (the same tree, SHA-256) are still checked.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from ..errors import BadImageError, NotFoundError
 from ..state import atomic_write_json, read_json
 
@@ -28,7 +33,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 SUFFIX = ".manifest.json"
 SUPERBLOCK_SIZE = 96
-CHECKSUM_ALGORITHM = "sha256-tree"
+CHECKSUM_ALGORITHM = "xxh3-128-tree"
+HASHES: dict[str, Callable[[], Any]] = {"xxh3-128-tree": xxhash.xxh3_128, "sha256-tree": hashlib.sha256}
 CHUNK = 8 << 20
 _READ = 1 << 20
 
@@ -47,8 +53,13 @@ def read_superblock(image: str | os.PathLike[str]) -> bytes:
         return f.read(SUPERBLOCK_SIZE)
 
 
-def _hash_piece(fd: int, start: int, length: int) -> bytes:
-    h = hashlib.sha256()
+def new_hash(algorithm: str = CHECKSUM_ALGORITHM) -> Any:
+    """A fresh hash object (update/digest/hexdigest) of a tree checksum *algorithm*."""
+    return HASHES[algorithm]()
+
+
+def _hash_piece(fd: int, start: int, length: int, algorithm: str) -> bytes:
+    h = new_hash(algorithm)
     buf = bytearray(_READ)
     view = memoryview(buf)
     pos, end = start, start + length
@@ -65,8 +76,11 @@ def image_checksum(
     image: str | os.PathLike[str],
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    algorithm: str = CHECKSUM_ALGORITHM,
 ) -> str:
-    """The sha256-tree checksum of *image* as hex (see the module docstring)."""
+    """The tree checksum of *image* as hex (see the module docstring)."""
+    if algorithm not in HASHES:
+        raise ValueError(f"unknown checksum algorithm {algorithm!r}")
     fd = os.open(image, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -74,12 +88,14 @@ def image_checksum(
         workers = max(1, min(threads or os.cpu_count() or 1, len(starts)))
         digests: list[bytes] = []
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checksum") as pool:
-            # map() keeps the order; pieces are read and hashed concurrently (hashlib drops the GIL).
-            for i, d in enumerate(pool.map(lambda s: _hash_piece(fd, s, min(CHUNK, size - s)), starts)):
+            # map() keeps the order; pieces are read and hashed concurrently.
+            for i, d in enumerate(pool.map(lambda s: _hash_piece(fd, s, min(CHUNK, size - s), algorithm), starts)):
                 digests.append(d)
                 if progress:
                     progress(min(CHUNK, size - starts[i]))
-        return hashlib.sha256(b"".join(digests)).hexdigest()
+        top = new_hash(algorithm)
+        top.update(b"".join(digests))
+        return str(top.hexdigest())
     finally:
         os.close(fd)
 
@@ -131,7 +147,7 @@ class Manifest:
                 image_mtime_ns=int(im["mtime_ns"]),
                 superblock_hex=str(im["superblock"]),
                 checksum=None if im.get("checksum") is None else str(im["checksum"]),
-                checksum_algorithm=str(im.get("checksum_algorithm", CHECKSUM_ALGORITHM)),
+                checksum_algorithm=str(im.get("checksum_algorithm", "sha256-tree")),
                 created=float(d["created"]),
                 tool=dict(d.get("tool") or {}),
                 options=dict(d.get("options") or {}),
@@ -215,11 +231,11 @@ def check_image(
     if full and not problems:
         if manifest.checksum is None:
             problems.append("the manifest holds no checksum")
-        elif manifest.checksum_algorithm != CHECKSUM_ALGORITHM:
+        elif manifest.checksum_algorithm not in HASHES:
             problems.append(f"unknown checksum algorithm {manifest.checksum_algorithm!r}")
         else:
             checked = True
-            if image_checksum(image, threads) != manifest.checksum:
+            if image_checksum(image, threads, algorithm=manifest.checksum_algorithm) != manifest.checksum:
                 problems.append("checksum differs from the manifest (image damaged)")
     return CheckResult(ok=not problems, problems=tuple(problems), checksum_checked=checked)
 
