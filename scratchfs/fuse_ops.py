@@ -154,6 +154,7 @@ class Operations(pyfuse3.Operations):
         self._attr_cache: dict[tuple[int, int], pyfuse3.EntryAttributes] = {}
         self._next_fh = 1
         self._pool = DecodePool(workers or max(2, os.cpu_count() or 2))
+        self._raw_buf = bytearray(1 << 20)
         self._readahead_bytes = readahead_bytes
         self._reads_waiting = 0  # read requests being served right now (this one included)
         self._reported: set[tuple[str, str]] = set()
@@ -460,8 +461,17 @@ class Operations(pyfuse3.Operations):
             # handed to the decode pool as its own job (the blocks of one request decode on
             # every core), and blocks being decoded are awaited. A lone one-block read is
             # decoded right here: a thread hop costs more than decoding one block.
-            data = img.read_view(n, off, size, load=False)
-            if data is None:
+            span = img.raw_span(n, off, size)
+            data = None if span is not None else img.read_view(n, off, size, load=False)
+            if span is not None:
+                # Incompressible data is stored as is: one pread into a buffer reused by every
+                # request (pyfuse3 copies the reply out before this thread runs another task).
+                pos, length = span
+                if len(self._raw_buf) < length:
+                    self._raw_buf = bytearray(length)
+                data = memoryview(self._raw_buf)[:length]
+                img.read_raw_into(data, pos)
+            elif data is None:
                 loads = img.loads(n, off, size)
                 if len(loads) == 1 and self._reads_waiting == 1 and img.cache.loading(loads[0][0]) is None:
                     data = img.read_view(n, off, size, load=True)
@@ -530,7 +540,8 @@ class Operations(pyfuse3.Operations):
             return  # less than a block more to queue: wait for the reader to move on
         if stop > start:
             h.ahead_until = stop
-            self._start(ds, img, img.loads(n, start, stop - start), AHEAD)
+            # Blocks stored as is are left to the kernel's readahead of the image file.
+            self._start(ds, img, img.loads(n, start, stop - start, skip_raw=True), AHEAD)
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)

@@ -164,3 +164,39 @@ class TestBlockCache:
             c.get_or_load("k", boom)
         assert c.get("k") is None and c.loading("k") is None
         assert c.get_or_load("k", lambda: b"ok") == b"ok"
+
+
+def test_raw_spans_cover_exactly_the_incompressible_whole_blocks(tmp_path: Path) -> None:
+    bs = 64 << 10
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = os.urandom(5 * bs + 1000)  # 5 raw blocks, then a 1000-byte tail
+    (src / "rand").write_bytes(rnd)
+    mixed = os.urandom(bs) + b"z" * bs + os.urandom(bs)  # raw, compressed, raw
+    (src / "mixed").write_bytes(mixed)
+    for frag in (True, False):
+        out = tmp_path / f"raw-{frag}.sqfs"
+        extra = ["-tailends"] if frag else ["-no-fragments"]  # tail in a fragment, or a short last block
+        subprocess.run(["mksquashfs", str(src), str(out), "-b", "64K", "-noappend", "-quiet", "-no-progress", *extra],
+                       check=True)  # fmt: skip
+        with Image.open(out) as img:
+            ino = img.resolve(b"rand")
+            for off, size in [(0, bs), (1, 3 * bs), (bs - 7, 2 * bs + 14), (4 * bs, bs)]:
+                span = img.raw_span(ino, off, size)
+                assert span is not None, (frag, off, size)
+                buf = memoryview(bytearray(span[1]))
+                img.read_raw_into(buf, span[0])
+                assert bytes(buf) == rnd[off : off + size]
+            # the tail: in a fragment (not raw) or a short last block stored as is
+            tail = img.raw_span(ino, 5 * bs, 1000)
+            if frag:
+                assert tail is None and img.raw_span(ino, 4 * bs, bs + 1) is None
+            else:
+                assert tail is not None
+                buf = memoryview(bytearray(tail[1]))
+                img.read_raw_into(buf, tail[0])
+                assert bytes(buf) == rnd[5 * bs :]
+            m = img.resolve(b"mixed")
+            assert img.raw_span(m, 0, bs) is not None and img.raw_span(m, 2 * bs, bs) is not None
+            assert img.raw_span(m, 0, bs + 1) is None and img.raw_span(m, bs, bs) is None  # the compressed block
+            assert img.raw_span(m, 3 * bs, 10) is None  # past the end

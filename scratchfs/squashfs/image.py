@@ -790,11 +790,51 @@ class Image:
         assert view is not None
         return bytes(view)
 
-    def loads(self, inode: Inode, offset: int, size: int) -> list[tuple[tuple[int, int], Callable[[], bytes]]]:
+    def raw_span(self, inode: Inode, offset: int, size: int) -> tuple[int, int] | None:
+        """(image offset, length) when this range of the file is stored as is, in one piece.
+
+        That is when every block it touches is stored uncompressed (incompressible data),
+        full-sized and right after the previous one, and the range does not reach a fragment
+        tail: the bytes can then be read straight from the image with one pread, no decoding
+        and no block cache (the page cache of the image keeps them). None otherwise.
+        """
+        end = min(inode.size, offset + size)
+        words = inode.block_words
+        if offset >= end or not words:
+            return None
+        bs = self._super.block_size
+        first, last = offset // bs, (end - 1) // bs
+        nblocks = len(words)
+        if last >= nblocks:
+            return None
+        offs = inode.block_offsets
+        tail = inode.frag_index == NO_FRAGMENT
+        for i in range(first, last + 1):
+            w = words[i]
+            expect = inode.size - i * bs if (tail and i == nblocks - 1) else bs
+            if not w & L.SQFS_BLOCK_UNCOMPRESSED or w & L.SQFS_BLOCK_SIZE_MASK != expect:
+                return None
+            if i > first and offs[i] != offs[i - 1] + bs:
+                return None
+        pos = offs[first] + (offset - first * bs)
+        if pos + (end - offset) > self._super.bytes_used:
+            raise CorruptImageError(f"{self.path}: inode {inode.ino}: data beyond the end of the image")
+        return pos, end - offset
+
+    def read_raw_into(self, buf: memoryview, pos: int) -> None:
+        """Fill *buf* from image offset *pos* (a span from :meth:`raw_span`)."""
+        n = os.preadv(self._fd, [buf], pos)
+        if n != len(buf):
+            raise ImageIOError(f"{self.path}: short read at {pos} (image truncated?)")
+
+    def loads(
+        self, inode: Inode, offset: int, size: int, skip_raw: bool = False
+    ) -> list[tuple[tuple[int, int], Callable[[], bytes]]]:
         """(cache key, loader) of every stored block a read of this range needs, in order.
 
-        Sparse blocks need no load. A caller claims each key with ``cache.begin_load`` and
-        runs the loaders it owns wherever it likes (worker threads), in any order.
+        Sparse blocks need no load; with *skip_raw*, neither do blocks stored uncompressed. A
+        caller claims each key with ``cache.begin_load`` and runs the loaders it owns wherever
+        it likes (worker threads), in any order.
         """
         end = min(inode.size, offset + size)
         if offset >= end or not inode.is_file:
@@ -806,7 +846,7 @@ class Image:
         for i in range((offset // bs), (end - 1) // bs + 1):
             if i < len(words):
                 word = words[i]
-                if not word & L.SQFS_BLOCK_SIZE_MASK:
+                if not word & L.SQFS_BLOCK_SIZE_MASK or (skip_raw and word & L.SQFS_BLOCK_UNCOMPRESSED):
                     continue
                 expect = bs if (i + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - i * bs
                 out.append(((self._key, offs[i]), functools.partial(self._load_block, offs[i], word, expect)))
