@@ -13,7 +13,10 @@ mountd daemon, at --scratch-bw (default 100 MiB/s). The cache directory is on th
 (b) the longest stall a reader sees during a switch: a reader loops over a file (page cache
     dropped every pass so each read reaches FUSE) while the dataset is promoted and demoted
     --switches times; gaps between consecutive reads spanning a switch instant (from the
-    daemon's log) vs the longest gap with no switch (target <= 50 ms).
+    daemon's log) vs the longest gap with no switch (target <= 50 ms). Run twice: first with
+    scratch not throttled, which isolates the switch itself (a read in flight across a switch
+    otherwise also waits for throttled scratch, which is the scratch's latency, not the
+    switch's), then with scratch throttled as in (a) and (c).
 (c) read latency p50/p99 of another dataset (random 128 KiB reads, page caches dropped)
     while a copy runs (unlimited, then with copy_bandwidth = scratch bw / 4) vs idle.
 
@@ -85,19 +88,27 @@ class Throttled:
         self.dir.mkdir()
         sh(["mount", self.loop, str(self.dir)])
         rdev = os.stat(self.loop).st_rdev
-        dev = f"{os.major(rdev)}:{os.minor(rdev)}"
+        self.dev = f"{os.major(rdev)}:{os.minor(rdev)}"
         name = f"scratchfs-bench-{os.getpid()}"
         v1 = Path("/sys/fs/cgroup/blkio")
-        if (v1 / "blkio.throttle.read_bps_device").exists():
+        self.v1 = (v1 / "blkio.throttle.read_bps_device").exists()
+        if self.v1:
             self.cgroup = v1 / name
             self.cgroup.mkdir()
-            (self.cgroup / "blkio.throttle.read_bps_device").write_text(f"{dev} {bps}\n")
         else:
             root = Path("/sys/fs/cgroup")
             (root / "cgroup.subtree_control").write_text("+io")
             self.cgroup = root / name
             self.cgroup.mkdir()
-            (self.cgroup / "io.max").write_text(f"{dev} rbps={bps}\n")
+        self.limit(bps)
+
+    def limit(self, bps: int | None) -> None:
+        """Throttle reads of the scratch device to *bps* bytes/s (None: no limit)."""
+        assert self.cgroup is not None
+        if self.v1:
+            (self.cgroup / "blkio.throttle.read_bps_device").write_text(f"{self.dev} {bps or 0}\n")
+        else:
+            (self.cgroup / "io.max").write_text(f"{self.dev} rbps={bps or 'max'}\n")
 
     def admit(self, pid: int) -> None:
         assert self.cgroup is not None
@@ -245,76 +256,82 @@ def main() -> int:
         print(f"    ratio after / direct              {a / d:8.2f}   (target >= 0.9)")
 
         # (b) ------------------------------------------------------------------------------
-        stamps: list[float] = []
-        starts: list[float] = []
-        stop = threading.Event()
-        errors: list[str] = []
+        def stalls(throttled: bool) -> None:
+            stamps: list[float] = []
+            starts: list[float] = []
+            stop = threading.Event()
+            errors: list[str] = []
 
-        def reader() -> None:
-            fd = os.open(hot, os.O_RDONLY)
-            size = os.fstat(fd).st_size
-            try:
-                while not stop.is_set():
-                    off = 0
-                    while off < size and not stop.is_set():
-                        starts.append(time.time())
-                        n = len(os.pread(fd, 128 * 1024, off))
-                        if n == 0:
-                            errors.append(f"short read at {off}")
-                            return
-                        off += n
-                        stamps.append(time.time())
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError as e:
-                errors.append(repr(e))
-            finally:
-                os.close(fd)
+            def reader() -> None:
+                fd = os.open(hot, os.O_RDONLY)
+                size = os.fstat(fd).st_size
+                try:
+                    while not stop.is_set():
+                        off = 0
+                        while off < size and not stop.is_set():
+                            starts.append(time.time())
+                            n = len(os.pread(fd, 128 * 1024, off))
+                            if n == 0:
+                                errors.append(f"short read at {off}")
+                                return
+                            off += n
+                            stamps.append(time.time())
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                except OSError as e:
+                    errors.append(repr(e))
+                finally:
+                    os.close(fd)
 
-        # Copies limited to half the scratch bandwidth, as a site would configure: an unlimited
-        # copy starves the reader's own scratch reads, which would hide the switch itself.
-        switch_bw = args.scratch_bw * MiB // 2
-        md.write_config(switch_bw)
-        md.ctl("reload")
-        md.ctl("evict", "hot")
-        md.wait_tier("hot", "scratch")
-        t = threading.Thread(target=reader)
-        t.start()
-        time.sleep(3)  # baseline: no switch
-        base_end = time.time()
-        for _ in range(args.switches):
-            md.ctl("prefetch", "hot")
-            md.wait_tier("hot", "cache")
-            time.sleep(0.3)
+            # Copies limited to half the scratch bandwidth, as a site would configure: an
+            # unlimited copy starves the reader's own scratch reads.
+            switch_bw = args.scratch_bw * MiB // 2
+            scratch.limit(args.scratch_bw * MiB if throttled else None)
+            md.write_config(switch_bw)
+            md.ctl("reload")
             md.ctl("evict", "hot")
             md.wait_tier("hot", "scratch")
-            time.sleep(0.3)
-        stop.set()
-        t.join()
-        gaps = [(stamps[i - 1], stamps[i]) for i in range(1, len(stamps))]
-        base_gaps = [e - s for s, e in gaps if e <= base_end]
-        during = [e - s for s, e in gaps if s > base_end]
+            t = threading.Thread(target=reader)
+            t.start()
+            time.sleep(3)  # baseline: no switch
+            base_end = time.time()
+            for _ in range(args.switches):
+                md.ctl("prefetch", "hot")
+                md.wait_tier("hot", "cache")
+                time.sleep(0.3)
+                md.ctl("evict", "hot")
+                md.wait_tier("hot", "scratch")
+                time.sleep(0.3)
+            stop.set()
+            t.join()
+            scratch.limit(args.scratch_bw * MiB)
+            gaps = [(stamps[i - 1], stamps[i]) for i in range(1, len(stamps))]
+            base_gaps = [e - s for s, e in gaps if e <= base_end]
+            during = [e - s for s, e in gaps if s > base_end]
+            reads = list(zip(starts, stamps))
 
-        reads = list(zip(starts, stamps))
+            def at(pattern: str) -> tuple[list[float], list[float]]:
+                """Per switch: the gap between reads spanning it, and the first read issued after it."""
+                instants = [w for w in log_times(md.log, pattern) if w > base_end]
+                spans = [max((e - s for s, e in gaps if s - 0.002 <= w <= e + 0.002), default=0.0) for w in instants]
+                firsts = [next((e - s for s, e in reads if s >= w), 0.0) for w in instants]
+                return spans, firsts
 
-        def at(pattern: str) -> tuple[list[float], list[float]]:
-            """Per switch: the gap between reads spanning it, and the first read issued after it."""
-            instants = [w for w in log_times(md.log, pattern) if w > base_end]
-            spans = [max((e - s for s, e in gaps if s - 0.002 <= w <= e + 0.002), default=0.0) for w in instants]
-            firsts = [next((e - s for s, e in reads if s >= w), 0.0) for w in instants]
-            return spans, firsts
+            (promo, promo1), (demo, demo1) = at(r"promoted hot:"), at(r"demoted hot \(")
+            where = (f"scratch throttled to {args.scratch_bw} MiB/s" if throttled
+                     else "scratch not throttled (the switch alone)")  # fmt: skip
+            print(f"(b) reader stalls, {where}: {len(promo)} promotions + {len(demo)} demotions under a reader "
+                  f"({len(stamps)} reads of 128 KiB, errors: {len(errors)}; copies limited to {switch_bw // MiB} MiB/s)")  # fmt: skip
+            print(f"    longest gap spanning a promotion  {max(promo) * 1e3:8.1f} ms   (target <= 50 ms); "
+                  f"median {statistics.median(promo) * 1e3:.1f} ms")  # fmt: skip
+            print(f"    first read after a promotion      {max(promo1) * 1e3:8.1f} ms max; median {statistics.median(promo1) * 1e3:.1f} ms")
+            print(f"    longest gap spanning a demotion   {max(demo) * 1e3:8.1f} ms   (target <= 50 ms); "
+                  f"median {statistics.median(demo) * 1e3:.1f} ms")  # fmt: skip
+            print(f"    first read after a demotion       {max(demo1) * 1e3:8.1f} ms max; median {statistics.median(demo1) * 1e3:.1f} ms")
+            print(f"    longest gap, no switch (baseline) {max(base_gaps) * 1e3:8.1f} ms; p99 {pct(base_gaps, 0.99) * 1e3:.1f} ms")
+            print(f"    longest gap over the whole switching phase (copies included) {max(during) * 1e3:.1f} ms")
 
-        (promo, promo1), (demo, demo1) = at(r"promoted hot:"), at(r"demoted hot \(")
-        print(f"(b) reader stalls, {len(promo)} promotions + {len(demo)} demotions under a reader "
-              f"({len(stamps)} reads of 128 KiB, errors: {len(errors)}; copies limited to {switch_bw // MiB} MiB/s)")  # fmt: skip
-        print(f"    longest gap spanning a promotion  {max(promo) * 1e3:8.1f} ms   (target <= 50 ms); "
-              f"median {statistics.median(promo) * 1e3:.1f} ms")  # fmt: skip
-        print(f"    first read after a promotion      {max(promo1) * 1e3:8.1f} ms max; median {statistics.median(promo1) * 1e3:.1f} ms")
-        print(f"    longest gap spanning a demotion   {max(demo) * 1e3:8.1f} ms   (next read comes from slow scratch); "
-              f"median {statistics.median(demo) * 1e3:.1f} ms")  # fmt: skip
-        print(f"    first read after a demotion       {max(demo1) * 1e3:8.1f} ms max; median {statistics.median(demo1) * 1e3:.1f} ms")
-        print(f"    longest gap, no switch (baseline, scratch) {max(base_gaps) * 1e3:.1f} ms; "
-              f"p99 {pct(base_gaps, 0.99) * 1e3:.1f} ms")  # fmt: skip
-        print(f"    longest gap over the whole switching phase (copies included) {max(during) * 1e3:.1f} ms")
+        stalls(throttled=False)
+        stalls(throttled=True)
 
         # (c) ------------------------------------------------------------------------------
         def latencies(until: threading.Event | None, count: int) -> list[float]:
