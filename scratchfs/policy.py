@@ -45,6 +45,13 @@ Algorithm
    next run starts.  Runs are separated by a window without reads (see :mod:`.stats`).
    Candidates not admitted, with ``value <= 0`` or a rate not above ``min_rate`` are worth 0.
 
+   **Only runs still going are copied.**  A candidate must be read *now*: reads in the newest
+   bucket or the one before it (``idle == 0``, see :func:`demand_from_snapshot`).  A dataset
+   whose reads stopped keeps a rate until its reads leave the window, but a copy started then
+   serves nothing to the run that is over; most short runs end before their copy would, and
+   those copies (a queue of them, behind a serial copier) were most of the bytes copied for
+   nothing.  Such a candidate is worth 0 and gets no spare space; incumbents are not affected.
+
    Value per byte (``value / size``) ranks datasets.
 
 5. **Knapsack** over the remaining budget: the better (by total value) of a greedy fill by value
@@ -59,7 +66,7 @@ Algorithm
    demand finds them still cached and nothing is copied twice.
 
    **Spare space** (``spare``, on by default): space that no valued dataset wants is lent to
-   datasets being read that were not admitted (or whose value is not positive) but would
+   candidates being read that were not admitted (or whose value is not positive) but would
    serve reads from the cache once copied (``r * (H - copy_time) > 0``), most such bytes per
    byte first.  An idle incumbent whose last run paid for a copy (read at least its size)
    keeps its place; one whose last run did not (or that was never seen in a run) holds its
@@ -130,6 +137,7 @@ class Demand:
     age: float = 0.0  # seconds this dataset has been read without a window-long pause
     run_bytes: float | None = None  # bytes of the current run (None: rate × age)
     last_run_bytes: float = 0.0  # bytes of the previous run
+    idle: float = 0.0  # seconds since the last read, beyond one stats bucket (0: being read now)
 
     @property
     def estimate(self) -> float:
@@ -174,9 +182,10 @@ def demand_from_snapshot(snap: StatsSnapshot, scale: Mapping[str, float] | None 
     out: dict[str, Demand] = {}
     ratio = scale or {}
     for name, d in snap.datasets.items():
+        idle = max(snap.now - snap.resolution - d.last_read, 0.0) if d.last_read is not None else 0.0
         if not d.window_bytes:
             if d.last_run_bytes:
-                out[name] = Demand(last_run_bytes=d.last_run_bytes * ratio.get(name, 1.0))
+                out[name] = Demand(last_run_bytes=d.last_run_bytes * ratio.get(name, 1.0), idle=idle)
             continue
         k = ratio.get(name, 1.0)
         age = max(snap.now - d.active_since, 0.0) if d.active_since is not None else 0.0
@@ -188,6 +197,7 @@ def demand_from_snapshot(snap: StatsSnapshot, scale: Mapping[str, float] | None 
             age=age,
             run_bytes=d.run_bytes * k,
             last_run_bytes=d.last_run_bytes * k,
+            idle=idle,
         )
     return out
 
@@ -322,7 +332,7 @@ def choose(
             values[name] = 0.0
         elif name in cached:
             values[name] = d.predicted(0.0, horizon) * (1 + params.hysteresis)
-        elif d.estimate > params.min_rate:
+        elif d.estimate > params.min_rate and d.idle <= 0:
             copy_time = size / bw if bw > 0 else 0.0
             gains[name] = d.predicted(copy_time, horizon)
             # admission: this run (or the last one) says it will be read more than its size

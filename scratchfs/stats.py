@@ -103,6 +103,7 @@ class DatasetStats:
     run_bytes: int = 0  # bytes of the current run (0 between runs)
     last_run_bytes: int = 0  # bytes of the previous finished run
     runs: int = 0  # finished runs
+    last_read: float | None = None  # end of the newest bucket holding reads (at most now); None: never read
 
     def tier_total(self, tier: str) -> int:
         t = self.tiers.get(tier)
@@ -271,9 +272,11 @@ class ThroughputStats:
             tiers: dict[str, TierStats] = {}
             wb = rb = total = reqs = 0
             first: int | None = None
+            newest = -1
             for tier, ring in rings:
                 total += ring.total_bytes
                 reqs += ring.total_reqs
+                newest = max(newest, ring.last)
                 if ring.last <= stale:  # nothing in the window: skip the ring scan
                     tiers[tier] = TierStats(0, 0, 0.0, ring.total_bytes, ring.total_reqs)
                     continue
@@ -304,6 +307,7 @@ class ThroughputStats:
                 run_bytes=total - run.base if run.since is not None else 0,
                 last_run_bytes=run.prev_bytes,
                 runs=run.runs,
+                last_read=min((newest + 1) * self.width, now) if newest >= 0 else None,
             )
             run.idle = ds if wb == 0 else None
             out[name] = ds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,7 @@ def worlds(draw: st.DrawFn) -> dict:
             age=draw(st.floats(0, 20_000)),
             run_bytes=draw(st.none() | st.floats(0, 200 * GiB)),
             last_run_bytes=draw(st.floats(0, 200 * GiB)),
+            idle=draw(st.sampled_from([0.0, 0.0, 30.0, 5000.0])),
         )
         for n in names
     }
@@ -245,7 +247,8 @@ def test_demand_from_snapshot() -> None:
     assert dem.run == 100_000_000
     assert demand_from_snapshot(snap)["idle"].run == 5
     later = demand_from_snapshot(s.snapshot(1000.0))  # nothing in the window: only the last run
-    assert later == {"a": Demand(last_run_bytes=100_000_000), "idle": Demand(last_run_bytes=5)}
+    assert later == {"a": Demand(last_run_bytes=100_000_000, idle=1000 - 10 - 400),
+                     "idle": Demand(last_run_bytes=5, idle=1000 - 10 - 10)}  # fmt: skip
     s.record("never", SCRATCH, 7, 1001.0)  # read, but no snapshot saw it in a run
     assert "never" not in demand_from_snapshot(s.snapshot(1700.0))
 
@@ -322,3 +325,40 @@ def test_next_run_of_a_long_read_dataset_is_admitted_from_stats() -> None:
     d = choose(demand=demand_from_snapshot(snap), sizes={"long": size, "short": size}, capacity=10 * size,
                free=10 * size, cached={}, now=1006.0, params=params)  # fmt: skip
     assert d.hold == {"long"}
+
+
+def test_stats_and_demand_say_how_long_a_dataset_has_not_been_read() -> None:
+    """``last_read`` is the end of the newest bucket with reads (at most now); the demand's
+    ``idle`` is 0 while reads are in the newest bucket or the one before it."""
+    s = ThroughputStats(window=600, buckets=60)  # 10 s buckets
+    for t in range(100, 131, 5):
+        s.record("a", SCRATCH, 1000, float(t))  # last read at 130 s, bucket [130, 140)
+    s.record("b", SCRATCH, 1000, 100.0)
+    snap = s.snapshot(135.0)
+    assert snap.datasets["a"].last_read == 135.0 and snap.datasets["b"].last_read == 110.0
+    dem = demand_from_snapshot(snap)
+    assert dem["a"].idle == 0.0  # being read
+    assert dem["b"].idle == pytest.approx(15.0)  # 135 - 10 (a bucket) - 110
+    assert demand_from_snapshot(s.snapshot(145.0))["a"].idle == 0.0  # the previous bucket still counts
+    assert demand_from_snapshot(s.snapshot(175.0))["a"].idle == pytest.approx(25.0)
+    assert demand_from_snapshot(s.snapshot(175.0))["a"].rate > 0  # still a rate in the window
+
+
+def test_spare_space_only_for_runs_still_going() -> None:
+    """A dataset whose reads stopped keeps a rate for a window; it gets no spare space (its copy
+    would serve nothing to the run that is over), the same dataset still being read does."""
+    size = 10 * GiB
+    params = PolicyParams(horizon=1200, copy_bandwidth=1e9)
+    common = dict(sizes={"a": size}, capacity=100 * GiB, free=100 * GiB, cached={}, now=1e5, params=params)
+    reading = Demand(rate=size / 100, age=20)  # not admitted: 20 % of its size read so far
+    d = choose(demand={"a": reading}, **common)
+    assert d.hold == {"a"} and d.reasons["a"] == "spare"
+    stopped = Demand(rate=size / 100, age=20, idle=30.0)
+    assert choose(demand={"a": stopped}, **common).hold == frozenset()
+    # nor is a dataset that would be admitted for value: its run is over
+    admitted = Demand(rate=size / 100, age=500)
+    assert choose(demand={"a": admitted}, **common).reasons == {"a": "value"}
+    assert choose(demand={"a": replace(admitted, idle=30.0)}, **common).hold == frozenset()
+    # once cached, a pause in its reads changes nothing
+    held = choose(demand={"a": replace(admitted, idle=30.0)}, **{**common, "cached": {"a": 0.0}})
+    assert held.hold == {"a"} and held.reasons["a"] == "value"

@@ -222,3 +222,37 @@ def test_ours_end_to_end_scan_stays_rereads_promoted() -> None:
     assert second == first  # kept over the pause: nothing needed the space
     # with spare space lent, the scan is copied into space nobody wants (it is being read)
     assert "scan" in _promotions(trace, cfg, spare=True)
+
+
+def test_ours_starts_one_copy_at_a_time_as_mountd() -> None:
+    """mountd copies one image at a time and decides the rest again next round: the simulated
+    copier never holds a queue for ours, and a dataset whose reads stopped before its turn
+    came is never copied."""
+    size = 1000
+    events = [Event(float(t), n, 20 * size // 100) for t in range(0, 100) for n in ("a", "b", "c")]
+    events += [Event(float(t), "d", 20 * size // 100) for t in range(0, 25)]  # admitted, but stops early
+    events.sort(key=lambda e: (e.t, e.dataset))
+    trace = Trace({"a": size, "b": size, "c": size, "d": size}, events)
+    cfg = sim.SimConfig(capacity=10 * size, copy_bandwidth=size / 15, window=60, interval=2, min_residency=0)
+    pol = sim.OursPolicy(trace, cfg)
+    longest = 0
+    started: list[str] = []
+    round_ = pol.round
+    promote = pol.cache.promote
+
+    def record(name: str, now: float) -> None:
+        if name not in pol.cache:
+            started.append(name)
+        promote(name, now)
+
+    def watched(now: float) -> None:
+        nonlocal longest
+        round_(now)
+        longest = max(longest, len(pol.cache.queue))
+
+    pol.cache.promote = record  # type: ignore[method-assign]
+    pol.round = watched  # type: ignore[method-assign]
+    r = sim.replay(trace, pol)
+    assert longest == 1
+    assert len(started) >= 3 and "d" not in started  # three copies of 15 s each came after d stopped
+    assert r.hit_bytes > 0

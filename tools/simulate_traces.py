@@ -9,7 +9,9 @@ Policies, all replayed against the same trace, cache capacity and copy model:
   with logical sizes (``Trace.logical_sizes``: dataset → bytes of its files, uncompressed, as
   mountd records them from the images' manifests) gets its served bytes scaled to image bytes
   by image size / logical size (see :func:`scratchfs.policy.demand_from_snapshot`), as mountd
-  does; datasets without one count served bytes as image bytes.
+  does; datasets without one count served bytes as image bytes.  Copies start as mountd starts
+  them: one at a time, in value-per-byte order; a dataset still waiting is not cached and is
+  decided again at the next round (so a copy whose reason went away is never started).
 * ``lru``   — whole-image LRU: a read of an image that is not cached starts its copy, evicting
   the least recently read images until it fits.
 * ``scratch_manager`` — the policy of CEA-LIST's scratch_manager as its README and code describe
@@ -235,7 +237,15 @@ class OursPolicy(SimPolicy):
             params=self.params,
         )
         sizes = self.trace.sizes
-        self.apply(sorted(d.hold), now, order=lambda n: -d.value.get(n, 0.0) / max(sizes[n], 1))
+        for name in list(self.cache.held()):
+            if name not in d.hold:
+                self.cache.demote(name, now)
+        # As mountd: copies in value-per-byte order, one at a time; what waits is decided again
+        # next round.
+        for name in sorted(d.promote, key=lambda n: (-(d.value.get(n, 0.0) / max(sizes[n], 1)), n)):
+            if self.cache.queue:
+                break
+            self.cache.promote(name, now)
 
 
 class LruPolicy(SimPolicy):
