@@ -145,3 +145,43 @@ def test_sigkill_at_random_moments(tmp_path, monkeypatch):
     assert kills == KILLS
     print(f"{kills} kills, {completions} completed runs, plans {len(started)}, "
           f"entries started {sum(started.values())}, lost in flight {sum(lost.values())}")
+
+
+def test_a_burst_of_sigterms_stops_a_paced_refresh_which_records_where_it_stopped(tmp_path, monkeypatch):
+    """A job killed at its time limit gets SIGTERM from Slurm and, within microseconds, from its
+    parent processes. The refresh's handler once set a threading.Event, whose lock a second
+    handler run (or the interrupted Event.wait) already held: it hung until SIGKILL and never
+    recorded the run. Here a paced refresh gets 200 SIGTERMs in a tight loop, five times."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    root = tmp_path / "scratch"
+    ds = root / "ds"
+    ds.mkdir(parents=True)
+    for i in range(400):
+        (ds / f"f{i:03d}").touch()
+    assert main(["init", "--profile", "local", "--root", str(root)]) == 0
+    assert main(["add", "--name", "ds", "--path", str(ds), "--keep-until", "2099-12-31"]) == 0
+    logs = paths.log_dir("local")
+    cmd = [sys.executable, "-m", "scratchfs.keepalive.cli", "refresh", "--name", "ds", "--workers", "1",
+           "--unit-size", "5", "--max-rate", "20", "--no-progress"]
+    for attempt in range(5):
+        before = set(logs.glob("*.log")) if logs.exists() else set()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+        deadline = time.monotonic() + 60
+        new: set[Path] = set()
+        while not any(START_RE.search(p.read_text()) for p in new):  # paced units are under way
+            assert proc.poll() is None and time.monotonic() < deadline, "refresh did not start units"
+            time.sleep(0.02)
+            new = set(logs.glob("*.log")) - before if logs.exists() else set()
+        time.sleep(0.1 * attempt)
+        for _ in range(200):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=60)  # a hang, not a speed: a stopping refresh needs well under a second
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("refresh hung after a burst of SIGTERMs")
+        assert rc == 9, rc  # ExternalFailure: "refresh stopped by SIGTERM; the next run resumes"
+        last = read_last_run("local", "ds")
+        assert last is not None and last["status"] == "interrupted", last

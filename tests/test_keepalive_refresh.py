@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -212,10 +211,11 @@ def test_partial_run_counts_errors_and_resumes_stored_plan(env, tmp_path, capsys
     from scratchfs.keepalive.profiles import load_profile
     from scratchfs.keepalive.refresh import refresh_dataset
     from scratchfs.keepalive.registry import load_registry
+    from scratchfs.signals import StopFlag
 
     name, prof = load_profile()
     entry = load_registry(name, prof).get("ds")
-    stop = threading.Event()
+    stop = StopFlag()
     stop.set()  # plan, then stop before any unit: the checkpoint holds the plan
     import datetime as dt
 

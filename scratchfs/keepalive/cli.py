@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import BusyError, ExternalFailure, NotFoundError, PermissionRefused, ScratchfsError, UsageError
 from ..locking import is_locked
+from ..signals import StopFlag
 from ..units import format_size, parse_duration
 from . import hooks, paths
 from .doctor import Finding, run_doctor, run_repair
@@ -254,7 +255,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     old_level = pkg.level
     pkg.setLevel(logging.DEBUG)
     pkg.addHandler(handler)
-    stop = threading.Event()
+    stop = StopFlag()  # set from a signal handler: must take no lock (see scratchfs.signals)
     prev_term = None
     if threading.current_thread() is threading.main_thread():
         prev_term = signal.signal(signal.SIGTERM, lambda *_: stop.set())

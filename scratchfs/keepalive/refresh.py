@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from typing import Any
 
 from ..errors import NotFoundError, PermissionRefused
 from ..locking import Lock, LockOwner
+from ..signals import StopFlag
 from ..state import atomic_write_json, read_json
 from . import checkpoint as ck
 from . import paths
@@ -210,7 +210,7 @@ def refresh_dataset(
     workers: int | None = None,
     unit_size: int | None = None,
     method: str = DEFAULT_METHOD,
-    stop: threading.Event | None = None,
+    stop: StopFlag | None = None,
     progress: bool | None = None,
     log_path: str = "",
     owner: LockOwner | None = None,
@@ -252,7 +252,7 @@ def refresh_dataset(
 
 def _run(profile_name: str, profile: Profile, entry: DatasetEntry, res: RunResult, ddir: Path, base: str,
          units: list[list[ck.Group]] | None, workers: int, unit_size: int, method: str,
-         stop: threading.Event | None, progress: bool | None, max_rate: float = 0.0) -> RunResult:
+         stop: StopFlag | None, progress: bool | None, max_rate: float = 0.0) -> RunResult:
     name = entry.name
     plan_p, jour_p = ddir / ck.PLAN_NAME, ddir / ck.JOURNAL_NAME
     loaded = _load_checkpoint(ddir, name, base)

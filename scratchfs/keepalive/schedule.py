@@ -324,11 +324,22 @@ next_link() {{
         || echo "$(stamp) could not submit the next link (doctor reports the broken chain)"
 }}
 child=""
+stopping=0
 on_signal() {{
+    if [ "$stopping" = 1 ]; then  # a repeated signal: pass it on, keep waiting below
+        [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
+        return 0
+    fi
+    stopping=1
     echo "$(stamp) job $JOB got SIG$1: stopping the run (its checkpoint is kept) and chaining"
     [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
     next_link
-    [ -n "$child" ] && wait "$child"
+    # wait returns early when another signal arrives; the job must not end (Slurm then kills
+    # what is left of it at once) before the run has recorded where it stopped
+    while [ -n "$child" ] && kill -0 "$child" 2>/dev/null; do
+        wait "$child"
+    done
+    echo "$(stamp) the run has stopped"
     exit 143
 }}
 trap 'on_signal TERM' TERM

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -189,8 +190,12 @@ def test_chain_job_killed_at_time_limit_still_chains_and_next_run_resumes(user: 
     assert len(q) == 1, q
     # the trap submits the successor first, then waits for the refresh to finish its units in
     # flight and record the run: wait for that record
-    r = wait_for(lambda: (r := _last_run(u)) and r.get("status") == "interrupted" and r, 60,
-                 "the killed link's run record")
+    try:
+        r = wait_for(lambda: (r := _last_run(u)) and r.get("status") == "interrupted" and r, 60,
+                     "the killed link's run record")
+    except BaseException:
+        _dump_logs(u)
+        raise
     assert isinstance(r, dict)
     done_first = r["units_run"]
     assert 0 < done_first < r["units_total"]
@@ -207,6 +212,15 @@ def test_chain_job_killed_at_time_limit_still_chains_and_next_run_resumes(user: 
     assert int(m.group(1)) >= done_first and int(m.group(2)) == r["units_total"], (m.group(0), r)
     u.ok(u.run("scancel", second))
     u.ok(u.ka("uninstall-cron", "--profile", PROFILE))
+
+
+def _dump_logs(u: UserSession) -> None:
+    """On a failure: what the job and the refresh wrote, for the test report."""
+    for p in sorted((_state_dir(u) / "logs").glob("*")):
+        with contextlib.suppress(OSError):
+            print(f"==== {p.name}\n{p.read_text()[-6000:]}")
+    with contextlib.suppress(OSError):
+        print(f"==== last_run.json\n{(_state_dir(u) / 'datasets' / 'ds' / 'last_run.json').read_text()}")
 
 
 def _throttle_opts(u: UserSession) -> list[str]:
