@@ -462,8 +462,8 @@ class Operations(pyfuse3.Operations):
             # handed to the decode pool as its own job (the blocks of one request decode on
             # every core), and blocks being decoded are awaited. A lone one-block read is
             # decoded right here: a thread hop costs more than decoding one block.
+            data: memoryview | bytes | None
             span = img.raw_span(n, off, size)
-            data = None if span is not None else img.read_view(n, off, size, load=False)
             if span is not None:
                 # Incompressible data is stored as is: one pread into a buffer reused by every
                 # request (pyfuse3 copies the reply out before this thread runs another task).
@@ -472,7 +472,7 @@ class Operations(pyfuse3.Operations):
                     self._raw_buf = bytearray(length)
                 data = memoryview(self._raw_buf)[:length]
                 img.read_raw_into(data, pos)
-            elif data is None:
+            elif (data := img.read_view(n, off, size, load=False)) is None:
                 loads = img.loads(n, off, size)
                 if len(loads) == 1 and self._reads_waiting == 1 and img.cache.loading(loads[0][0]) is None:
                     data = img.read_view(n, off, size, load=True)

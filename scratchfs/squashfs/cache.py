@@ -71,18 +71,8 @@ class BlockCache:
         :meth:`end_load` (in any thread, possibly later); False when another load of *key*
         is already under way (its future is returned).
         """
-        with self._lock:
-            data = self._data.get(key)
-            if data is not None:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return None
-            fut = self._loading.get(key)
-            if fut is not None:
-                return fut, False
-            fut = self._loading[key] = Future()
-            self.misses += 1
-            return fut, True
+        got = self._claim(key)
+        return got if isinstance(got, tuple) else None
 
     def end_load(self, key: Hashable, fut: Future[bytes], data: bytes | None, exc: BaseException | None = None) -> None:
         """End a load claimed with :meth:`begin_load`: store *data*, or fail waiters with *exc*."""
@@ -109,6 +99,16 @@ class BlockCache:
 
     def get_or_load(self, key: Hashable, load: Callable[[], bytes]) -> bytes:
         """Return the block, loading it in this thread unless another thread already is."""
+        got = self._claim(key)
+        if not isinstance(got, tuple):
+            return got
+        fut, mine = got
+        if not mine:
+            return fut.result()  # raises the loader's exception, if any
+        return self.run_load(key, fut, load)
+
+    def _claim(self, key: Hashable) -> bytes | tuple[Future[bytes], bool]:
+        """The cached block (a hit), else the load's future and whether the caller owns it."""
         with self._lock:
             data = self._data.get(key)
             if data is not None:
@@ -116,14 +116,11 @@ class BlockCache:
                 self.hits += 1
                 return data
             fut = self._loading.get(key)
-            mine = fut is None
-            if mine:
-                fut = self._loading[key] = Future()
-                self.misses += 1
-        assert fut is not None
-        if not mine:
-            return fut.result()  # raises the loader's exception, if any
-        return self.run_load(key, fut, load)
+            if fut is not None:
+                return fut, False
+            fut = self._loading[key] = Future()
+            self.misses += 1
+            return fut, True
 
     def clear(self) -> None:
         with self._lock:

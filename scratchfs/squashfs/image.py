@@ -710,18 +710,25 @@ class Image:
         assert piece is not None
         return piece
 
+    def _block_len(self, inode: Inode, index: int) -> int:
+        """Bytes of data block *index* once decoded: a full block, except the last one of a
+        file without a fragment tail."""
+        bs = self._super.block_size
+        if index + 1 < len(inode.block_words or ()) or inode.frag_index != NO_FRAGMENT:
+            return bs
+        return inode.size - index * bs
+
     def _block(self, inode: Inode, index: int, load: bool) -> bytes | None:
         words = inode.block_words
         assert words is not None
         word = words[index]
-        bs = self._super.block_size
         if word & L.SQFS_BLOCK_SIZE_MASK == 0:  # sparse block
-            return bytes(bs if (index + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - index * bs)
+            return bytes(self._block_len(inode, index))
         off = inode.block_offsets[index]
         key = (self._key, off)
         if not load:
             return self.cache.get(key)
-        expect = bs if (index + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - index * bs
+        expect = self._block_len(inode, index)
         return self.cache.get_or_load(key, lambda: self._load_block(off, word, expect))
 
     def _fragment(self, inode: Inode) -> tuple[int, int]:
@@ -808,11 +815,9 @@ class Image:
         if last >= nblocks:
             return None
         offs = inode.block_offsets
-        tail = inode.frag_index == NO_FRAGMENT
         for i in range(first, last + 1):
             w = words[i]
-            expect = inode.size - i * bs if (tail and i == nblocks - 1) else bs
-            if not w & L.SQFS_BLOCK_UNCOMPRESSED or w & L.SQFS_BLOCK_SIZE_MASK != expect:
+            if not w & L.SQFS_BLOCK_UNCOMPRESSED or w & L.SQFS_BLOCK_SIZE_MASK != self._block_len(inode, i):
                 return None
             if i > first and offs[i] != offs[i - 1] + bs:
                 return None
@@ -848,7 +853,7 @@ class Image:
                 word = words[i]
                 if not word & L.SQFS_BLOCK_SIZE_MASK or (skip_raw and word & L.SQFS_BLOCK_UNCOMPRESSED):
                     continue
-                expect = bs if (i + 1 < len(words) or inode.frag_index != NO_FRAGMENT) else inode.size - i * bs
+                expect = self._block_len(inode, i)
                 out.append(((self._key, offs[i]), functools.partial(self._load_block, offs[i], word, expect)))
             elif inode.frag_index != NO_FRAGMENT:
                 start, fword = self._fragment(inode)
