@@ -173,6 +173,7 @@ def test_a_burst_of_sigterms_stops_a_paced_refresh_which_records_where_it_stoppe
             assert proc.poll() is None and time.monotonic() < deadline, "refresh did not start units"
             time.sleep(0.02)
             new = set(logs.glob("*.log")) - before if logs.exists() else set()
+        # a real process must act: each attempt signals it at another point of its pacing wait
         time.sleep(0.1 * attempt)
         for _ in range(200):
             proc.send_signal(signal.SIGTERM)
