@@ -29,10 +29,12 @@ from .errors import ScratchfsError
 from .image.manifest import (
     CHECKSUM_ALGORITHM,
     CHUNK,
+    LEGACY_ALGORITHM,
     SUPERBLOCK_SIZE,
     image_checksum,
     new_hash,
     read_manifest,
+    tree_digest,
 )
 from .state import sync_dir
 
@@ -192,9 +194,7 @@ def copy_image(
             throttle(n)
         if in_piece or not digests:
             digests.append(piece.digest())
-        top = new_hash()
-        top.update(b"".join(digests))
-        checksum = str(top.hexdigest())
+        checksum = tree_digest(digests)
         if pos != ident.size:
             raise CopyError(f"{src} changed size while copying ({ident.size} → {pos} bytes)")
         os.fsync(fout)
@@ -258,7 +258,7 @@ def verify_copy(path: str | os.PathLike[str], checksum: str, threads: int | None
     finally:
         os.close(fd)
     # A record written before the switch to xxh3 holds a 64-digit sha256-tree checksum.
-    algorithm = "sha256-tree" if len(checksum) == 64 else CHECKSUM_ALGORITHM
+    algorithm = LEGACY_ALGORITHM if len(checksum) == 64 else CHECKSUM_ALGORITHM
     try:
         return image_checksum(path, threads, algorithm=algorithm) == checksum
     except (OSError, ScratchfsError):

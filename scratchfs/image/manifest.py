@@ -34,7 +34,8 @@ FORMAT = 1
 SUFFIX = ".manifest.json"
 SUPERBLOCK_SIZE = 96
 CHECKSUM_ALGORITHM = "xxh3-128-tree"
-HASHES: dict[str, Callable[[], Any]] = {"xxh3-128-tree": xxhash.xxh3_128, "sha256-tree": hashlib.sha256}
+LEGACY_ALGORITHM = "sha256-tree"  # manifests and cache records written before xxh3
+HASHES: dict[str, Callable[[], Any]] = {CHECKSUM_ALGORITHM: xxhash.xxh3_128, LEGACY_ALGORITHM: hashlib.sha256}
 CHUNK = 8 << 20
 _READ = 1 << 20
 
@@ -56,6 +57,13 @@ def read_superblock(image: str | os.PathLike[str]) -> bytes:
 def new_hash(algorithm: str = CHECKSUM_ALGORITHM) -> Any:
     """A fresh hash object (update/digest/hexdigest) of a tree checksum *algorithm*."""
     return HASHES[algorithm]()
+
+
+def tree_digest(piece_digests: list[bytes], algorithm: str = CHECKSUM_ALGORITHM) -> str:
+    """The checksum (hex) from the digests of the image's CHUNK-byte pieces, in order."""
+    top = new_hash(algorithm)
+    top.update(b"".join(piece_digests))
+    return str(top.hexdigest())
 
 
 def _hash_piece(fd: int, start: int, length: int, algorithm: str) -> bytes:
@@ -93,9 +101,7 @@ def image_checksum(
                 digests.append(d)
                 if progress:
                     progress(min(CHUNK, size - starts[i]))
-        top = new_hash(algorithm)
-        top.update(b"".join(digests))
-        return str(top.hexdigest())
+        return tree_digest(digests, algorithm)
     finally:
         os.close(fd)
 
@@ -147,7 +153,7 @@ class Manifest:
                 image_mtime_ns=int(im["mtime_ns"]),
                 superblock_hex=str(im["superblock"]),
                 checksum=None if im.get("checksum") is None else str(im["checksum"]),
-                checksum_algorithm=str(im.get("checksum_algorithm", "sha256-tree")),
+                checksum_algorithm=str(im.get("checksum_algorithm", LEGACY_ALGORITHM)),
                 created=float(d["created"]),
                 tool=dict(d.get("tool") or {}),
                 options=dict(d.get("options") or {}),
