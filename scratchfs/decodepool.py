@@ -50,10 +50,6 @@ class DecodePool:
             cancel()
         return False
 
-    def queued(self) -> int:
-        with self._cv:
-            return len(self._heap)
-
     def _run(self) -> None:
         while True:
             with self._cv:
