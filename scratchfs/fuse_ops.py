@@ -28,6 +28,9 @@ from collections.abc import Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any, ParamSpec, TypeVar
 
+from . import fusehook  # before pyfuse3, so that its request hook takes effect
+
+# isort: split
 import pyfuse3
 import trio
 
@@ -81,12 +84,13 @@ def errno_for(exc: BaseException) -> int:
 
 
 class _Node:
-    __slots__ = ("dataset", "ref", "lookups")
+    __slots__ = ("dataset", "ref", "lookups", "stream")
 
     def __init__(self, dataset: Dataset | None, ref: int) -> None:
         self.dataset = dataset
         self.ref = ref
         self.lookups = 0
+        self.stream: _Handle | None = None  # read state of the file in no-open mode
 
 
 class _Handle:
@@ -135,8 +139,12 @@ class Operations(pyfuse3.Operations):
         subdir: Inode | None = None,
         workers: int | None = None,
         readahead_bytes: int = 4 << 20,
+        no_open: bool = True,
     ) -> None:
         super().__init__()
+        # No-open mode (see fusehook): only for a single dataset. mountd retires a replaced
+        # dataset once no file of it is open, which it can only tell from open handles.
+        self._no_open = no_open and isinstance(target, Dataset) and fusehook.loaded()
         if isinstance(target, Dataset):
             self.ns = None
             self.dataset: Dataset | None = target
@@ -152,6 +160,7 @@ class Operations(pyfuse3.Operations):
             target.listeners.append(self._namespace_changed)
         self._nodes[ROOT].lookups = 1
         self._handles: dict[int, _Handle] = {}
+        self._declined: set[str] = set()
         self._attr_cache: dict[tuple[int, int], pyfuse3.EntryAttributes] = {}
         self._next_fh = 1
         self._pool = DecodePool(workers or max(2, os.cpu_count() or 2))
@@ -333,10 +342,15 @@ class Operations(pyfuse3.Operations):
         ds, n = self._inode(inode)
         if not n.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if self._no_open and fusehook.usable(fusehook.NO_OPENDIR_SUPPORT):
+            # From now on the kernel sends no OPENDIR/RELEASEDIR and caches listings; the
+            # hook puts the inode into each READDIR's file handle.
+            self._decline("opendir")
         return inode
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        fh &= ~fusehook.FH_INODE  # no-open mode: the hook's inode; else opendir's, the same
         if self._is_ns_root(fh):
             assert self.ns is not None
             datasets = self.ns.datasets()
@@ -442,6 +456,10 @@ class Operations(pyfuse3.Operations):
         ds, n = self._inode(inode)
         if not n.is_file:
             raise pyfuse3.FUSEError(errno.EISDIR if n.is_dir else errno.EINVAL)
+        if self._no_open and fusehook.usable(fusehook.NO_OPEN_SUPPORT):
+            # From now on the kernel sends no OPEN/RELEASE (it checks modes itself, the mount
+            # is read-only) and keeps file pages; reads carry the inode (see _stream).
+            self._decline("open")
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = _Handle(ds, n)
@@ -449,7 +467,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> Any:
-        h = self._handles.get(fh)
+        h = self._stream(fh ^ fusehook.FH_INODE) if fh & fusehook.FH_INODE else self._handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         ds = h.dataset
@@ -504,6 +522,24 @@ class Operations(pyfuse3.Operations):
         if off + nbytes > h.next_off:
             h.next_off = off + nbytes
         return data
+
+    def _decline(self, op: str) -> None:
+        """Answer ENOSYS: the kernel's no-open mode for *op* (logged the first time)."""
+        if op not in self._declined:
+            self._declined.add(op)
+            log.info("no-open mode: the kernel stops sending %s and its release", op.upper())
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    def _stream(self, ino: int) -> _Handle:
+        """The read state of file *ino* in no-open mode (kept until the kernel forgets it)."""
+        node = self._node(ino)
+        h = node.stream
+        if h is None:
+            ds, n = self._inode(ino)
+            if not n.is_file:
+                raise pyfuse3.FUSEError(errno.EISDIR if n.is_dir else errno.EINVAL)
+            h = node.stream = _Handle(ds, n)
+        return h
 
     def _start(
         self, ds: Dataset, img: Image, loads: Sequence[tuple[Hashable, Callable[[], bytes]]], priority: int

@@ -66,6 +66,20 @@ def test_lookup_getattr_read(ops: Operations) -> None:
     assert fuse_errno(ops.read, fi.fh, 0, 10) == errno.EBADF
 
 
+def test_no_open_mode_reads_by_inode(ops: Operations) -> None:
+    """In no-open mode the hook hands read() the inode instead of a handle (see fusehook)."""
+    from scratchfs.fusehook import FH_INODE
+
+    d = run(ops.lookup, pyfuse3.ROOT_INODE, b"dir", None)
+    f = run(ops.lookup, d.st_ino, b"a.txt", None)
+    content = b"hello\n" * 50_000
+    assert bytes(run(ops.read, FH_INODE | f.st_ino, 7, 200_000)) == content[7:200_007]
+    assert bytes(run(ops.read, FH_INODE | f.st_ino, 299_000, 4096)) == content[299_000:]
+    assert fuse_errno(ops.read, FH_INODE | d.st_ino, 0, 10) == errno.EISDIR
+    run(ops.forget, [(f.st_ino, 1)])  # the kernel forgot it: its read state goes too
+    assert fuse_errno(ops.read, FH_INODE | f.st_ino, 0, 10) == errno.ESTALE
+
+
 def test_negative_lookup_is_cacheable(ops: Operations) -> None:
     neg = run(ops.lookup, pyfuse3.ROOT_INODE, b"nope", None)
     assert neg.st_ino == 0 and neg.entry_timeout > 0

@@ -100,6 +100,32 @@ def test_subdir(secure_image: tuple[Path, Path], tmp_path: Path) -> None:
     assert res.returncode == 3 and "no such directory" in res.stderr and res.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("no_open", ["1", "0"], ids=["no-open-mode", "open-per-file"])
+def test_no_open_mode_and_its_fallback_serve_the_same(
+    secure_image: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_open: str
+) -> None:
+    """With the request hook built (it is: the package build compiles it), the mount uses the
+    kernel's no-open mode and logs it; with SCRATCHFS_NO_OPEN=0 it opens per file. Both give
+    the same listings and bytes, on a first and on a warm second pass."""
+    from scratchfs import fusehook
+
+    assert fusehook.loaded(), "scratchfs/_fusehook*.so is missing: the package build compiles it"
+    monkeypatch.setenv(fusehook.DISABLE_ENV, no_open)
+    img, src = secure_image
+    with scratchfs_mount(img, tmp_path / "mnt") as m:
+        for _ in range(2):
+            assert sorted(os.listdir(m.path)) == ["big.txt", "pub", "secret.txt", "suid-id", "zero"]
+            assert os.listdir(m.path / "pub") == ["data.txt"]
+            assert (m.path / "big.txt").read_bytes() == (src / "big.txt").read_bytes()
+            assert (m.path / "pub" / "data.txt").read_bytes() == b"public\n"
+            with open(m.path / "big.txt", "rb") as f:
+                f.seek(1_000_001)
+                assert f.read(70_000) == (src / "big.txt").read_bytes()[1_000_001:1_070_001]
+        log = m.log.read_text()
+    said = [w for w in ("OPEN", "OPENDIR") if f"no-open mode: the kernel stops sending {w} " in log]
+    assert said == (["OPEN", "OPENDIR"] if no_open == "1" else []), log
+
+
 def test_parallel_readers_get_identical_bytes(secure_image: tuple[Path, Path], tmp_path: Path) -> None:
     img, src = secure_image
     expect = hashlib.sha256((src / "big.txt").read_bytes()).hexdigest()
