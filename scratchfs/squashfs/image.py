@@ -5,6 +5,13 @@ demand by reference (our inode table is keyed by inode reference, never by path)
 listings and decoded inodes live in bounded LRU caches; data and fragment blocks are read
 whole (pread + the image's decompressor) into a bounded, shared :class:`BlockCache`.
 
+Inodes and directories are decoded in Python from whole metadata blocks (pread + the image's
+decompressor, a few hundred uncompressed blocks kept per image): a ctypes call costs more than
+parsing an entry, and libsquashfs's readers take several calls per entry. That decoder accepts
+only what libsquashfs's readers would read successfully, checking the same bounds; on anything
+else (damage) it steps aside and libsquashfs's own readers decode the inode or directory, so
+errors and partial listings come from one place.
+
 Thread safety: libsquashfs reader objects are not thread-safe, so every thread gets its own
 context (file handle, decompressor, metadata readers, xattr reader) on first use. What is
 shared is immutable after open (superblock copy, id list, fragment table, which is only looked
@@ -58,6 +65,11 @@ _U32 = struct.Struct("<I")
 _U32X2 = struct.Struct("<II")
 _U32X3 = struct.Struct("<III")
 _DIR_ENTRY = struct.Struct("<HhHH")
+_BASE = struct.Struct("<HHHHII")  # on-disk inode header: type, mode, uid idx, gid idx, mtime, number
+_DIR_INDEX = struct.Struct("<III")  # start block, index, name size - 1 (then the name)
+META = L.SQFS_META_BLOCK_SIZE
+# On-disk bytes after the 16-byte header of each inode type, before any variable part.
+_INODE_FIXED = {1: 16, 2: 16, 3: 8, 4: 8, 5: 8, 6: 4, 7: 4, 8: 24, 9: 40, 10: 8, 11: 12, 12: 12, 13: 8, 14: 8}
 ABSENT = 0xFFFFFFFFFFFFFFFF
 
 
@@ -169,6 +181,7 @@ class _Context:
             if sb.flags & L.SQFS_FLAG_COMPRESSOR_OPTIONS:
                 check(cmp.contents.read_options(cmp, self.file), "reading compressor options")
             self.outbuf = ctypes.create_string_buffer(sb.block_size)
+            self.metabuf = ctypes.create_string_buffer(META)
             self.reset_meta()
         except BaseException:
             self.close()
@@ -192,6 +205,12 @@ class _Context:
         if n <= 0:
             raise CorruptImageError(f"{self.image.path}: data block does not decompress ({n})")
         return ctypes.string_at(self.outbuf, n)
+
+    def decompress_meta(self, raw: bytes) -> bytes | None:
+        """A metadata block's bytes, or None where libsquashfs's metadata reader fails too
+        (same decompressor, same 8 KiB output limit; an empty block fails every read)."""
+        n = self._do_block(self.cmp, raw, len(raw), self.metabuf, META)
+        return ctypes.string_at(self.metabuf, n) if n > 0 else None
 
     def xattrs(self) -> Any:
         if self.xattr_reader is None:
@@ -271,6 +290,7 @@ class Image:
         block_cache: BlockCache | None = None,
         inode_cache: int = 65536,
         dir_cache_entries: int = 262144,
+        meta_cache_blocks: int = 512,
     ) -> None:
         self.path = Path(path)
         self._key = next(_IMAGE_KEYS)  # cache keys are (image key, offset): fds get reused
@@ -287,6 +307,10 @@ class Image:
         self.cache = block_cache if block_cache is not None else BlockCache(cache_size)
         self._inodes = _LRU(inode_cache)
         self._dirs = _LRU(1 << 30)
+        # Uncompressed metadata blocks: position → (bytes, position of the next block). Read
+        # without the lock (one dict lookup); added under it, oldest first out.
+        self._meta: dict[int, tuple[bytes, int]] = {}
+        self._meta_limit = max(1, meta_cache_blocks)
         self._dir_entries = 0
         self._dir_entry_limit = dir_cache_entries
         try:
@@ -466,19 +490,197 @@ class Image:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ---------------------------------------------------------- metadata blocks
+    def _meta_block(self, pos: int, start: int, limit: int) -> tuple[bytes, int] | None:
+        """(uncompressed bytes, position of the next block) of the metadata block at *pos* of the
+        table [start, limit), or None where libsquashfs's metadata reader would fail to load it.
+
+        The checks are the reader's own: the block starts inside the table, its stored size is
+        at most 8 KiB, it ends inside the table, it decompresses to at least one byte.
+        """
+        if pos < start or pos >= limit:
+            return None
+        hit = self._meta.get(pos)
+        if hit is not None:
+            return hit
+        raw = os.pread(self._fd, min(2 + META, limit - pos), pos)
+        if len(raw) < 2:
+            return None
+        head = raw[0] | raw[1] << 8
+        size = head & 0x7FFF
+        if size > META or pos + 2 + size > limit or len(raw) < 2 + size:
+            return None
+        if head & 0x8000:  # stored uncompressed
+            data: bytes | None = raw[2 : 2 + size]
+        else:
+            data = self._ctx().decompress_meta(raw[2 : 2 + size])
+        if not data:
+            return None
+        hit = (data, pos + 2 + size)
+        with self._meta_lock:
+            cache = self._meta
+            cache[pos] = hit
+            while len(cache) > self._meta_limit:
+                del cache[next(iter(cache))]
+        return hit
+
+    def _meta_span(self, pos: int, off: int, n: int, start: int, limit: int) -> bytes:
+        """Up to *n* bytes of the metadata stream from block *pos*, offset *off*, following the
+        chain of blocks as libsquashfs's reader does; short where the chain breaks (callers
+        that need the missing bytes leave the decoding to libsquashfs)."""
+        blk = self._meta_block(pos, start, limit)
+        if blk is None or off >= len(blk[0]):
+            return b""
+        data, nxt = blk
+        if off + n <= len(data):
+            return data[off : off + n]
+        # No more than the rest of the table can hold (8 KiB per block of >= 3 bytes).
+        n = min(n, ((limit - pos) // 3 + 1) * META)
+        parts = [data[off:]]
+        got = len(parts[0])
+        while got < n:
+            blk = self._meta_block(nxt, start, limit)
+            if blk is None:
+                break
+            data, nxt = blk
+            piece = data[: n - got]
+            parts.append(piece)
+            got += len(piece)
+        return b"".join(parts)
+
     # ------------------------------------------------------------------ inodes
     def inode_by_ref(self, ref: int) -> Inode:
         """Decode the inode at reference *ref* ((metadata block << 16) | offset)."""
-        with self._meta_lock:
-            node = self._inodes.lookup(ref)
+        node = self._inodes.get(ref)  # a miss costs no lock
         if node is not None:
+            with self._meta_lock:
+                if ref in self._inodes:
+                    self._inodes.move_to_end(ref)
             return node
-        node = self._decode_inode(ref)
+        node = self._parse_inode(ref) or self._decode_inode(ref)
         with self._meta_lock:
             self._inodes.store(ref, node)
         return node
 
+    def _parse_inode(self, ref: int) -> Inode | None:
+        """Decode the inode at *ref* from the metadata blocks; None when the image is damaged
+        there (anything libsquashfs or :meth:`_convert` would refuse): the caller then lets
+        libsquashfs decode it, which raises the error."""
+        sb = self._super
+        start, limit = sb.inode_table_start, sb.directory_table_start
+        pos, off = start + (ref >> 16), ref & 0xFFFF
+        blk = self._meta_block(pos, start, limit)
+        if blk is None:
+            return None
+        buf = blk[0]
+        p = off
+        if off + 56 > len(buf):  # 56: the longest fixed part (header + extended file)
+            if off >= len(buf):
+                return None
+            buf, p = self._meta_span(pos, off, 56, start, limit), 0
+            if len(buf) < 16:
+                return None
+        t, mode, uid_idx, gid_idx, mtime, ino = _BASE.unpack_from(buf, p)
+        fixed = _INODE_FIXED.get(t)
+        if fixed is None:
+            return None
+        ids = self._ids
+        if uid_idx >= len(ids) or gid_idx >= len(ids):
+            return None
+        need = 16 + fixed
+        if len(buf) - p < need:
+            return None
+        basic = t - 7 if t > 7 else t
+        q = p + 16
+        n = Inode()
+        n.ino = ino
+        n.ref = ref
+        n.itype = t
+        n.mode = MODE_OF_TYPE[basic] | (mode & 0o7777)
+        n.uid = ids[uid_idx]
+        n.gid = ids[gid_idx]
+        n.mtime = mtime
+        n.size = 0
+        n.nlink = 1
+        n.rdev = 0
+        n.blocks_start = 0
+        n.block_words = None
+        n._block_offsets = None
+        n.frag_index = NO_FRAGMENT
+        n.frag_offset = 0
+        n.frag_loc = None
+        n.dir_block = n.dir_offset = n.dir_size = 0
+        n.target = b""
+        n.xattr_idx = L.XATTR_NONE
+        if basic == 2:
+            if t == 2:
+                n.blocks_start, n.frag_index, n.frag_offset, n.size = _FILE.unpack_from(buf, q)
+            else:
+                n.blocks_start, n.size, _sparse, n.nlink, n.frag_index, n.frag_offset, n.xattr_idx = _FILE_EXT.unpack_from(buf, q)
+            full, tail = divmod(n.size, sb.block_size)
+            # libsquashfs's block count, then the check _convert makes on it.
+            count = full + (1 if tail and (n.frag_index == NO_FRAGMENT or n.frag_offset == 0xFFFFFFFF) else 0)
+            if count != full + (1 if tail and n.frag_index == NO_FRAGMENT else 0):
+                return None
+            q += fixed
+            if count:
+                if len(buf) - q < count * 4:
+                    buf, p = self._meta_span(pos, off, need + count * 4, start, limit), 0
+                    q = need
+                    if len(buf) < need + count * 4:
+                        return None
+                words = array("I", buf[q : q + count * 4])
+            else:
+                words = array("I")
+            n.block_words = words
+        elif basic == 1:
+            if t == 1:
+                n.dir_block, n.nlink, n.dir_size, n.dir_offset, _parent = _DIR.unpack_from(buf, q)
+            else:
+                n.nlink, n.dir_size, n.dir_block, _parent, icount, n.dir_offset, n.xattr_idx = _DIR_EXT.unpack_from(buf, q)
+                if n.dir_size and icount and not self._index_readable(buf, p, pos, off, icount):
+                    return None
+            n.size = n.dir_size
+        elif basic == 3:
+            n.nlink, n.size = _U32X2.unpack_from(buf, q)
+            total = need + n.size + (4 if t == 10 else 0)
+            if len(buf) - p < total:
+                buf, p = self._meta_span(pos, off, total, start, limit), 0
+                if len(buf) < total:
+                    return None
+            q = p + need
+            n.target = buf[q : q + n.size]
+            if t == 10:
+                (n.xattr_idx,) = _U32.unpack_from(buf, q + n.size)
+        elif basic in (4, 5):
+            if t > 7:
+                n.nlink, n.rdev, n.xattr_idx = _U32X3.unpack_from(buf, q)
+            else:
+                n.nlink, n.rdev = _U32X2.unpack_from(buf, q)
+        elif t > 7:
+            n.nlink, n.xattr_idx = _U32X2.unpack_from(buf, q)
+        else:
+            (n.nlink,) = _U32.unpack_from(buf, q)
+        return n
+
+    def _index_readable(self, buf: bytes, p: int, pos: int, off: int, icount: int) -> bool:
+        """Whether the directory index after an extended directory inode (at *p* of *buf*, or
+        block *pos*, offset *off*) is all in the stream: libsquashfs reads it whole and fails
+        if it is not. We do not use it."""
+        start, limit = self._super.inode_table_start, self._super.directory_table_start
+        q = 40  # the first index entry, after the header and the fixed part
+        want = q + icount * 13  # each entry takes at least 13 bytes
+        for _ in range(icount):
+            if len(buf) - p < q + 12:
+                want = max(want, 2 * (q + 12))
+                buf, p = self._meta_span(pos, off, want, start, limit), 0
+                if len(buf) < q + 12:
+                    return False
+            q += 13 + _DIR_INDEX.unpack_from(buf, p + q)[2]
+        return len(buf) - p >= q or len(self._meta_span(pos, off, q, start, limit)) >= q
+
     def _decode_inode(self, ref: int) -> Inode:
+        """Decode the inode at *ref* with libsquashfs's inode reader (damaged metadata)."""
         ctx = self._ctx()
         out = ctypes.c_void_p()
         ret = self._read_inode(ctx.inode_reader, self._super_ptr, ref >> 16, ref & 0xFFFF, ctypes.byref(out))
@@ -575,7 +777,9 @@ class Image:
             lst = self._dirs.lookup(dir_inode.ref)
         if lst is not None:
             return lst
-        lst = self._read_dir(dir_inode)
+        lst = self._parse_dir(dir_inode)
+        if lst is None:
+            lst = self._read_dir(dir_inode)
         with self._meta_lock:
             if dir_inode.ref not in self._dirs:
                 self._dirs.store(dir_inode.ref, lst)
@@ -585,7 +789,69 @@ class Image:
                     self._dir_entries -= len(old)
         return lst
 
+    def _parse_dir(self, dir_inode: Inode) -> DirListing | None:
+        """A directory's entries decoded from the metadata blocks; None when its metadata is
+        damaged (anything libsquashfs's readdir or :meth:`_read_dir` would refuse): the caller
+        then reads it through libsquashfs, which reports the error and the entries before it.
+
+        The listing is the directory's stored size minus 3 bytes of headers (count - 1, start
+        block, base inode number: 12 bytes) each followed by up to 256 entries (offset, inode
+        number delta, type, name size - 1: 8 bytes, then the name). Like libsquashfs, stop
+        when fewer than 10 bytes are left where a header would start and fewer than 6 where an
+        entry would; anything read past the listing's size means damage.
+        """
+        size = dir_inode.dir_size
+        if size <= 12:  # no room for a header: libsquashfs reads nothing and finds no entry
+            return DirListing([], [], [], [])
+        sb = self._super
+        start = sb.directory_table_start
+        end = size - 3
+        buf = self._meta_span(start + dir_inode.dir_block, dir_inode.dir_offset, end, start, self._dir_table_end)
+        if len(buf) < end:
+            return None
+        names: list[bytes] = []
+        refs: list[int] = []
+        inos: list[int] = []
+        types: list[int] = []
+        add_name, add_ref, add_ino, add_type = names.append, refs.append, inos.append, types.append
+        header = _U32X3.unpack_from
+        entry = _DIR_ENTRY.unpack_from
+        p = 0
+        while end - p > 9:
+            if p + 12 > end:
+                return None
+            count, block, base = header(buf, p)
+            if count > 255:
+                return None
+            p += 12
+            block <<= 16
+            for _ in range(count + 1):
+                if end - p <= 5:
+                    break
+                if p + 8 > end:
+                    return None
+                offset, delta, etype, nlen = entry(buf, p)
+                q = p + 9 + nlen
+                if q > end:
+                    return None
+                add_name(buf[p + 8 : q])
+                add_ref(block | offset)
+                add_ino((base + delta) & 0xFFFFFFFF)
+                add_type(etype)
+                p = q
+            if len(names) > sb.inode_count:
+                return None
+        # Names are checked all at once: '/' only as the separator, no NUL, no '.' or '..'.
+        joined = b"/".join(names)
+        if names and (b"\0" in joined or joined.count(b"/") != len(names) - 1):
+            return None
+        lst = DirListing(names, refs, inos, types)
+        if b"." in lst.index or b".." in lst.index:
+            return None
+        return lst
+
     def _read_dir(self, dir_inode: Inode) -> DirListing:
+        """A directory's entries through libsquashfs's readdir (damaged metadata)."""
         ctx = self._ctx()
         state = L.sqfs_readdir_state_t()
         state.init.block = self._super.directory_table_start + dir_inode.dir_block
