@@ -39,6 +39,7 @@ from .namespace import Namespace
 from .squashfs import CorruptImageError, Image, ImageIOError, Inode, LibraryError, SquashfsError
 from .squashfs.errors import NotSquashfsError, UnsupportedImageError
 from .squashfs.image import MODE_OF_TYPE, NO_FRAGMENT
+from .stats import CACHE
 from .tiers import Dataset
 
 log = logging.getLogger(__name__)
@@ -472,45 +473,24 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         ds = h.dataset
         n = h.inode
-        img = ds.begin()
-        nbytes = 0
-        self._reads_waiting += 1
-        try:
-            # Cached blocks are served at once. Otherwise each block nobody is decoding yet is
-            # handed to the decode pool as its own job (the blocks of one request decode on
-            # every core), and blocks being decoded are awaited. A lone one-block read is
-            # decoded right here: a thread hop costs more than decoding one block.
-            data: memoryview | bytes | None
-            span = img.raw_span(n, off, size)
-            if span is not None:
-                # Incompressible data is stored as is: one pread into a buffer reused by every
-                # request (pyfuse3 copies the reply out before this thread runs another task).
-                pos, length = span
-                if len(self._raw_buf) < length:
-                    self._raw_buf = bytearray(length)
-                data = memoryview(self._raw_buf)[:length]
-                img.read_raw_into(data, pos)
-            elif (data := img.read_view(n, off, size, load=False)) is None:
-                loads = img.loads(n, off, size)
-                if len(loads) == 1 and self._reads_waiting == 1 and img.cache.loading(loads[0][0]) is None:
-                    data = img.read_view(n, off, size, load=True)
-                else:
-                    futs = self._start(ds, img, loads, DEMAND)
-                    self._ahead(h, ds, img, n, off, size)
-                    if futs:
-                        await _wait_futures(futs)
-                    # Blocks whose load failed are loaded once more here, raising the error.
-                    data = img.read_view(n, off, size, load=True)
-            assert data is not None
-            nbytes = len(data)
-        except SquashfsError as e:
-            with self._bad_lock:
-                self.bad_files.add((ds.name, n.ino))
-            self._report("read", (f"{ds.name}:{n.ino}",), e)
-            raise pyfuse3.FUSEError(errno_for(e)) from None
-        finally:
-            self._reads_waiting -= 1
-            ds.end(img, nbytes)
+        while True:
+            img = ds.begin()
+            nbytes = 0
+            self._reads_waiting += 1
+            try:
+                data = await self._read_from(h, ds, img, off, size)
+                if data is None:
+                    continue  # the dataset switched tiers while this read waited: start over
+                nbytes = len(data)
+            except SquashfsError as e:
+                with self._bad_lock:
+                    self.bad_files.add((ds.name, n.ino))
+                self._report("read", (f"{ds.name}:{n.ino}",), e)
+                raise pyfuse3.FUSEError(errno_for(e)) from None
+            finally:
+                self._reads_waiting -= 1
+                ds.end(img, nbytes)
+            break
         self._ahead(h, ds, img, n, off, nbytes)
         if n.frag_index != NO_FRAGMENT and off + size >= n.size:
             # Small files are read in directory order, and mksquashfs packs their tails in
@@ -522,6 +502,52 @@ class Operations(pyfuse3.Operations):
         if off + nbytes > h.next_off:
             h.next_off = off + nbytes
         return data
+
+    async def _read_from(self, h: _Handle, ds: Dataset, img: Image, off: int, size: int) -> memoryview | bytes | None:
+        """The bytes of one read request from *img*; None if *ds* switched to another image
+        while the read waited for blocks (the caller starts over on the new one).
+
+        Cached blocks are served at once. Otherwise each block nobody is decoding yet is
+        handed to the decode pool as its own job (the blocks of one request decode on every
+        core), and blocks being decoded are awaited. On fast storage a lone one-block read is
+        decoded right here, and data stored as is read with one pread: a thread hop costs
+        more. Not on scratch under mountd: I/O that may take long must not stall every other
+        request, and a read waiting on scratch moves to the SSD copy the moment it is switched.
+        """
+        n = h.inode
+        inline = self.ns is None or ds.tier == CACHE
+        data: memoryview | bytes | None
+        span = img.raw_span(n, off, size) if inline else None
+        if span is not None:
+            # Incompressible data is stored as is: one pread into a buffer reused by every
+            # request (pyfuse3 copies the reply out before this thread runs another task).
+            pos, length = span
+            if len(self._raw_buf) < length:
+                self._raw_buf = bytearray(length)
+            data = memoryview(self._raw_buf)[:length]
+            img.read_raw_into(data, pos)
+            return data
+        if (data := img.read_view(n, off, size, load=False)) is not None:
+            return data
+        loads = img.loads(n, off, size)
+        if inline and len(loads) == 1 and self._reads_waiting == 1 and img.cache.loading(loads[0][0]) is None:
+            return img.read_view(n, off, size, load=True)
+        futs = self._start(ds, img, loads, DEMAND)
+        self._ahead(h, ds, img, n, off, size)
+        if futs and not await self._wait(ds, img, futs):
+            return None
+        # Blocks whose load failed are loaded once more here, raising the error.
+        return img.read_view(n, off, size, load=True)
+
+    async def _wait(self, ds: Dataset, img: Image, futs: list[Future[bytes]]) -> bool:
+        """Wait for *futs*; False if *ds* switched away from *img* before they were all done."""
+        ev = trio.Event()
+        ds.waiters.add(ev.set)
+        try:
+            await _wait_futures(futs, ev)
+        finally:
+            ds.waiters.discard(ev.set)
+        return ds.image is img or all(f.done() for f in futs)
 
     def _decline(self, op: str) -> None:
         """Answer ENOSYS: the kernel's no-open mode for *op* (logged the first time)."""
@@ -624,8 +650,9 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EROFS)
 
 
-async def _wait_futures(futs: list[Any]) -> None:
-    """Wait, without blocking the trio thread, until worker threads completed all *futs*.
+async def _wait_futures(futs: list[Any], ev: trio.Event | None = None) -> None:
+    """Wait, without blocking the trio thread, until worker threads completed all *futs*
+    (or until *ev*, if given, is set by someone else).
 
     Only the last completion wakes the trio thread (each wake-up costs a socket write and a
     scheduling round).
@@ -634,7 +661,8 @@ async def _wait_futures(futs: list[Any]) -> None:
     if not pending:
         return
     token = trio.lowlevel.current_trio_token()
-    ev = trio.Event()
+    if ev is None:
+        ev = trio.Event()
     left = [len(pending)]
     lock = threading.Lock()
 

@@ -4,7 +4,7 @@ Copies on every tier are byte-identical, so inode references and block offsets a
 same on each: switching a dataset to another tier is replacing ``Dataset.image``. Open file
 handles hold the Dataset, not the Image, so their next read goes to the new tier; a read
 already in flight finishes on the image it started with (which is only closed once no read
-uses it).
+uses it), unless it is waiting for blocks to be read: then it starts over on the new one.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class Dataset:
         self._retired: list[tuple[Image, Callable[[Image], None] | None]] = []
         self._tier_of: dict[int, str] = {id(image): tier}
         self.on_read: Callable[[Dataset, str, int], None] | None = None
+        # Called by swap(): reads waiting for blocks of the old image start over on the new
+        # one (the FUSE layer registers them; swap() runs on the thread serving FUSE).
+        self.waiters: set[Callable[[], None]] = set()
 
     def begin(self) -> Image:
         """Take the active image for one read; pair with end()."""
@@ -81,6 +84,9 @@ class Dataset:
                 self._tier_of.pop(id(old), None)
         if not busy and old is not image:
             _finish(old, on_idle)
+        if old is not image:
+            for wake in list(self.waiters):
+                wake()
 
 
 def _finish(img: Image, cb: Callable[[Image], None] | None) -> None:

@@ -208,3 +208,66 @@ def test_swap_moves_open_handles_and_counts_tiers(image: Path, tmp_path: Path) -
     finally:
         o.close()
         ds.image.close()
+
+
+def test_read_waiting_on_scratch_starts_over_on_the_switched_copy(image: Path, tmp_path: Path) -> None:
+    """A read of a scratch-tier dataset (mountd) waits for its block in the decode pool, not
+    on the FUSE thread; when the dataset is switched meanwhile, the read is served from the new
+    copy at once instead of waiting for the slow one. The slow read is a real decode held back
+    by a gate (standing in for throttled scratch)."""
+    import shutil
+    import threading
+
+    from scratchfs.namespace import Namespace
+
+    copy = tmp_path / "copy.sqfs"
+    shutil.copyfile(image, copy)
+    ns = Namespace()
+    ds = ns.add("t", Image.open(image))
+    slow = ds.image
+    gate = threading.Event()
+    slow_done: list[bool] = []
+    real_loads = slow.loads
+
+    def gated_loads(*args: Any, **kw: Any) -> Any:
+        def held(load: Callable[[], bytes]) -> Callable[[], bytes]:
+            def run_load() -> bytes:
+                gate.wait(5)
+                slow_done.append(True)
+                return load()
+
+            return run_load
+
+        return [(key, held(load)) for key, load in real_loads(*args, **kw)]
+
+    slow.loads = gated_loads  # type: ignore[method-assign]
+    o = Operations(ns)
+    expect = b"hello\n" * 50_000
+    try:
+
+        async def scenario() -> bytes:
+            top = await o.lookup(pyfuse3.ROOT_INODE, b"t", None)
+            d = await o.lookup(top.st_ino, b"dir", None)
+            f = await o.lookup(d.st_ino, b"a.txt", None)
+            fi = await o.open(f.st_ino, os.O_RDONLY, None)
+            got: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:
+                    got.append(bytes(await o.read(fi.fh, 1000, 70_000)))
+
+                nursery.start_soon(reader)
+                with trio.fail_after(10):
+                    while not ds.waiters:  # the read is parked on the gated decode
+                        await trio.sleep(0.01)
+                assert not got and not gate.is_set()
+                ds.swap(Image.open(copy), "cache")
+            assert not slow_done  # served without waiting for the slow decode
+            return got[0]
+
+        assert run(scenario) == expect[1000:71_000]
+    finally:
+        gate.set()
+        o.close()
+        ds.image.close()
+        slow.close()
