@@ -53,6 +53,7 @@ MODE_OF_TYPE = {
 log = logging.getLogger(__name__)
 
 NO_FRAGMENT = 0xFFFFFFFF
+XATTR_NONE = L.XATTR_NONE
 _IMAGE_KEYS = itertools.count(1)
 # Field layouts of sqfs_inode_generic_t (little-endian x86/arm hosts; checked by tests):
 # the 16-byte base + payload counters, then the type-specific union at offset 24.
@@ -353,6 +354,8 @@ class Image:
         self._super = sb
         self._super_ptr = ctypes.pointer(sb)
         self._validate_super()
+        # Plain ints for the inode decoder (a ctypes field read costs more than a tuple's).
+        self._inode_table = (sb.inode_table_start, sb.directory_table_start, sb.block_size)
         ctx = self._ctx()
         self._ids = self._read_ids(ctx)
         if sb.fragment_entry_count and sb.fragment_table_start != ABSENT:
@@ -566,12 +569,13 @@ class Image:
         """Decode the inode at *ref* from the metadata blocks; None when the image is damaged
         there (anything libsquashfs or :meth:`_convert` would refuse): the caller then lets
         libsquashfs decode it, which raises the error."""
-        sb = self._super
-        start, limit = sb.inode_table_start, sb.directory_table_start
+        start, limit, block_size = self._inode_table
         pos, off = start + (ref >> 16), ref & 0xFFFF
-        blk = self._meta_block(pos, start, limit)
+        blk = self._meta.get(pos) if pos < limit else None
         if blk is None:
-            return None
+            blk = self._meta_block(pos, start, limit)
+            if blk is None:
+                return None
         buf = blk[0]
         p = off
         if off + 56 > len(buf):  # 56: the longest fixed part (header + extended file)
@@ -600,58 +604,70 @@ class Image:
         n.uid = ids[uid_idx]
         n.gid = ids[gid_idx]
         n.mtime = mtime
-        n.size = 0
-        n.nlink = 1
-        n.rdev = 0
-        n.blocks_start = 0
-        n.block_words = None
         n._block_offsets = None
-        n.frag_index = NO_FRAGMENT
-        n.frag_offset = 0
         n.frag_loc = None
-        n.dir_block = n.dir_offset = n.dir_size = 0
-        n.target = b""
-        n.xattr_idx = L.XATTR_NONE
+        n.rdev = 0
         if basic == 2:
             if t == 2:
-                n.blocks_start, n.frag_index, n.frag_offset, n.size = _FILE.unpack_from(buf, q)
+                n.blocks_start, frag, foff, size = _FILE.unpack_from(buf, q)
+                n.nlink = 1
+                n.xattr_idx = XATTR_NONE
             else:
-                n.blocks_start, n.size, _sparse, n.nlink, n.frag_index, n.frag_offset, n.xattr_idx = _FILE_EXT.unpack_from(buf, q)
-            full, tail = divmod(n.size, sb.block_size)
-            # libsquashfs's block count, then the check _convert makes on it.
-            count = full + (1 if tail and (n.frag_index == NO_FRAGMENT or n.frag_offset == 0xFFFFFFFF) else 0)
-            if count != full + (1 if tail and n.frag_index == NO_FRAGMENT else 0):
-                return None
-            q += fixed
-            if count:
-                if len(buf) - q < count * 4:
-                    buf, p = self._meta_span(pos, off, need + count * 4, start, limit), 0
-                    q = need
-                    if len(buf) < need + count * 4:
-                        return None
-                words = array("I", buf[q : q + count * 4])
-            else:
-                words = array("I")
-            n.block_words = words
-        elif basic == 1:
-            if t == 1:
-                n.dir_block, n.nlink, n.dir_size, n.dir_offset, _parent = _DIR.unpack_from(buf, q)
-            else:
-                n.nlink, n.dir_size, n.dir_block, _parent, icount, n.dir_offset, n.xattr_idx = _DIR_EXT.unpack_from(buf, q)
-                if n.dir_size and icount and not self._index_readable(buf, p, pos, off, icount):
+                n.blocks_start, size, _sparse, n.nlink, frag, foff, n.xattr_idx = _FILE_EXT.unpack_from(buf, q)
+            full, tail = divmod(size, block_size)
+            if tail:
+                # libsquashfs counts the short last block when either fragment field says
+                # "none"; _convert refuses the image unless the index does.
+                if frag == NO_FRAGMENT:
+                    full += 1
+                elif foff == 0xFFFFFFFF:
                     return None
-            n.size = n.dir_size
-        elif basic == 3:
-            n.nlink, n.size = _U32X2.unpack_from(buf, q)
-            total = need + n.size + (4 if t == 10 else 0)
+            if full:
+                q += fixed
+                if len(buf) - q < full * 4:
+                    buf, q = self._meta_span(pos, off, need + full * 4, start, limit), need
+                    if len(buf) < need + full * 4:
+                        return None
+                n.block_words = array("I", buf[q : q + full * 4])
+            else:
+                n.block_words = array("I")
+            n.size = size
+            n.frag_index = frag
+            n.frag_offset = foff
+            n.dir_block = n.dir_offset = n.dir_size = 0
+            n.target = b""
+            return n
+        n.blocks_start = 0
+        n.block_words = None
+        n.frag_index = NO_FRAGMENT
+        n.frag_offset = 0
+        if basic == 1:
+            if t == 1:
+                n.dir_block, n.nlink, size, n.dir_offset, _parent = _DIR.unpack_from(buf, q)
+                n.xattr_idx = XATTR_NONE
+            else:
+                n.nlink, size, n.dir_block, _parent, icount, n.dir_offset, n.xattr_idx = _DIR_EXT.unpack_from(buf, q)
+                if size and icount and not self._index_readable(buf, p, pos, off, icount):
+                    return None
+            n.size = n.dir_size = size
+            n.target = b""
+            return n
+        n.dir_block = n.dir_offset = n.dir_size = 0
+        n.target = b""
+        n.size = 0
+        n.xattr_idx = XATTR_NONE
+        if basic == 3:
+            n.nlink, size = _U32X2.unpack_from(buf, q)
+            total = need + size + (4 if t == 10 else 0)
             if len(buf) - p < total:
                 buf, p = self._meta_span(pos, off, total, start, limit), 0
                 if len(buf) < total:
                     return None
             q = p + need
-            n.target = buf[q : q + n.size]
+            n.size = size
+            n.target = buf[q : q + size]
             if t == 10:
-                (n.xattr_idx,) = _U32.unpack_from(buf, q + n.size)
+                (n.xattr_idx,) = _U32.unpack_from(buf, q + size)
         elif basic in (4, 5):
             if t > 7:
                 n.nlink, n.rdev, n.xattr_idx = _U32X3.unpack_from(buf, q)
