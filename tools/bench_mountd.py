@@ -22,7 +22,7 @@ mountd daemon, at --scratch-bw (default 100 MiB/s). The cache directory is on th
 
 Needs root (loop device, cgroups, drop_caches), mksquashfs. Medians of interleaved rounds.
 
-    python tools/bench_mountd.py [--size-mb 192] [--rounds 3] [--switches 10]
+    python tools/bench_mountd.py [--size-mb 192] [--rounds 3] [--switches 10] [--ssd disk|ram]
 """
 
 from __future__ import annotations
@@ -126,10 +126,36 @@ class Throttled:
         sh(["losetup", "-d", self.loop], check=False)
 
 
+class RamSSD:
+    """The node-local SSD as its own device: ext4 on a loop device backed by a file in /dev/shm.
+
+    On a real node scratch is a network filesystem and the SSD a local disk: copying to the SSD
+    and verifying the copy do not compete with scratch reads for one device. With scratch and
+    the cache directory on the same local disk (--ssd disk) they do.
+    """
+
+    def __init__(self, top: Path, size_mb: int) -> None:
+        self.file = Path("/dev/shm") / f"scratchfs-bench-ssd-{os.getpid()}.ext4"
+        self.dir = top / "ssd"
+        self.loop = ""
+        with open(self.file, "wb") as f:
+            f.truncate(size_mb * MiB)
+        sh(["mkfs.ext4", "-q", "-F", str(self.file)])
+        self.loop = sh(["losetup", "--find", "--show", str(self.file)]).stdout.strip()
+        self.dir.mkdir()
+        sh(["mount", self.loop, str(self.dir)])
+
+    def close(self) -> None:
+        sh(["umount", "-l", str(self.dir)], check=False)
+        if self.loop:
+            sh(["losetup", "-d", self.loop], check=False)
+        self.file.unlink(missing_ok=True)
+
+
 class Mountd:
-    def __init__(self, top: Path, datadir: Path) -> None:
+    def __init__(self, top: Path, datadir: Path, cache: Path) -> None:
         self.top = top
-        self.cache, self.mnt = top / "cache", top / "mnt"
+        self.cache, self.mnt = cache, top / "mnt"
         self.cache.mkdir()
         self.mnt.mkdir()
         self.sock, self.log, self.config = top / "ctl.sock", top / "mountd.log", top / "mountd.toml"
@@ -209,6 +235,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--switches", type=int, default=10, help="promotions (and as many demotions) in (b)")
     ap.add_argument("--scratch-bw", type=int, default=100, help="emulated scratch read bandwidth, MiB/s")
+    ap.add_argument("--ssd", choices=("disk", "ram"), default="disk",
+                    help="cache directory on the local disk that also holds scratch's loop file (default), "
+                         "or on its own RAM-backed device (see RamSSD)")
     ap.add_argument("--block-cache", default="64M",
                     help="decoded-block cache per image, the same for mountd and scratchfs mount (default 64M)")
     args = ap.parse_args()
@@ -217,6 +246,7 @@ def main() -> int:
         return 7
     top = Path(tempfile.mkdtemp(prefix="bench-mountd-", dir="/var/tmp"))
     scratch: Throttled | None = None
+    ssd: RamSSD | None = None
     md: Mountd | None = None
     direct = top / "direct"
     try:
@@ -227,11 +257,14 @@ def main() -> int:
             data_file(src / "data", mb * MiB, seed)
             sh(["mksquashfs", str(src), str(scratch.dir / f"{name}.sqfs"), "-quiet", "-no-progress"])
             shutil.rmtree(src)
-        md = Mountd(top, scratch.dir)
+        if args.ssd == "ram":
+            ssd = RamSSD(top, args.size_mb * 3 + 256)
+        md = Mountd(top, scratch.dir, (ssd.dir if ssd else top) / "cache")
         md.start(args.block_cache)
         scratch.admit(md.pid)
         hot, other = md.mnt / "hot" / "data", md.mnt / "other" / "data"
         print(f"# scratch emulated at {args.scratch_bw} MiB/s (blkio throttle on a loop device); "
+              f"cache directory on {'its own RAM-backed device' if ssd else 'the same local disk'}; "
               f"hot file {args.size_mb} MiB; cold reads (caches dropped); block cache {args.block_cache} per image; "
               f"medians of {args.rounds}")  # fmt: skip
 
@@ -388,6 +421,8 @@ def main() -> int:
             md.stop()
         if scratch is not None:
             scratch.close()
+        if ssd is not None:
+            ssd.close()
         shutil.rmtree(top, ignore_errors=True)
 
 
