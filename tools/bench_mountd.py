@@ -362,6 +362,11 @@ def main() -> int:
             print(f"    first read after a demotion       {max(demo1) * 1e3:8.1f} ms max; median {statistics.median(demo1) * 1e3:.1f} ms")
             print(f"    longest gap, no switch (baseline) {max(base_gaps) * 1e3:8.1f} ms; p99 {pct(base_gaps, 0.99) * 1e3:.1f} ms")
             print(f"    longest gap over the whole switching phase (copies included) {max(during) * 1e3:.1f} ms")
+            instants = [w for w in log_times(md.log, r"promoted hot:|demoted hot \(") if w > base_end]
+            away = [e - s for s, e in gaps if s > base_end and all(not (s - 0.05 <= w <= e + 0.05) for w in instants)]
+            if away:
+                print(f"    gaps of the same phase away from any switch (>= 50 ms from one): longest {max(away) * 1e3:.1f} ms, "
+                      f"p99 {pct(away, 0.99) * 1e3:.1f} ms")  # fmt: skip
 
         stalls(throttled=False)
         stalls(throttled=True)
