@@ -75,18 +75,24 @@ def data_file(path: Path, size: int, seed: int) -> None:
             left -= len(chunk)
 
 
+def loop_ext4(file: Path, size_mb: int, mountpoint: Path) -> str:
+    """A fresh ext4 of *size_mb* in *file*, on a loop device mounted at *mountpoint*."""
+    with open(file, "wb") as f:
+        f.truncate(size_mb * MiB)
+    sh(["mkfs.ext4", "-q", "-F", str(file)])
+    loop = sh(["losetup", "--find", "--show", str(file)]).stdout.strip()
+    mountpoint.mkdir()
+    sh(["mount", loop, str(mountpoint)])
+    return loop
+
+
 class Throttled:
     def __init__(self, top: Path, bps: int, size_mb: int) -> None:
         self.top, self.bps = top, bps
         self.file, self.dir = top / "scratch.ext4", top / "scratch"
         self.loop = ""
         self.cgroup: Path | None = None
-        with open(self.file, "wb") as f:
-            f.truncate(size_mb * MiB)
-        sh(["mkfs.ext4", "-q", "-F", str(self.file)])
-        self.loop = sh(["losetup", "--find", "--show", str(self.file)]).stdout.strip()
-        self.dir.mkdir()
-        sh(["mount", self.loop, str(self.dir)])
+        self.loop = loop_ext4(self.file, size_mb, self.dir)
         rdev = os.stat(self.loop).st_rdev
         self.dev = f"{os.major(rdev)}:{os.minor(rdev)}"
         name = f"scratchfs-bench-{os.getpid()}"
@@ -137,13 +143,7 @@ class RamSSD:
     def __init__(self, top: Path, size_mb: int) -> None:
         self.file = Path("/dev/shm") / f"scratchfs-bench-ssd-{os.getpid()}.ext4"
         self.dir = top / "ssd"
-        self.loop = ""
-        with open(self.file, "wb") as f:
-            f.truncate(size_mb * MiB)
-        sh(["mkfs.ext4", "-q", "-F", str(self.file)])
-        self.loop = sh(["losetup", "--find", "--show", str(self.file)]).stdout.strip()
-        self.dir.mkdir()
-        sh(["mount", self.loop, str(self.dir)])
+        self.loop = loop_ext4(self.file, size_mb, self.dir)
 
     def close(self) -> None:
         sh(["umount", "-l", str(self.dir)], check=False)

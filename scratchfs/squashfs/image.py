@@ -596,14 +596,7 @@ class Image:
             return None
         basic = t - 7 if t > 7 else t
         q = p + 16
-        n = Inode()
-        n.ino = ino
-        n.ref = ref
-        n.itype = t
-        n.mode = MODE_OF_TYPE[basic] | (mode & 0o7777)
-        n.uid = ids[uid_idx]
-        n.gid = ids[gid_idx]
-        n.mtime = mtime
+        n = self._inode_head(ref, t, basic, mode, uid_idx, gid_idx, mtime, ino)
         n._block_offsets = None
         n.frag_loc = None
         n.rdev = 0
@@ -715,6 +708,20 @@ class Image:
         finally:
             self._free(addr)
 
+    def _inode_head(
+        self, ref: int, t: int, basic: int, mode: int, uid_idx: int, gid_idx: int, mtime: int, ino: int
+    ) -> Inode:
+        """An Inode with the fields of the common inode header set (ids already bounds-checked)."""
+        n = Inode()
+        n.ino = ino
+        n.ref = ref
+        n.itype = t
+        n.mode = MODE_OF_TYPE[basic] | (mode & 0o7777)
+        n.uid = self._ids[uid_idx]
+        n.gid = self._ids[gid_idx]
+        n.mtime = mtime
+        return n
+
     def _convert(self, addr: int, ref: int) -> Inode:
         """Decode a sqfs_inode_generic_t at *addr* (layout of libsquashfs 1.x, see _lib)."""
         head = ctypes.string_at(addr, L.INODE_EXTRA_OFFSET)
@@ -725,14 +732,7 @@ class Image:
         ids = self._ids
         if uid_idx >= len(ids) or gid_idx >= len(ids):
             raise CorruptImageError(f"{self.path}: inode {ref:#x} has an id index beyond the id table")
-        n = Inode()
-        n.ino = ino
-        n.ref = ref
-        n.itype = t
-        n.mode = MODE_OF_TYPE[basic] | (mode & 0o7777)
-        n.uid = ids[uid_idx]
-        n.gid = ids[gid_idx]
-        n.mtime = mtime
+        n = self._inode_head(ref, t, basic, mode, uid_idx, gid_idx, mtime, ino)
         n.size = 0
         n.nlink = 1
         n.rdev = 0
