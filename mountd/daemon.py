@@ -150,6 +150,7 @@ class Daemon:
         self._to_delete: list[str] = []
         self._save_lock = trio.Lock()
         self._wake_policy = trio.Event()
+        self._last_scratch_read: dict[str, float] = {}  # trio time of each dataset's last scratch read
         self._nursery: trio.Nursery | None = None
         self._ops: Any = None
         self.last_decision: Decision | None = None
@@ -272,7 +273,15 @@ class Daemon:
 
     def _on_read(self, ds: Dataset, tier: str, nbytes: int) -> None:
         # Called on the trio thread by every read the FUSE layer serves: keep it O(1).
-        self.stats.record(ds.name, tier, nbytes, trio.current_time())
+        now = trio.current_time()
+        self.stats.record(ds.name, tier, nbytes, now)
+        if tier == SCRATCH:
+            # A dataset that starts being read from scratch is looked at now, not up to a
+            # policy interval later: short runs are over before a late copy would be done.
+            last = self._last_scratch_read.get(ds.name)
+            self._last_scratch_read[ds.name] = now
+            if last is None or now - last > self.s.policy_interval:
+                self._wake_policy.set()
         if self._trace is not None:
             self._trace.count(ds.name, nbytes)
 
@@ -334,6 +343,7 @@ class Daemon:
         self.ns.remove(m.name)
         del self.managed[m.name]
         self.stats.forget(m.name)
+        self._last_scratch_read.pop(m.name, None)
         self.retire(m.ds, [])
 
     async def _seen(self, name: str, sn: Seen) -> None:
@@ -500,6 +510,7 @@ class Daemon:
         finally:
             if m.job is job:
                 m.job = None
+            self._wake_policy.set()  # the copier is free: the next copy need not wait a round
 
     async def _copy_and_switch(self, m: Managed, job: CopyJob) -> None:
         src, ident = m.backing, m.identity

@@ -185,9 +185,20 @@ def test_spare_space_lent_to_runs_not_yet_admitted() -> None:
     for demand in (paid, loan, {"new": young}):
         d = choose(demand=demand, capacity=20 * GiB, free=10 * GiB, params=params, **common)
         assert d.hold == {"new", "old"} and d.reasons == {"old": "kept", "new": "spare"}
-    # room for one: an idle incumbent whose last run paid for its copy keeps its place ...
-    d = choose(demand=paid, capacity=10 * GiB, free=0, params=params, **common)
+    # room for one: an idle incumbent whose last run paid for its copy keeps its place while
+    # that run is still in the window ...
+    recent = {"new": young, "old": Demand(rate=size / 1000, age=600, last_run_bytes=3 * size, idle=300)}
+    d = choose(demand=recent, capacity=10 * GiB, free=0, params=params, **common)
     assert d.hold == {"old"} and not d.promote
+    # ... and gives it to a dataset being read once its reads have left the window
+    d = choose(demand=paid, capacity=10 * GiB, free=0, params=params, **common)
+    assert d.hold == {"new"} and d.demote == {"old"} and d.reasons["new"] == "spare"
+    # but not to a run expected to be over before its copy is (20 s read, copy takes 50 s)
+    slow_copy = PolicyParams(horizon=1200, copy_bandwidth=size / 50)
+    d = choose(demand=paid, capacity=10 * GiB, free=0, params=slow_copy, **common)
+    assert d.hold == {"old"} and not d.promote
+    d = choose(demand=paid, capacity=20 * GiB, free=10 * GiB, params=slow_copy, **common)
+    assert d.hold == {"old", "new"} and d.reasons["new"] == "spare"  # free space it still gets
     # ... one that never paid for it (or was never read) gives it back to a dataset being read
     for demand in (loan, {"new": young}):
         d = choose(demand=demand, capacity=10 * GiB, free=0, params=params, **common)

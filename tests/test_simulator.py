@@ -256,3 +256,35 @@ def test_ours_starts_one_copy_at_a_time_as_mountd() -> None:
     assert longest == 1
     assert len(started) >= 3 and "d" not in started  # three copies of 15 s each came after d stopped
     assert r.hit_bytes > 0
+
+
+def test_ours_reacts_to_first_reads_and_finished_copies_between_rounds() -> None:
+    """As mountd wakes its policy when a dataset starts being read from scratch and when the
+    copier becomes free: with a 10 s round, the second copy starts the moment the first ends,
+    and a dataset that starts being read is looked at on that read."""
+    size = 1000
+    events = [Event(float(t), n, 20 * size // 100) for t in range(0, 200) for n in ("a", "b")]
+    events.sort(key=lambda e: (e.t, e.dataset))
+    trace = Trace({"a": size, "b": size}, events)
+    cfg = sim.SimConfig(capacity=10 * size, copy_bandwidth=size / 15, window=60, interval=10, min_residency=0)
+    pol = sim.OursPolicy(trace, cfg)
+    starts: dict[str, float] = {}
+    promote = pol.cache.promote
+    rounds: list[float] = []
+    round_ = pol.round
+
+    def record(name: str, now: float) -> None:
+        if name not in pol.cache:
+            starts.setdefault(name, now)
+        promote(name, now)
+
+    def watched(now: float) -> None:
+        rounds.append(now)
+        round_(now)
+
+    pol.cache.promote = record  # type: ignore[method-assign]
+    pol.round = watched  # type: ignore[method-assign]
+    sim.replay(trace, pol)
+    assert rounds[:2] == [0.0, 0.0]  # the round at 0, then the first read of a wakes it again
+    first, second = sorted(starts.values())
+    assert second == pytest.approx(first + 15)  # when the first copy ended, not at the next round (20 s)

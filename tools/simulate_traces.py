@@ -137,6 +137,12 @@ class CacheModel:
             t += self.sizes[name] / self.bw
         return max(t, now)
 
+    def next_done(self) -> float:
+        """When the copy at the head of the queue ends (inf: none running)."""
+        if not self.queue:
+            return math.inf
+        return self.head_start + self.sizes[next(iter(self.queue))] / self.bw
+
     def advance(self, now: float) -> None:
         while self.queue:
             name = next(iter(self.queue))
@@ -195,6 +201,9 @@ class SimPolicy:
     def round(self, now: float) -> None:
         pass
 
+    def on_copy_done(self, now: float) -> None:
+        pass
+
     def apply(self, target: Sequence[str], now: float, order: Callable[[str], float] | None = None) -> None:
         want = set(target)
         for name in list(self.cache.held()):
@@ -219,11 +228,21 @@ class OursPolicy(SimPolicy):
             copy_bandwidth=cfg.copy_bandwidth,
             hysteresis=cfg.hysteresis,
         )
+        self.last_scratch_read: dict[str, float] = {}
         # image bytes per served byte, where the trace knows the logical size
         self.scale = {n: trace.sizes[n] / v for n, v in trace.logical_sizes.items() if n in trace.sizes and v > 0}
 
     def on_read(self, ev: Event, hit: bool) -> None:
         self.stats.record(ev.dataset, CACHE if hit else SCRATCH, ev.nbytes, ev.t)
+        # As mountd: a dataset on scratch that starts being read wakes the policy at once.
+        last = self.last_scratch_read.get(ev.dataset)
+        if not hit:
+            self.last_scratch_read[ev.dataset] = ev.t
+            if last is None or ev.t - last > self.cfg.interval:
+                self.round(ev.t)
+
+    def on_copy_done(self, now: float) -> None:
+        self.round(now)  # as mountd: the copier is free, the next copy starts now
 
     def round(self, now: float) -> None:
         snap = self.stats.snapshot(now)
@@ -421,10 +440,17 @@ def replay(trace: Trace, policy: SimPolicy) -> Result:
     res = Result(policy.name, capacity=cfg.capacity)
     next_round = 0.0
     for ev in trace.events:
-        while next_round <= ev.t:
-            cache.advance(next_round)
-            policy.round(next_round)
-            next_round += cfg.interval
+        while True:
+            done = cache.next_done()
+            if min(done, next_round) > ev.t:
+                break
+            if done < next_round:  # a copy ends before the next round: the policy may hear of it
+                cache.advance(done)
+                policy.on_copy_done(done)
+            else:
+                cache.advance(next_round)
+                policy.round(next_round)
+                next_round += cfg.interval
         cache.advance(ev.t)
         hit = ev.dataset in cache.ready
         if hit:
