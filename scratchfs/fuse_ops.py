@@ -56,6 +56,10 @@ FRAGMENT_READAHEAD = 2 if (os.cpu_count() or 1) > 2 else 0
 # A read within this distance of where the handle's reads have got to continues a sequential
 # stream: the kernel sends a stream's requests several at a time, not always in order.
 SEQ_SLACK = 8 << 20
+# Readahead blocks decoded per pool job: fewer queue hand-offs and wake-ups per block. Cold
+# zstd reads, 6 interleaved runs each: one 256 MiB text file after another +7 %, two readers
+# at once +12 % (medians) with 4 against 1; gzip unchanged.
+AHEAD_BATCH = 4
 SWITCH_INTERVAL = 1e-4  # seconds; see serve()
 SLOT_SHIFT = 32
 MASK32 = (1 << SLOT_SHIFT) - 1
@@ -579,6 +583,8 @@ class Operations(pyfuse3.Operations):
         cache = img.cache
         if not ds.acquire(img):  # closed by a tier switch meanwhile (readahead after the read)
             return futs
+        batch = AHEAD_BATCH if priority == AHEAD else 1
+        jobs: list[tuple[Hashable, Future[bytes], Callable[[], bytes]]] = []
         try:
             for key, load in loads:
                 claim = cache.begin_load(key)
@@ -588,14 +594,37 @@ class Operations(pyfuse3.Operations):
                 futs.append(fut)
                 if mine:
                     ds.acquire(img)  # held until the job ran (or was cancelled)
-                    self._pool.submit(
-                        priority,
-                        functools.partial(_run_load, ds, img, key, fut, load),
-                        functools.partial(_cancel_load, ds, img, key, fut),
-                    )
+                    jobs.append((key, fut, load))
+                    if len(jobs) >= batch:
+                        self._submit(priority, ds, img, jobs)
+                        jobs = []
+            if jobs:
+                self._submit(priority, ds, img, jobs)
         finally:
             ds.release(img)
         return futs
+
+    def _submit(
+        self, priority: int, ds: Dataset, img: Image, jobs: list[tuple[Hashable, Future[bytes], Callable[[], bytes]]]
+    ) -> None:
+        if len(jobs) == 1:
+            key, fut, load = jobs[0]
+            self._pool.submit(
+                priority,
+                functools.partial(_run_load, ds, img, key, fut, load),
+                functools.partial(_cancel_load, ds, img, key, fut),
+            )
+            return
+
+        def run() -> None:
+            for key, fut, load in jobs:
+                _run_load(ds, img, key, fut, load)
+
+        def cancel() -> None:
+            for key, fut, _ in jobs:
+                _cancel_load(ds, img, key, fut)
+
+        self._pool.submit(priority, run, cancel)
 
     def _ahead(self, h: _Handle, ds: Dataset, img: Image, n: Inode, off: int, size: int) -> None:
         """Readahead for a handle whose reads move forward through the file."""
