@@ -70,9 +70,8 @@ Algorithm
    serve reads from the cache once copied (``r * (H - copy_time) > 0``), most such bytes per
    byte first.  An idle incumbent whose last run paid for a copy (read at least its size)
    keeps its place while reads of it are still in the window; once they have left it, it
-   gives way to datasets whose current run is expected to go on after their copy is done
-   (``remaining - r * copy_time > 0``; a scan, over before its copy would be, is not).  One
-   whose last run did not pay (or that was never seen in a run) holds its space on loan only: it is demoted when a dataset being read wants the
+   comes after the datasets being read now.  One whose last run did not pay (or that was
+   never seen in a run) holds its space on loan only: it is demoted when a dataset being read wants the
    space, the newest promoted loans kept longest.  Nothing held for value, pinned or within
    ``min_residency`` is ever demoted for spare space.  This trades copy traffic for hits
    where the SSD would otherwise hold data nobody reads; ``spare=False`` keeps the cache to
@@ -327,7 +326,6 @@ def choose(
     horizon = params.horizon
     values: dict[str, float] = {}
     gains: dict[str, float] = {}  # candidates: bytes they would serve from the cache within the horizon
-    after: dict[str, float] = {}  # candidates: bytes their run is expected to read after the copy
     for name in eligible:
         d = demand.get(name)
         size = sizes[name]
@@ -338,10 +336,9 @@ def choose(
         elif d.estimate > params.min_rate and d.idle <= 0:
             copy_time = size / bw if bw > 0 else 0.0
             gains[name] = d.predicted(copy_time, horizon)
-            # what this run (or the last one) says it will read once the copy is done
-            after[name] = d.remaining() - d.estimate * copy_time
-            # admission: more than its size
-            values[name] = gains[name] - size if after[name] > size else 0.0
+            # admission: this run (or the last one) says it will be read more than its size
+            # once the copy is done
+            values[name] = gains[name] - size if d.remaining() - d.estimate * copy_time > size else 0.0
         else:
             values[name] = 0.0
 
@@ -383,19 +380,14 @@ def choose(
         # Idle incumbents whose last run did not pay for a copy hold their space on loan only.
         lent = {n for n in idle if _last_run(demand, n) < sizes[n]}
         paid = sorted((n for n in idle if n not in lent), key=lambda n: (-density(n), -cached[n], n))
-        # Those with no reads left in the window give way to runs expected to go on past
-        # their copy (a scan, over before its copy would be, does not displace them).
+        # Those with no reads left in the window come after the datasets being read now.
         stale = [n for n in paid if (d := demand.get(n)) is None or d.estimate <= 0]
         take([n for n in paid if n not in stale], "kept")
         # Space nobody wants: datasets being read that do not (yet) pay for their copy, most
         # bytes expected from the cache per byte first; then the loans, newest first.
-        spare = sorted(
-            (n for n, g in gains.items() if n not in reasons and g > 0 and values[n] <= 0),
-            key=lambda n: (-gains[n] / max(sizes[n], 1), n),
-        )
-        take([n for n in spare if after[n] > 0], "spare")
+        spare = [n for n, g in gains.items() if n not in reasons and g > 0 and values[n] <= 0]
+        take(sorted(spare, key=lambda n: (-gains[n] / max(sizes[n], 1), n)), "spare")
         take(stale, "kept")
-        take(spare, "spare")
         take(sorted(lent, key=lambda n: (-cached[n], n)), "kept")
     else:
         take(sorted(idle, key=lambda n: (-density(n), -cached[n], n)), "kept")
