@@ -211,6 +211,16 @@ def test_chain_job_killed_at_time_limit_still_chains_and_next_run_resumes(user: 
     assert m, out2.read_text()
     assert int(m.group(1)) >= done_first and int(m.group(2)) == r["units_total"], (m.group(0), r)
     u.ok(u.run("scancel", second))
+    # stopped in turn, the second link records its run: resumed, with the first link's units
+    try:
+        r2 = wait_for(lambda: (x := _last_run(u)) and x.get("started", 0) > r["started"]
+                      and x.get("status") in ("interrupted", "complete") and x, 60,
+                      "the second link's run record")  # fmt: skip
+    except BaseException:
+        _dump_logs(u)
+        raise
+    assert isinstance(r2, dict)
+    assert r2["resumed"] is True and r2["units_done_before"] >= done_first, r2
     u.ok(u.ka("uninstall-cron", "--profile", PROFILE))
 
 
