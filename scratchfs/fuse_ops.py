@@ -462,9 +462,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        ds, n = self._inode(inode)
-        if not n.is_file:
-            raise pyfuse3.FUSEError(errno.EISDIR if n.is_dir else errno.EINVAL)
+        ds, n = self._file(inode)
         if self._no_open and fusehook.usable(fusehook.NO_OPEN_SUPPORT):
             # From now on the kernel sends no OPEN/RELEASE (it checks modes itself, the mount
             # is read-only) and keeps file pages; reads carry the inode (see _stream).
@@ -569,11 +567,15 @@ class Operations(pyfuse3.Operations):
         node = self._node(ino)
         h = node.stream
         if h is None:
-            ds, n = self._inode(ino)
-            if not n.is_file:
-                raise pyfuse3.FUSEError(errno.EISDIR if n.is_dir else errno.EINVAL)
-            h = node.stream = _Handle(ds, n)
+            h = node.stream = _Handle(*self._file(ino))
         return h
+
+    def _file(self, ino: int) -> tuple[Dataset, Inode]:
+        """The dataset and inode of regular file *ino* (EISDIR/EINVAL for anything else)."""
+        ds, n = self._inode(ino)
+        if not n.is_file:
+            raise pyfuse3.FUSEError(errno.EISDIR if n.is_dir else errno.EINVAL)
+        return ds, n
 
     def _start(
         self, ds: Dataset, img: Image, loads: Sequence[tuple[Hashable, Callable[[], bytes]]], priority: int
@@ -607,24 +609,9 @@ class Operations(pyfuse3.Operations):
     def _submit(
         self, priority: int, ds: Dataset, img: Image, jobs: list[tuple[Hashable, Future[bytes], Callable[[], bytes]]]
     ) -> None:
-        if len(jobs) == 1:
-            key, fut, load = jobs[0]
-            self._pool.submit(
-                priority,
-                functools.partial(_run_load, ds, img, key, fut, load),
-                functools.partial(_cancel_load, ds, img, key, fut),
-            )
-            return
-
-        def run() -> None:
-            for key, fut, load in jobs:
-                _run_load(ds, img, key, fut, load)
-
-        def cancel() -> None:
-            for key, fut, _ in jobs:
-                _cancel_load(ds, img, key, fut)
-
-        self._pool.submit(priority, run, cancel)
+        self._pool.submit(
+            priority, functools.partial(_run_loads, ds, img, jobs), functools.partial(_cancel_loads, ds, img, jobs)
+        )
 
     def _ahead(self, h: _Handle, ds: Dataset, img: Image, n: Inode, off: int, size: int) -> None:
         """Readahead for a handle whose reads move forward through the file."""
@@ -683,9 +670,9 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EROFS)
 
 
-async def _wait_futures(futs: list[Any], ev: trio.Event | None = None) -> None:
+async def _wait_futures(futs: list[Any], ev: trio.Event) -> None:
     """Wait, without blocking the trio thread, until worker threads completed all *futs*
-    (or until *ev*, if given, is set by someone else).
+    (or until someone else sets *ev*; it is set when they are all done).
 
     Only the last completion wakes the trio thread (each wake-up costs a socket write and a
     scheduling round).
@@ -694,8 +681,6 @@ async def _wait_futures(futs: list[Any], ev: trio.Event | None = None) -> None:
     if not pending:
         return
     token = trio.lowlevel.current_trio_token()
-    if ev is None:
-        ev = trio.Event()
     left = [len(pending)]
     lock = threading.Lock()
 
@@ -714,20 +699,24 @@ async def _wait_futures(futs: list[Any], ev: trio.Event | None = None) -> None:
     await ev.wait()
 
 
-def _run_load(ds: Dataset, img: Image, key: Hashable, fut: Future[bytes], load: Callable[[], bytes]) -> None:
-    try:
-        img.cache.run_load(key, fut, load)
-    except Exception:  # the reader waiting for this block loads it again and reports the error
-        log.debug("decoding block %r of %s failed", key, img.path, exc_info=True)
-    finally:
-        ds.release(img)
+def _run_loads(ds: Dataset, img: Image, jobs: list[tuple[Hashable, Future[bytes], Callable[[], bytes]]]) -> None:
+    """A pool job: run the claimed *jobs* in order, each releasing the image hold it took."""
+    for key, fut, load in jobs:
+        try:
+            img.cache.run_load(key, fut, load)
+        except Exception:  # the reader waiting for this block loads it again and reports the error
+            log.debug("decoding block %r of %s failed", key, img.path, exc_info=True)
+        finally:
+            ds.release(img)
 
 
-def _cancel_load(ds: Dataset, img: Image, key: Hashable, fut: Future[bytes]) -> None:
-    try:
-        img.cache.end_load(key, fut, None, ImageIOError(f"{img.path}: unmounting"))
-    finally:
-        ds.release(img)
+def _cancel_loads(ds: Dataset, img: Image, jobs: list[tuple[Hashable, Future[bytes], Callable[[], bytes]]]) -> None:
+    """A pool job that never ran: end its claims with an error and release the holds."""
+    for key, fut, _ in jobs:
+        try:
+            img.cache.end_load(key, fut, None, ImageIOError(f"{img.path}: unmounting"))
+        finally:
+            ds.release(img)
 
 
 def mount_options(fsname: str, allow_other: bool = False, debug: bool = False) -> set[str]:
