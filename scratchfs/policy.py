@@ -71,8 +71,8 @@ Algorithm
    byte first.  An idle incumbent whose last run paid for a copy (read at least its size)
    keeps its place while reads of it are still in the window; once they have left it, it
    comes after the datasets being read now.  One whose last run did not pay (or that was
-   never seen in a run) holds its space on loan only: it is demoted when a dataset being read wants the
-   space, the newest promoted loans kept longest.  Nothing held for value, pinned or within
+   never seen in a run) holds its space on loan only: it is demoted when a dataset being
+   read wants the space, the newest promoted loans kept longest.  Nothing held for value, pinned or within
    ``min_residency`` is ever demoted for spare space.  This trades copy traffic for hits
    where the SSD would otherwise hold data nobody reads; ``spare=False`` keeps the cache to
    admitted datasets and keeps every idle incumbent while there is room.

@@ -14,6 +14,7 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from scratchfs.fuse_ops import ERRNO_TABLE, Operations, errno_for
 from scratchfs.squashfs import CorruptImageError, Image, ImageIOError, LibraryError, SquashfsError
@@ -257,9 +258,8 @@ def test_read_waiting_on_scratch_starts_over_on_the_switched_copy(image: Path, t
                     got.append(bytes(await o.read(fi.fh, 1000, 70_000)))
 
                 nursery.start_soon(reader)
-                with trio.fail_after(10):
-                    while not ds.waiters:  # the read is parked on the gated decode
-                        await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()
+                assert ds.waiters  # the read is parked on the gated decode
                 assert not got and not gate.is_set()
                 ds.swap(Image.open(copy), "cache")
             assert not slow_done  # served without waiting for the slow decode

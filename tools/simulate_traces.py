@@ -69,7 +69,7 @@ import random
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -145,10 +145,10 @@ class CacheModel:
 
     def advance(self, now: float) -> None:
         while self.queue:
-            name = next(iter(self.queue))
-            done = self.head_start + self.sizes[name] / self.bw
+            done = self.next_done()
             if done > now:
                 return
+            name = next(iter(self.queue))
             self.ready[name] = self.queue.pop(name)
             self.bytes_copied += self.sizes[name]
             self.head_start = done
@@ -204,11 +204,13 @@ class SimPolicy:
     def on_copy_done(self, now: float) -> None:
         pass
 
-    def apply(self, target: Sequence[str], now: float, order: Callable[[str], float] | None = None) -> None:
-        want = set(target)
+    def drop_unwanted(self, want: Collection[str], now: float) -> None:
         for name in list(self.cache.held()):
             if name not in want:
                 self.cache.demote(name, now)
+
+    def apply(self, target: Sequence[str], now: float, order: Callable[[str], float] | None = None) -> None:
+        self.drop_unwanted(set(target), now)
         new = [n for n in target if n not in self.cache]
         if order is not None:
             new.sort(key=order)
@@ -235,8 +237,8 @@ class OursPolicy(SimPolicy):
     def on_read(self, ev: Event, hit: bool) -> None:
         self.stats.record(ev.dataset, CACHE if hit else SCRATCH, ev.nbytes, ev.t)
         # As mountd: a dataset on scratch that starts being read wakes the policy at once.
-        last = self.last_scratch_read.get(ev.dataset)
         if not hit:
+            last = self.last_scratch_read.get(ev.dataset)
             self.last_scratch_read[ev.dataset] = ev.t
             if last is None or ev.t - last > self.cfg.interval:
                 self.round(ev.t)
@@ -256,9 +258,7 @@ class OursPolicy(SimPolicy):
             params=self.params,
         )
         sizes = self.trace.sizes
-        for name in list(self.cache.held()):
-            if name not in d.hold:
-                self.cache.demote(name, now)
+        self.drop_unwanted(d.hold, now)
         # As mountd: copies in value-per-byte order, one at a time; what waits is decided again
         # next round.
         for name in sorted(d.promote, key=lambda n: (-(d.value.get(n, 0.0) / max(sizes[n], 1)), n)):
