@@ -352,8 +352,8 @@ def main() -> int:
             during = [e - s for s, e in gaps if s > base_end]
             reads = list(zip(starts, stamps))
 
-            def at(pattern: str) -> tuple[list[float], list[float]]:
-                """Per switch: the gap between reads spanning it, and the first read issued after it."""
+            def at(pattern: str) -> tuple[list[float], list[float], list[float]]:
+                """Per switch: the gap spanning it, the first read issued after it, the gap's part after it."""
                 instants = [w for w in log_times(md.log, pattern) if w > base_end]
                 spanning = [max(((s, e) for s, e in gaps if s - 0.002 <= w <= e + 0.002),
                                 key=lambda g: g[1] - g[0], default=(w, w)) for w in instants]  # fmt: skip
