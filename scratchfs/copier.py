@@ -104,7 +104,11 @@ class CopyResult:
 
 
 class Throttle:
-    """Never more than *rate* bytes/s on average since the start (0 = unlimited).
+    """At most *rate* bytes/s (0 = unlimited), averaged over the copy so far, but with no
+    catching up: a copy slowed down by its source (scratch busy serving readers) runs ahead
+    of its schedule by at most *burst* seconds' worth of bytes. Otherwise it would make up for
+    the lost time at full speed, starving those readers of the shared scratch bandwidth
+    (this is what stalled readers just before a promotion on throttled scratch).
 
     ``clock`` and ``wait`` (which returns True when the copy is cancelled) are injectable;
     by default the monotonic clock and the cancel event's wait.
@@ -116,8 +120,10 @@ class Throttle:
         cancel: threading.Event,
         clock: Callable[[], float] = time.monotonic,
         wait: Callable[[float], bool] | None = None,
+        burst: float = 0.05,
     ) -> None:
         self.rate = rate
+        self.burst = burst
         self.clock = clock
         self.wait = wait or cancel.wait
         self.start = clock()
@@ -127,8 +133,12 @@ class Throttle:
         self.sent += n
         if self.rate <= 0:
             return
+        now = self.clock()
         due = self.start + self.sent / self.rate
-        left = due - self.clock()
+        if due < now - self.burst:  # behind schedule: forget the time lost, keep the rate
+            self.start += now - self.burst - due
+            due = now - self.burst
+        left = due - now
         if left > 0 and self.wait(left):
             raise CopyCancelled("copy cancelled")
 

@@ -222,7 +222,7 @@ def test_state_record_is_json_with_format(tmp_path: Path) -> None:
     assert doc["format"] == 1 and doc["copies"][0]["identity"]["size"] == 7
 
 
-def test_throttle_holds_the_average_rate_with_injected_time() -> None:
+def test_throttle_holds_the_rate_and_does_not_catch_up_in_a_burst() -> None:
     now = [100.0]
     waits: list[float] = []
 
@@ -238,6 +238,12 @@ def test_throttle_holds_the_average_rate_with_injected_time() -> None:
     now[0] += 3.0  # the copier was slower than the limit for a while: no wait needed
     t(2000)
     assert now[0] == pytest.approx(108.0) and len(waits) == 10
+    # ... but the 3 s lost are not made up at full speed: the next bytes go at the rate,
+    # with at most the burst (50 ms here) of head start.
+    t(1000)
+    assert waits[-1] == pytest.approx(1.0 - 0.05) and now[0] == pytest.approx(108.95)
+    t(1000)
+    assert waits[-1] == pytest.approx(1.0) and now[0] == pytest.approx(109.95)
     cancelled = Throttle(1.0, threading.Event(), clock=lambda: 0.0, wait=lambda s: True)
     with pytest.raises(CopyCancelled):
         cancelled(10)
