@@ -517,7 +517,7 @@ class Operations(pyfuse3.Operations):
         handed to the decode pool as its own job (the blocks of one request decode on every
         core), and blocks being decoded are awaited. On fast storage a lone one-block read is
         decoded right here, and data stored as is read with one pread: a thread hop costs
-        more. Not on scratch under mountd: I/O that may take long must not stall every other
+        more (but a pread that would wait for the disk goes to a thread). Not on scratch under mountd: I/O that may take long must not stall every other
         request, and a read waiting on scratch moves to the SSD copy the moment it is switched.
         """
         n = h.inode
@@ -531,7 +531,12 @@ class Operations(pyfuse3.Operations):
             if len(self._raw_buf) < length:
                 self._raw_buf = bytearray(length)
             data = memoryview(self._raw_buf)[:length]
-            img.read_raw_into(data, pos)
+            if img.read_raw_into(data, pos, cached_only=True):
+                return data
+            # Not in the page cache: the disk read waits in a worker thread, so that other
+            # requests (another reader, the kernel's readahead of this one) go on meanwhile.
+            data = memoryview(bytearray(length))
+            await trio.to_thread.run_sync(img.read_raw_into, data, pos)
             return data
         if (data := img.read_view(n, off, size, load=False)) is not None:
             return data

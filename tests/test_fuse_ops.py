@@ -271,3 +271,60 @@ def test_read_waiting_on_scratch_starts_over_on_the_switched_copy(image: Path, t
         o.close()
         ds.image.close()
         slow.close()
+
+
+
+def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data stored as is and not in the page cache is read in a worker thread (so that other
+    requests go on meanwhile), each read into its own buffer; cached data is read inline."""
+    from scratchfs.fusehook import FH_INODE
+
+    src = tmp_path / "src"
+    src.mkdir()
+    content = os.urandom(3 << 20)  # incompressible: stored as is, in 128 KiB blocks
+    (src / "noise").write_bytes(content)
+    out = tmp_path / "raw.sqfs"
+    subprocess.run(["mksquashfs", str(src), str(out), "-noappend", "-quiet", "-no-progress"], check=True)
+    img = Image.open(out)
+    o = Operations(Dataset("raw", img))
+    threads: list[str] = []
+    real = trio.to_thread.run_sync
+
+    async def spy(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        threads.append(getattr(fn, "__name__", "?"))
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", spy)
+    got: dict[int, bytes] = {}
+
+    async def reads(ino: int) -> None:
+        async def one(off: int) -> None:
+            got[off] = bytes(await o.read(FH_INODE | ino, off, 1 << 20))
+
+        async with trio.open_nursery() as n:
+            for off in (0, 1 << 20, 2 << 20):
+                n.start_soon(one, off)
+
+    try:
+        ino = run(o.lookup, pyfuse3.ROOT_INODE, b"noise", None).st_ino
+        span = img.raw_span(o._inode(ino)[1], 0, 1 << 20)
+        assert span is not None
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        # The premise: these bytes are not in the page cache now.
+        assert not img.read_raw_into(memoryview(bytearray(span[1])), span[0], cached_only=True)
+        run(reads, ino)
+        assert threads and set(threads) == {"read_raw_into"}
+        assert got == {off: content[off : off + (1 << 20)] for off in got} and len(got) == 3
+        threads.clear()
+        got.clear()
+        run(reads, ino)  # cached now: read inline, no thread
+        assert threads == []
+        assert got == {off: content[off : off + (1 << 20)] for off in got} and len(got) == 3
+    finally:
+        o.close()
+        img.close()

@@ -1108,11 +1108,21 @@ class Image:
             raise CorruptImageError(f"{self.path}: inode {inode.ino}: data beyond the end of the image")
         return pos, end - offset
 
-    def read_raw_into(self, buf: memoryview, pos: int) -> None:
-        """Fill *buf* from image offset *pos* (a span from :meth:`raw_span`)."""
+    def read_raw_into(self, buf: memoryview, pos: int, cached_only: bool = False) -> bool:
+        """Fill *buf* from image offset *pos* (a span from :meth:`raw_span`).
+
+        With *cached_only*, only from the page cache: False (and *buf* in an undefined
+        state) when that would wait for the disk, so that the caller can read elsewhere.
+        """
+        if cached_only:
+            try:
+                return os.preadv(self._fd, [buf], pos, os.RWF_NOWAIT) == len(buf)
+            except (BlockingIOError, OSError):  # EAGAIN: not cached; EOPNOTSUPP: no such flag here
+                return False
         n = os.preadv(self._fd, [buf], pos)
         if n != len(buf):
             raise ImageIOError(f"{self.path}: short read at {pos} (image truncated?)")
+        return True
 
     def loads(
         self, inode: Inode, offset: int, size: int, skip_raw: bool = False
