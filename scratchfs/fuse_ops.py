@@ -517,8 +517,9 @@ class Operations(pyfuse3.Operations):
         handed to the decode pool as its own job (the blocks of one request decode on every
         core), and blocks being decoded are awaited. On fast storage a lone one-block read is
         decoded right here, and data stored as is read with one pread: a thread hop costs
-        more (but a pread that would wait for the disk goes to a thread). Not on scratch under mountd: I/O that may take long must not stall every other
-        request, and a read waiting on scratch moves to the SSD copy the moment it is switched.
+        more (a pread that would wait for the disk does go to a thread). Not on scratch under
+        mountd: I/O that may take long must not stall every other request, and a read
+        waiting on scratch moves to the SSD copy the moment it is switched.
         """
         n = h.inode
         inline = self.ns is None or ds.tier == CACHE

@@ -1117,7 +1117,7 @@ class Image:
         if cached_only:
             try:
                 return os.preadv(self._fd, [buf], pos, os.RWF_NOWAIT) == len(buf)
-            except (BlockingIOError, OSError):  # EAGAIN: not cached; EOPNOTSUPP: no such flag here
+            except OSError:  # EAGAIN: not cached (EOPNOTSUPP: no such flag here; errors: see below)
                 return False
         n = os.preadv(self._fd, [buf], pos)
         if n != len(buf):
