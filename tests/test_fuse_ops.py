@@ -273,7 +273,6 @@ def test_read_waiting_on_scratch_starts_over_on_the_switched_copy(image: Path, t
         slow.close()
 
 
-
 def _evict(path: Path) -> None:
     """Drop *path* from the page cache, checked with util-linux's fincore (mincore(2), which,
     unlike a read, starts no readahead that would bring the pages back).
