@@ -12,11 +12,18 @@
  * and READDIRPLUS requests carrying file handle 0 it writes SCRATCHFS_FH_INODE | nodeid into
  * the file handle field, then calls the real function. Nothing else is touched.
  *
+ * It also interposes fuse_session_receive_buf(), to remember the session's /dev/fuse descriptor
+ * (the Python side polls it to take the next request without a trip through trio's scheduler)
+ * and to turn EAGAIN, "nothing to read after all", into EINTR, which pyfuse3's loop retries
+ * instead of ending the session: a request can vanish between the poll and the read when its
+ * caller is interrupted.
+ *
  * The request layout is the kernel's FUSE ABI (include/uapi/linux/fuse.h), stable since
  * protocol 7.9; the structures are repeated here so the build needs no kernel headers.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -45,7 +52,13 @@ struct read_in { /* struct fuse_read_in: only fh is used */
 
 typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
 
+typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
+typedef int (*session_fd_fn)(struct fuse_session *);
+
 static process_buf_fn real_process_buf;
+static receive_buf_fn real_receive_buf;
+static session_fd_fn real_session_fd;
+static volatile int session_fd = -1;
 struct init_in { /* struct fuse_init_in: the kernel's capability flags */
     uint32_t major;
     uint32_t minor;
@@ -61,10 +74,25 @@ static process_buf_fn real(void)
     if (!real_process_buf) {
         /* The libfuse pyfuse3 is linked with (same soname, so the same loaded copy). */
         void *lib = dlopen("libfuse3.so.3", RTLD_LAZY | RTLD_LOCAL);
-        if (lib)
+        if (lib) {
+            real_receive_buf = (receive_buf_fn)dlvsym(lib, "fuse_session_receive_buf", "FUSE_3.0");
+            real_session_fd = (session_fd_fn)dlvsym(lib, "fuse_session_fd", "FUSE_3.0");
             real_process_buf = (process_buf_fn)dlvsym(lib, "fuse_session_process_buf", "FUSE_3.0");
+        }
     }
     return real_process_buf;
+}
+
+int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    int res;
+
+    if (!real() || !real_receive_buf)
+        return -ENOSYS;
+    if (real_session_fd)
+        session_fd = real_session_fd(se);
+    res = real_receive_buf(se, buf);
+    return res == -EAGAIN ? -EINTR : res;
 }
 
 void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
@@ -88,7 +116,9 @@ void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *bu
 }
 
 /* For the Python side: is the hook resolvable, and what has it done. */
-int scratchfs_hook_ready(void) { return real() != NULL; }
+int scratchfs_hook_ready(void) { return real() != NULL && real_receive_buf != NULL; }
+int scratchfs_hook_session_fd(void) { return session_fd; }
+void scratchfs_hook_forget_session(void) { session_fd = -1; }
 uint64_t scratchfs_hook_seen(void) { return seen; }
 uint64_t scratchfs_hook_rewritten(void) { return rewritten; }
 uint64_t scratchfs_hook_unreadable(void) { return unreadable; }

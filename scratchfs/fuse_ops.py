@@ -34,6 +34,7 @@ from . import fusehook  # before pyfuse3, so that its request hook takes effect
 import pyfuse3
 import trio
 
+from . import fuseloop
 from .decodepool import AHEAD, DEMAND, DecodePool
 from .namespace import Namespace
 from .squashfs import CorruptImageError, Image, ImageIOError, Inode, LibraryError, SquashfsError
@@ -61,6 +62,7 @@ SEQ_SLACK = 8 << 20
 # at once +12 % (medians) with 4 against 1; gzip unchanged.
 AHEAD_BATCH = 4
 SWITCH_INTERVAL = 1e-4  # seconds; see serve()
+SPIN_ENV = "SCRATCHFS_SPIN_US"
 SLOT_SHIFT = 32
 MASK32 = (1 << SLOT_SHIFT) - 1
 
@@ -757,6 +759,16 @@ async def serve(
     sys.setswitchinterval(SWITCH_INTERVAL)
 
     pyfuse3.init(ops, mountpoint, options)
+    # Serial readers' next request is taken without a trip through trio's scheduler
+    # (fuseloop); SCRATCHFS_SPIN_US sets the polling budget, a negative value turns it off.
+    try:
+        spin_us = int(os.environ.get(SPIN_ENV, "") or fuseloop.SPIN_US)
+    except ValueError:
+        log.warning("%s=%r is not a number of microseconds: using %d", SPIN_ENV, os.environ[SPIN_ENV], fuseloop.SPIN_US)
+        spin_us = fuseloop.SPIN_US
+    eager = fuseloop.EagerWait(pyfuse3, spin_us) if spin_us >= 0 else None
+    if eager is not None and not eager.install():
+        eager = None
     unmounted = False
     try:
         async with trio.open_nursery() as nursery:
@@ -785,6 +797,8 @@ async def serve(
             nursery.cancel_scope.cancel()
         unmounted = True
     finally:
+        if eager is not None:
+            eager.uninstall()
         pyfuse3.close(unmount=True)
         ops.close()
         log.info("%s %s", "unmounted" if unmounted else "stopped serving", mountpoint)

@@ -10,6 +10,10 @@ OPEN, RELEASE, OPENDIR and RELEASEDIR, keep file pages and cache directory listi
 files and warm directory walks then never reach Python. pyfuse3 gives read() and readdir() only
 the file handle, which is 0 in that mode; the hook supplies the inode instead.
 
+The hook also wraps ``fuse_session_receive_buf``: it records the session's /dev/fuse
+descriptor (:func:`session_fd`, which fuseloop polls to take the next request without a round
+through trio's scheduler) and turns EAGAIN into EINTR, which pyfuse3 retries.
+
 Without the library (not built, or loading failed) everything works as before, with an
 open/release round trip per file: :func:`usable` says which mode a mount may use.
 """
@@ -60,6 +64,18 @@ def active() -> bool:
     return _lib is not None and _lib.scratchfs_hook_seen() > 0 and not _lib.scratchfs_hook_unreadable()
 
 
+def session_fd() -> int:
+    """The /dev/fuse descriptor of this process's session once a request was read through the
+    hook (so a read that finds nothing comes back as EINTR, not as an error); -1 before."""
+    return _lib.scratchfs_hook_session_fd() if _lib is not None else -1
+
+
+def forget_session() -> None:
+    """Before a new session: the descriptor recorded for an earlier one is no longer valid."""
+    if _lib is not None:
+        _lib.scratchfs_hook_forget_session()
+
+
 def usable(kernel_flag: int) -> bool:
     """May a handler answer ENOSYS now? Call it from inside a request handler (so the request
     itself went through the hook) with NO_OPEN_SUPPORT or NO_OPENDIR_SUPPORT."""
@@ -77,4 +93,4 @@ def counters() -> dict[str, int]:
     }
 
 
-__all__ = ["FH_INODE", "NO_OPEN_SUPPORT", "NO_OPENDIR_SUPPORT", "loaded", "active", "usable", "counters"]
+__all__ = ["FH_INODE", "NO_OPEN_SUPPORT", "NO_OPENDIR_SUPPORT", "loaded", "active", "usable", "counters", "session_fd", "forget_session"]
