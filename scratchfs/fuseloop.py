@@ -90,6 +90,9 @@ class EagerWait:
         """No thread result is waiting to be delivered (a decoded block a read awaits)."""
         return trio.lowlevel.current_statistics().run_sync_soon_queue_size == 0
 
+    def _polled(self, found: bool) -> None:
+        self._hit_rate += ((1.0 if found else 0.0) - self._hit_rate) / 8
+
     def _worth_polling(self) -> bool:
         if self._hit_rate >= MIN_HIT_RATE:
             return True
@@ -109,7 +112,7 @@ class EagerWait:
                 until = time.perf_counter_ns() + self._spin_ns
                 while not (ready := self._ready()) and time.perf_counter_ns() < until and self._quiet():
                     pass
-                self._hit_rate += ((1.0 if ready else 0.0) - self._hit_rate) / 8
+                self._polled(ready)
             if ready:
                 self._run += 1
                 self.taken += 1

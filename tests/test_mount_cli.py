@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -124,6 +125,61 @@ def test_no_open_mode_and_its_fallback_serve_the_same(
         log = m.log.read_text()
     said = [w for w in ("OPEN", "OPENDIR") if f"no-open mode: the kernel stops sending {w} " in log]
     assert said == (["OPEN", "OPENDIR"] if no_open == "1" else []), log
+
+
+@pytest.fixture(scope="module")
+def small_files_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    src = tmp_path_factory.mktemp("small-src")
+    for d in range(4):
+        (src / f"d{d}").mkdir()
+        for i in range(100):
+            (src / f"d{d}" / f"f{i:03d}").write_bytes(os.urandom(1 + (i * 977) % 9000) * (1 + i % 3))
+    out = tmp_path_factory.mktemp("small-img") / "small.sqfs"
+    subprocess.run(["mksquashfs", str(src), str(out), "-noappend", "-quiet", "-no-progress"], check=True)
+    return out, src
+
+
+def _final_log(m_log: Path) -> str:
+    """The mount's log once the process has logged its unmount (it does so after leaving)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = m_log.read_text(errors="replace")
+        if "unmounted " in text or "stopped serving " in text:
+            return text
+        time.sleep(0.05)  # polls the real process's log; no scheduling logic depends on it
+    raise AssertionError(f"no unmount line in {m_log}")
+
+
+@pytest.mark.parametrize("spin", ["", "0", "-1"], ids=["default", "poll-only", "off"])
+def test_serial_reader_requests_are_taken_as_they_arrive(
+    small_files_image: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spin: str
+) -> None:
+    """A serial reader (stat, then read, file after file) gets the right bytes whether the
+    request loop takes requests as they arrive (fuseloop; polling /dev/fuse by default up to
+    SPIN_US, or only once with 0) or always through trio's wait (-1). The mount's closing
+    log line says how many were taken each way: with the default, some must have been."""
+    monkeypatch.setenv("SCRATCHFS_SPIN_US", spin)
+    img, src = small_files_image
+    mp = tmp_path / "mnt"
+    with scratchfs_mount(img, mp) as m:
+        for _ in range(2):  # cold, then from the kernel's caches
+            for d in sorted(os.listdir(src)):
+                for name in sorted(os.listdir(src / d)):
+                    want = (src / d / name).read_bytes()
+                    assert os.stat(m.path / d / name).st_size == len(want)
+                    assert (m.path / d / name).read_bytes() == want, f"{d}/{name}"
+    log = _final_log(m.log)
+    counts = [line for line in log.splitlines() if "requests taken as they arrived:" in line]
+    if spin == "-1":
+        assert counts == [], log
+        return
+    assert len(counts) == 1, log
+    got = re.search(r"arrived: (\d+), after trio's wait: (\d+)", counts[0])
+    assert got, counts[0]
+    taken, waited = int(got[1]), int(got[2])
+    assert waited > 0
+    if spin == "":
+        assert taken > 0, counts[0]
 
 
 def test_parallel_readers_get_identical_bytes(secure_image: tuple[Path, Path], tmp_path: Path) -> None:

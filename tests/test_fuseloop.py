@@ -1,0 +1,42 @@
+"""The request loop's eager wait (scratchfs.fuseloop): its polling policy and its install.
+
+Whether a mount really takes requests this way, and serves the right bytes doing so, is tested
+on real mounts in test_mount_cli.py (test_serial_reader_requests_are_taken_as_they_arrive).
+"""
+
+from __future__ import annotations
+
+import types
+
+from scratchfs import fusehook, fuseloop
+
+
+async def _original_wait() -> bool:
+    return True
+
+
+def test_polling_stops_while_polls_find_nothing_and_probes_now_and_then() -> None:
+    w = fuseloop.EagerWait(types.ModuleType("fake"))
+    assert all(w._worth_polling() for _ in range(100))  # no poll has failed yet
+    for _ in range(10):
+        w._polled(False)
+    assert w._worth_polling()  # 10 misses in a row: (7/8)**10 = 0.26 of polls still found one
+    w._polled(False)
+    probes = [w._worth_polling() for _ in range(3 * fuseloop.PROBE_EVERY)]
+    assert probes.count(True) == 3 and probes[fuseloop.PROBE_EVERY - 1]
+    for _ in range(11):
+        w._polled(True)
+    assert all(w._worth_polling() for _ in range(100))  # the reader is back
+
+
+def test_install_swaps_the_wait_and_uninstall_restores_it() -> None:
+    fake = types.ModuleType("fake")
+    assert not fuseloop.EagerWait(fake).install()  # nothing to replace: left alone
+    fake._wait_fuse_readable = _original_wait  # type: ignore[attr-defined]
+    w = fuseloop.EagerWait(fake)
+    assert fusehook.loaded(), "scratchfs/_fusehook*.so is missing: the package build compiles it"
+    assert w.install()
+    assert fake._wait_fuse_readable == w.wait  # type: ignore[attr-defined]
+    assert fusehook.session_fd() == -1  # no session read through the hook in this process
+    w.uninstall()
+    assert fake._wait_fuse_readable is _original_wait  # type: ignore[attr-defined]
