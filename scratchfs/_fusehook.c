@@ -12,9 +12,9 @@
  * and READDIRPLUS requests carrying file handle 0 it writes SCRATCHFS_FH_INODE | nodeid into
  * the file handle field, then calls the real function. Nothing else is touched.
  *
- * It also interposes fuse_session_receive_buf(), to remember the session's /dev/fuse descriptor
- * (the Python side polls it to take the next request without a trip through trio's scheduler)
- * and to turn EAGAIN, "nothing to read after all", into EINTR, which pyfuse3's loop retries
+ * It also interposes fuse_session_receive_buf(), to make the session's /dev/fuse descriptor
+ * non-blocking and remember it (the Python side polls it to take the next request without a
+ * trip through trio's scheduler) and to turn EAGAIN, "nothing to read after all", into EINTR, which pyfuse3's loop retries
  * instead of ending the session: a request can vanish between the poll and the read when its
  * caller is interrupted.
  *
@@ -24,6 +24,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -89,8 +90,15 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
 
     if (!real() || !real_receive_buf)
         return -ENOSYS;
-    if (real_session_fd)
-        session_fd = real_session_fd(se);
+    if (session_fd < 0 && real_session_fd) {
+        /* Published only once reads of it cannot block: a task woken by epoll for a request
+         * that another took at once must get EAGAIN (retried), not sleep in read() with the
+         * whole event loop. */
+        int fd = real_session_fd(se);
+        int fl = fd >= 0 ? fcntl(fd, F_GETFL) : -1;
+        if (fl >= 0 && (fl & O_NONBLOCK || fcntl(fd, F_SETFL, fl | O_NONBLOCK) == 0))
+            session_fd = fd;
+    }
     res = real_receive_buf(se, buf);
     return res == -EAGAIN ? -EINTR : res;
 }

@@ -182,6 +182,35 @@ def test_serial_reader_requests_are_taken_as_they_arrive(
         assert taken > 0, counts[0]
 
 
+def test_streams_of_readahead_requests_with_the_eager_wait(tmp_path: Path) -> None:
+    """Sequential readers of a large compressed file: the kernel sends several readahead
+    requests at once, so a request taken at once by one loop task is often one another task
+    was woken for by epoll. That task must find nothing and retry; reading /dev/fuse in
+    blocking mode instead stalled the whole event loop (and the readers) for good. The hook
+    makes the descriptor non-blocking: checked on the daemon's descriptor too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = b"".join(b"%012d a line that compresses, more or less\n" % (i * 7919 % 10**9) for i in range(1_200_000))
+    (src / "big.txt").write_bytes(data)
+    img = tmp_path / "big.sqfs"
+    subprocess.run(["mksquashfs", str(src), str(img), "-noappend", "-quiet", "-no-progress"], check=True)
+    expect = hashlib.sha256(data).hexdigest()
+    with scratchfs_mount(img, tmp_path / "mnt", "--cache-size", "4M") as m:
+        pid = int(m.log.read_text().split()[2])  # "date time PID LEVEL ..."
+        for readers in (1, 2, 1):
+            cmd = [sys.executable, "-c", "import hashlib,sys;print(hashlib.sha256(open(sys.argv[1],'rb').read()).hexdigest())",
+                   str(m.path / "big.txt")]  # fmt: skip
+            procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(readers)]
+            for p in procs:
+                out, _ = p.communicate(timeout=120)
+                assert out.strip() == expect
+            with open(m.path / "big.txt", "rb") as f:  # the next pass asks the daemon again
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        flags = [int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+                 for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse"]  # fmt: skip
+        assert flags and all(f & os.O_NONBLOCK for f in flags), flags
+
+
 def test_parallel_readers_get_identical_bytes(secure_image: tuple[Path, Path], tmp_path: Path) -> None:
     img, src = secure_image
     expect = hashlib.sha256((src / "big.txt").read_bytes()).hexdigest()
