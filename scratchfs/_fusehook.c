@@ -14,9 +14,9 @@
  *
  * It also interposes fuse_session_receive_buf(), to make the session's /dev/fuse descriptor
  * non-blocking and remember it (the Python side polls it to take the next request without a
- * trip through trio's scheduler) and to turn EAGAIN, "nothing to read after all", into EINTR, which pyfuse3's loop retries
- * instead of ending the session: a request can vanish between the poll and the read when its
- * caller is interrupted.
+ * trip through trio's scheduler) and to turn EAGAIN, "nothing to read after all", into EINTR,
+ * which pyfuse3's loop retries instead of ending the session. Nothing may be waiting after
+ * all when another task took the request first, or its caller was interrupted meanwhile.
  *
  * The request layout is the kernel's FUSE ABI (include/uapi/linux/fuse.h), stable since
  * protocol 7.9; the structures are repeated here so the build needs no kernel headers.

@@ -10,8 +10,8 @@ OPEN, RELEASE, OPENDIR and RELEASEDIR, keep file pages and cache directory listi
 files and warm directory walks then never reach Python. pyfuse3 gives read() and readdir() only
 the file handle, which is 0 in that mode; the hook supplies the inode instead.
 
-The hook also wraps ``fuse_session_receive_buf``: it records the session's /dev/fuse
-descriptor (:func:`session_fd`, which fuseloop polls to take the next request without a round
+The hook also wraps ``fuse_session_receive_buf``: it makes the session's /dev/fuse descriptor
+non-blocking and records it (:func:`session_fd`, which fuseloop polls to take the next request without a round
 through trio's scheduler) and turns EAGAIN into EINTR, which pyfuse3 retries.
 
 Without the library (not built, or loading failed) everything works as before, with an
@@ -66,7 +66,8 @@ def active() -> bool:
 
 def session_fd() -> int:
     """The /dev/fuse descriptor of this process's session once a request was read through the
-    hook (so a read that finds nothing comes back as EINTR, not as an error); -1 before."""
+    hook (non-blocking, and a read that finds nothing comes back as EINTR, not as an error);
+    -1 before."""
     return _lib.scratchfs_hook_session_fd() if _lib is not None else -1
 
 

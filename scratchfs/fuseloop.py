@@ -7,19 +7,21 @@ next request tens of microseconds after getting the last reply, and pays that sl
 on each of its requests, twice per file (LOOKUP, READ).
 
 :class:`EagerWait` replaces pyfuse3's wait function (``_wait_fuse_readable``, looked up by name
-on each call, so the module attribute can be swapped). When trio has nothing else to run it
-polls /dev/fuse for up to ``spin_us`` microseconds, and lets the loop read the request as soon
-as there is one. Otherwise (thread results queued, the poll finds nothing in time, or
-``EAGER_RUN`` requests in a row were taken this way) the original wait runs, so thread
-results, signals and mountd's own tasks get their turn; other runnable tasks wait at most the
-polling budget. The time spent polling
-is bounded per request, and polling stops while it mostly finds nothing (``MIN_HIT_RATE``),
-so a slow trickle of requests costs next to no CPU.
+on each call, so the module attribute can be swapped). Unless a thread result is queued, it
+polls /dev/fuse for up to ``spin_us`` microseconds and lets the loop read the request as soon
+as there is one. Otherwise (thread results queued, nothing came in time, or ``EAGER_RUN``
+requests in a row were taken this way) the original wait runs, so thread results, signals and
+mountd's own tasks get their turn; other runnable tasks wait at most the polling budget. While
+polling it yields the CPU to any other runnable thread (sched_yield: on a busy node the compute
+threads, or the reader itself woken on this CPU, run first), and polling stops while it mostly
+finds nothing (``MIN_HIT_RATE``), so a slow trickle of requests costs next to no CPU.
 
 The replacement only goes in when the request hook (``_fusehook.c``) wraps
-``fuse_session_receive_buf``: it supplies the descriptor to poll, and it turns EAGAIN into
-EINTR, which pyfuse3's loop retries. A request can vanish between the poll and the read (its
-caller was interrupted); without that, pyfuse3 would end the session on EAGAIN.
+``fuse_session_receive_buf``: it supplies the descriptor to poll, made non-blocking, and it
+turns EAGAIN into EINTR, which pyfuse3's loop retries. Both matter: a task that trio woke for a
+request which another task took at once finds nothing to read (it must not sleep in read()
+with the whole event loop), and a request can vanish between the poll and the read (its caller
+was interrupted); pyfuse3 would end the session on EAGAIN.
 
 This module does not import pyfuse3 (fuse_ops is the only one that does): it is handed the
 module to patch.
@@ -28,6 +30,7 @@ module to patch.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import time
 from collections.abc import Awaitable, Callable
@@ -111,7 +114,7 @@ class EagerWait:
             if not ready and self._spin_ns and self._worth_polling():
                 until = time.perf_counter_ns() + self._spin_ns
                 while not (ready := self._ready()) and time.perf_counter_ns() < until and self._quiet():
-                    pass
+                    os.sched_yield()  # a runnable thread on this CPU (the reader itself?) goes first
                 self._polled(ready)
             if ready:
                 self._run += 1
