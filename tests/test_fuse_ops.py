@@ -318,6 +318,16 @@ def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypat
         return await real(fn, *args, **kw)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", spy)
+    misses: list[int] = []
+    real_read_raw = img.read_raw_into
+
+    def read_raw_into(buf: Any, pos: int, cached_only: bool = False) -> bool:
+        ok = real_read_raw(buf, pos, cached_only)
+        if cached_only and not ok:
+            misses.append(pos)
+        return ok
+
+    monkeypatch.setattr(img, "read_raw_into", read_raw_into)
     got: dict[int, bytes] = {}
 
     async def reads(ino: int) -> None:
@@ -332,10 +342,22 @@ def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypat
         ino = run(o.lookup, pyfuse3.ROOT_INODE, b"noise", None).st_ino
         span = img.raw_span(o._inode(ino)[1], 0, 1 << 20)
         assert span is not None
-        _evict(out)
-        run(reads, ino)
-        assert threads and set(threads) == {"read_raw_into"}
-        assert got == {off: content[off : off + (1 << 20)] for off in got} and len(got) == 3
+        # The page-cache-only attempt (RWF_NOWAIT) starts the kernel's readahead when it
+        # misses, and on a fast disk that I/O can finish before the check: a read of evicted
+        # bytes may then be served without a thread, legitimately. So: every miss must go to
+        # exactly one thread read and nothing else may, and a miss must happen in some try.
+        for _ in range(5):
+            _evict(out)
+            threads.clear()
+            got.clear()
+            misses.clear()
+            run(reads, ino)
+            assert got == {off: content[off : off + (1 << 20)] for off in got} and len(got) == 3
+            assert set(threads) <= {"read_raw_into"} and len(threads) == len(misses), (threads, misses)
+            if misses:
+                break
+        else:
+            pytest.fail("in 5 tries no read of evicted bytes tried the page cache and missed it")
         threads.clear()
         got.clear()
         run(reads, ino)  # cached now: read inline, no thread
