@@ -743,10 +743,13 @@ async def serve(
     options: set[str],
     on_ready: Callable[[], None] | None = None,
     on_hup: Callable[[], None] | None = None,
+    spin_us: int = fuseloop.SPIN_US,
 ) -> None:
     """Mount, serve until unmounted or SIGTERM/SIGINT, then unmount cleanly.
 
     SIGHUP calls *on_hup* (on the trio thread; mountd reloads its configuration), if given.
+    *spin_us* is the default polling budget of the eager request wait (see fuseloop;
+    negative: off); the environment variable SCRATCHFS_SPIN_US overrides it.
     """
     import signal
     import sys
@@ -762,10 +765,9 @@ async def serve(
     # Serial readers' next request is taken without a trip through trio's scheduler
     # (fuseloop); SCRATCHFS_SPIN_US sets the polling budget, a negative value turns it off.
     try:
-        spin_us = int(os.environ.get(SPIN_ENV, "") or fuseloop.SPIN_US)
+        spin_us = int(os.environ.get(SPIN_ENV, "") or spin_us)
     except ValueError:
-        log.warning("%s=%r is not a number of microseconds: using %d", SPIN_ENV, os.environ[SPIN_ENV], fuseloop.SPIN_US)
-        spin_us = fuseloop.SPIN_US
+        log.warning("%s=%r is not a number of microseconds: using %d", SPIN_ENV, os.environ[SPIN_ENV], spin_us)
     eager = fuseloop.EagerWait(pyfuse3, spin_us) if spin_us >= 0 else None
     if eager is not None and not eager.install():
         eager = None
