@@ -18,9 +18,10 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Files larger than this are not hashed in a snapshot: `compare_large_files` reads them from two
 # mounts side by side instead (same strength as a hash, a fraction of the time for 4 GiB).
@@ -54,6 +55,19 @@ def mounted_paths() -> dict[str, str]:
 
 def is_mounted(path: Path | str) -> bool:
     return os.path.abspath(path) in mounted_paths()
+
+
+def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30.0, detail: Callable[[], str] | None = None) -> Any:
+    """Poll *pred* until it returns something true, and return that; for what a real process
+    (a daemon, a mount) must do. Fails after *timeout* seconds, with *detail()* appended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}{detail() if detail else ''}")
+        time.sleep(0.05)
 
 
 def unmount(path: Path | str) -> None:

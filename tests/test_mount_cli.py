@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounts import is_mounted, run_scratchfs, scratchfs_command, scratchfs_mount, unmount
+from tests.mounts import is_mounted, run_scratchfs, scratchfs_command, scratchfs_mount, unmount, wait_for
 
 pytestmark = [pytest.mark.mount, pytest.mark.usefixtures("need_mounts")]
 
@@ -141,13 +141,12 @@ def small_files_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
 
 def _final_log(m_log: Path) -> str:
     """The mount's log once the process has logged its unmount (it does so after leaving)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def done() -> str | None:
         text = m_log.read_text(errors="replace")
-        if "unmounted " in text or "stopped serving " in text:
-            return text
-        time.sleep(0.05)  # polls the real process's log; no scheduling logic depends on it
-    raise AssertionError(f"no unmount line in {m_log}")
+        return text if "unmounted " in text or "stopped serving " in text else None
+
+    return wait_for(done, f"the unmount line in {m_log}")
 
 
 @pytest.mark.parametrize("spin", ["", "0", "-1"], ids=["default", "poll-only", "off"])

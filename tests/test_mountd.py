@@ -31,6 +31,7 @@ import pytest
 
 from scratchfs.status_cmd import request
 from scratchfs.trace import read_trace
+from tests import mounts
 from tests.mounts import is_mounted, unmount
 
 
@@ -291,15 +292,9 @@ def cache_files(md: Mountd) -> set[str]:
 
 
 def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30.0, md: Mountd | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            detail = f"; status: {md.status()}\nlog:\n{md.log_text()[-5000:]}" if md else ""
-            raise AssertionError(f"timed out waiting for {what}{detail}")
-        time.sleep(0.05)
+    """tests.mounts.wait_for, with the daemon's status and log tail when it times out."""
+    detail = (lambda: f"; status: {md.status()}\nlog:\n{md.log_text()[-5000:]}") if md else None
+    return mounts.wait_for(pred, what, timeout, detail)
 
 
 def drop_pages(path: Path | str) -> None:
