@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """mountd benchmark, one run, figures against the alternatives measured in the same run.
 
-Scratch is emulated as slow storage: ext4 on a loop device whose reads are throttled by the
+Scratch is emulated as slow storage at --scratch-bw (default 100 MiB/s), in one of two ways
+(--emulator): ``blkio`` (default), ext4 on a loop device whose reads are throttled by the
 blkio cgroup controller (v1 ``blkio.throttle.read_bps_device`` or v2 ``io.max``) for the
-mountd daemon, at --scratch-bw (default 100 MiB/s). The cache directory is on the local disk.
+mountd daemon; or ``link``, the same unthrottled ext4 seen through ``tools/throttlefs.py``, a
+read-only FUSE passthrough behind one first-come-first-served link of that bandwidth (no
+100 ms slices, see below). The cache directory is on the local disk.
 
 (a) cold sequential throughput (``cat``) of a hot dataset's file through mountd before
     promotion (slow scratch) and after (cached copy), against reading the same cached image
@@ -20,7 +23,8 @@ mountd daemon, at --scratch-bw (default 100 MiB/s). The cache directory is on th
     can and once with a reader paced at 30 % of the scratch bandwidth (a job consuming data at
     a steady rate). The blkio throttle works in 100 ms slices: a reader at the throttle's limit
     waits up to ~95 ms once per slice with no switch and no copy at all (the baseline line),
-    so only the paced reader shows what a switch adds on throttled scratch. Each spanning gap
+    so only the paced reader shows what a switch adds on blkio-throttled scratch (the ``link``
+    emulator has no slices: there the full-speed reader shows it too). Each spanning gap
     is also split at the switch instant: the part after it is how long the read in flight
     still waited once the switch was made.
 (c) read latency p50/p99 of another dataset (random 128 KiB reads, page caches dropped)
@@ -29,6 +33,7 @@ mountd daemon, at --scratch-bw (default 100 MiB/s). The cache directory is on th
 Needs root (loop device, cgroups, drop_caches), mksquashfs. Medians of interleaved rounds.
 
     python tools/bench_mountd.py [--size-mb 192] [--rounds 3] [--switches 10] [--ssd disk|ram]
+                                 [--emulator blkio|link]
 """
 
 from __future__ import annotations
@@ -93,9 +98,12 @@ def loop_ext4(file: Path, size_mb: int, mountpoint: Path) -> str:
 
 
 class Throttled:
+    """blkio-throttled scratch: ``dir`` is what mountd reads, ``raw`` where images are written."""
+
     def __init__(self, top: Path, bps: int, size_mb: int) -> None:
         self.top, self.bps = top, bps
         self.file, self.dir = top / "scratch.ext4", top / "scratch"
+        self.raw = self.dir
         self.loop = ""
         self.cgroup: Path | None = None
         self.loop = loop_ext4(self.file, size_mb, self.dir)
@@ -138,6 +146,55 @@ class Throttled:
         sh(["losetup", "-d", self.loop], check=False)
 
 
+class LinkThrottled:
+    """Scratch behind tools/throttlefs.py: ext4 on a loop device (``raw``, not throttled) seen
+    through a FUSE passthrough whose reads share one link of *bps* bytes/s (``dir``)."""
+
+    def __init__(self, top: Path, bps: int, size_mb: int) -> None:
+        self.file, self.raw, self.dir = top / "scratch.ext4", top / "scratch-raw", top / "scratch"
+        self.rate, self.log = top / "link.rate", top / "throttlefs.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.loop = loop_ext4(self.file, size_mb, self.raw)
+        self.rate.write_text(f"{bps}\n")
+        self.dir.mkdir()
+        with open(self.log, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("throttlefs.py")), str(self.raw), str(self.dir),
+                 "--rate-file", str(self.rate)], stdout=logf, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.dir):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"throttlefs did not mount: {self.log.read_text().strip()}")
+            time.sleep(0.05)
+
+    def limit(self, bps: int | None) -> None:
+        """Set the link to *bps* bytes/s (None: no limit); returns once throttlefs has it."""
+        assert self.proc is not None
+        seen = self.log.read_text().count("rate now")
+        self.rate.write_text(f"{bps or 0}\n")
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while self.log.read_text().count("rate now") == seen:
+            if time.monotonic() > deadline:
+                raise SystemExit("throttlefs did not take the new rate")
+            time.sleep(0.01)
+
+    def admit(self, pid: int) -> None:
+        pass  # the link throttles every reader of ``dir``
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(30)
+        if os.path.ismount(self.dir):
+            sh(["umount", "-l", str(self.dir)], check=False)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        sh(["umount", "-l", str(self.raw)], check=False)
+        sh(["losetup", "-d", self.loop], check=False)
+
+
 class RamSSD:
     """The node-local SSD as its own device: ext4 on a loop device backed by a file in /dev/shm.
 
@@ -166,13 +223,18 @@ class Mountd:
         self.mnt.mkdir()
         self.sock, self.log, self.config = top / "ctl.sock", top / "mountd.log", top / "mountd.toml"
         self.datadir = datadir
-        self.write_config(0)
+        self.write_config(0, ["hot"])
         self.pid = 0
 
-    def write_config(self, bw: int) -> None:
+    def write_config(self, bw: int, never: list[str] | None = None) -> None:
+        """Promotions only on request: "other" is never cached (it stands for a dataset that
+        stays on scratch in (c)), nor "hot" before (a) has measured it on scratch. Without
+        this the policy promotes either on its own while it is being measured."""
+        names = ", ".join(f'"{n}"' for n in ["other", *(never or [])])
         self.config.write_text(
             f'datadir = "{self.datadir}"\ncachedir = "{self.cache}"\nmountdir = "{self.mnt}"\n'
             f'capacity = "4G"\nreserve = 0\nwindow = "10m"\nmin_residency = 0\ncopy_bandwidth = {bw}\n'
+            f"never_cache = [{names}]\n"
         )
 
     def start(self, block_cache: str) -> None:
@@ -244,6 +306,8 @@ def main() -> int:
     ap.add_argument("--ssd", choices=("disk", "ram"), default="disk",
                     help="cache directory on the local disk that also holds scratch's loop file (default), "
                          "or on its own RAM-backed device (see RamSSD)")
+    ap.add_argument("--emulator", choices=("blkio", "link"), default="blkio",
+                    help="slow scratch: blkio throttle of a loop device (default) or tools/throttlefs.py's link")
     ap.add_argument("--block-cache", default="64M",
                     help="decoded-block cache per image, the same for mountd and scratchfs mount (default 64M)")
     args = ap.parse_args()
@@ -251,17 +315,18 @@ def main() -> int:
         print("bench_mountd: needs root (loop device, cgroups, drop_caches)", file=sys.stderr)
         return 7
     top = Path(tempfile.mkdtemp(prefix="bench-mountd-", dir="/var/tmp"))
-    scratch: Throttled | None = None
+    scratch: Throttled | LinkThrottled | None = None
     ssd: RamSSD | None = None
     md: Mountd | None = None
     direct = top / "direct"
     try:
-        scratch = Throttled(top, args.scratch_bw * MiB, args.size_mb * 3 + 256)
+        emulator = Throttled if args.emulator == "blkio" else LinkThrottled
+        scratch = emulator(top, args.scratch_bw * MiB, args.size_mb * 3 + 256)
         for name, mb, seed in (("hot", args.size_mb, 1), ("other", 64, 2)):
             src = top / f"src-{name}"
             src.mkdir()
             data_file(src / "data", mb * MiB, seed)
-            sh(["mksquashfs", str(src), str(scratch.dir / f"{name}.sqfs"), "-quiet", "-no-progress"])
+            sh(["mksquashfs", str(src), str(scratch.raw / f"{name}.sqfs"), "-quiet", "-no-progress"])
             shutil.rmtree(src)
         if args.ssd == "ram":
             ssd = RamSSD(top, args.size_mb * 3 + 256)
@@ -269,13 +334,17 @@ def main() -> int:
         md.start(args.block_cache)
         scratch.admit(md.pid)
         hot, other = md.mnt / "hot" / "data", md.mnt / "other" / "data"
-        print(f"# scratch emulated at {args.scratch_bw} MiB/s (blkio throttle on a loop device); "
+        print(f"# scratch emulated at {args.scratch_bw} MiB/s ({'blkio throttle on a loop device' if args.emulator == 'blkio' else 'throttlefs link over a loop device'}); "
               f"cache directory on {'its own RAM-backed device' if ssd else 'the same local disk'}; "
               f"hot file {args.size_mb} MiB; cold reads (caches dropped); block cache {args.block_cache} per image; "
               f"medians of {args.rounds}")  # fmt: skip
 
         # (a) ------------------------------------------------------------------------------
         before = [cat_rate(hot) for _ in range(args.rounds)]
+        if md.ds("hot")["tier"] != "scratch" or log_times(md.log, r"promoted hot:"):
+            raise SystemExit("hot was promoted while it was measured on scratch")
+        md.write_config(0)
+        md.ctl("reload")
         md.ctl("prefetch", "hot")
         md.wait_tier("hot", "cache")
         cached = Path(md.ds("hot")["cache_file"])
@@ -429,6 +498,8 @@ def main() -> int:
         limited = during_copy(limit)
         idle2 = latencies(None, 300)
         idle += idle2
+        if md.ds("other")["tier"] != "scratch" or log_times(md.log, r"promoted other:"):
+            raise SystemExit("other was promoted while it was measured on scratch")
         print("(c) another dataset on scratch: random 128 KiB reads, caches dropped")
         for label, xs in (("idle", idle), ("while a copy runs (no limit)", busy),
                           (f"while a copy runs (limit {limit // MiB} MiB/s)", limited)):  # fmt: skip
