@@ -74,7 +74,7 @@ class ThrottleFS(pyfuse3.Operations):
     def __init__(self, source: Path, link: Link) -> None:
         super().__init__()
         self.source = source
-        self.link = link
+        self.channel = link
         self.paths: dict[int, Path] = {pyfuse3.ROOT_INODE: source}
 
     def _attrs(self, path: Path) -> pyfuse3.EntryAttributes:
@@ -136,7 +136,7 @@ class ThrottleFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        done = self.link.book(trio.current_time(), size)
+        done = self.channel.book(trio.current_time(), size)
         try:
             data = await trio.to_thread.run_sync(os.pread, fh, size, off)
         except OSError as e:
@@ -163,8 +163,8 @@ async def serve(fs: ThrottleFS, mountpoint: str, rate_file: Path) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for sig in sigs:
                     if sig == signal.SIGHUP:
-                        fs.link.rate = read_rate(rate_file)
-                        log.info("rate now %.0f bytes/s", fs.link.rate)
+                        fs.channel.rate = read_rate(rate_file)
+                        log.info("rate now %.0f bytes/s", fs.channel.rate)
                         continue
                     pyfuse3.terminate()
                     return
