@@ -273,6 +273,83 @@ def test_read_waiting_on_scratch_starts_over_on_the_switched_copy(image: Path, t
         slow.close()
 
 
+
+def test_read_waiting_on_the_cached_copy_finishes_there_on_demotion(image: Path, tmp_path: Path) -> None:
+    """The mirror case: a read of a cache-tier dataset waiting for its blocks in the decode pool
+    is not started over on scratch when the dataset is demoted meanwhile (scratch is the slow
+    copy); it finishes on the cached copy, which stays open until then, and scratch is not read."""
+    import shutil
+    import threading
+
+    from scratchfs.namespace import Namespace
+
+    copy = tmp_path / "copy.sqfs"
+    shutil.copyfile(image, copy)
+    ns = Namespace()
+    ds = ns.add("t", Image.open(copy), tier="cache")
+    cached = ds.image
+    gate = threading.Event()
+    cached_done: list[bool] = []
+    real_loads = cached.loads
+
+    def gated_loads(*args: Any, **kw: Any) -> Any:
+        def held(load: Callable[[], bytes]) -> Callable[[], bytes]:
+            def run_load() -> bytes:
+                gate.wait(5)
+                cached_done.append(True)
+                return load()
+
+            return run_load
+
+        return [(key, held(load)) for key, load in real_loads(*args, **kw)]
+
+    cached.loads = gated_loads  # type: ignore[method-assign]
+    scratch = Image.open(image)
+    scratch_loads: list[object] = []
+    real_scratch_loads = scratch.loads
+
+    def counted_loads(*args: Any, **kw: Any) -> Any:
+        scratch_loads.append(args)
+        return real_scratch_loads(*args, **kw)
+
+    scratch.loads = counted_loads  # type: ignore[method-assign]
+    o = Operations(ns)
+    expect = b"hello\n" * 50_000
+    block = cached.info.block_size
+    try:
+
+        async def scenario() -> bytes:
+            top = await o.lookup(pyfuse3.ROOT_INODE, b"t", None)
+            d = await o.lookup(top.st_ino, b"dir", None)
+            f = await o.lookup(d.st_ino, b"a.txt", None)
+            fi = await o.open(f.st_ino, os.O_RDONLY, None)
+            got: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+
+                async def reader() -> None:  # across a block boundary: two blocks, decoded in the pool
+                    got.append(bytes(await o.read(fi.fh, block - 500, 1000)))
+
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                assert ds.waiters  # the read is parked on the gated decode
+                ds.swap(scratch, "scratch")
+                await trio.testing.wait_all_tasks_blocked()
+                assert not got  # still waiting for the cached copy's blocks
+                assert not cached._closed  # held open by the read in flight
+                gate.set()
+            assert cached_done  # it was served by the cached copy's decode
+            return got[0]
+
+        assert run(scenario) == expect[block - 500 : block + 500]
+        assert not scratch_loads  # scratch was not read
+        assert cached._closed  # closed once its last read finished
+    finally:
+        gate.set()
+        o.close()
+        ds.image.close()
+        cached.close()
+
+
 def _evict(path: Path) -> None:
     """Drop *path* from the page cache, checked with util-linux's fincore (mincore(2), which,
     unlike a read, starts no readahead that would bring the pages back).
