@@ -69,9 +69,13 @@ class Dataset:
         for old, cb in done:
             _finish(old, cb)
 
+    def tier_of(self, img: Image) -> str:
+        """The tier *img* serves (or served, if retired) for this dataset."""
+        return self._tier_of.get(id(img), self.tier)
+
     def end(self, img: Image, nbytes: int) -> None:
         """Finish a read begun on *img*; count its bytes for the tier that served them."""
-        tier = self._tier_of.get(id(img), self.tier)
+        tier = self.tier_of(img)
         self.release(img)
         if self.on_read is not None:
             self.on_read(self, tier, nbytes)

@@ -350,6 +350,69 @@ def test_read_waiting_on_the_cached_copy_finishes_there_on_demotion(image: Path,
         cached.close()
 
 
+
+def test_scratch_tier_loads_run_in_their_own_larger_pool(image: Path, tmp_path: Path) -> None:
+    """Under mountd (a namespace), blocks of a dataset on scratch load in the scratch pool
+    (SCRATCH_IO_THREADS threads: loads there wait for the network filesystem), blocks of a
+    cached dataset in the decode pool (one thread per core); a single-image mount has one pool."""
+    import shutil
+    import threading
+
+    from scratchfs import fuse_ops
+    from scratchfs.namespace import Namespace
+
+    copy = tmp_path / "copy.sqfs"
+    shutil.copyfile(image, copy)
+    ns = Namespace()
+    on_scratch = ns.add("s", Image.open(image), tier="scratch")
+    on_cache = ns.add("c", Image.open(copy), tier="cache")
+    threads: dict[str, set[str]] = {"s": set(), "c": set()}
+    for name, ds in (("s", on_scratch), ("c", on_cache)):
+        real = ds.image.loads
+
+        def recording(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            def wrap(load: Callable[[], bytes]) -> Callable[[], bytes]:
+                def run_load() -> bytes:
+                    threads[_name].add(threading.current_thread().name)
+                    return load()
+
+                return run_load
+
+            return [(key, wrap(load)) for key, load in _real(*args, **kw)]
+
+        ds.image.loads = recording  # type: ignore[method-assign]
+    o = Operations(ns, workers=2)
+    expect = b"hello\n" * 50_000
+    block = on_scratch.image.info.block_size
+    try:
+
+        async def read_both() -> list[bytes]:
+            out = []
+            for name in (b"s", b"c"):
+                top = await o.lookup(pyfuse3.ROOT_INODE, name, None)
+                d = await o.lookup(top.st_ino, b"dir", None)
+                f = await o.lookup(d.st_ino, b"a.txt", None)
+                fi = await o.open(f.st_ino, os.O_RDONLY, None)
+                out.append(bytes(await o.read(fi.fh, block - 500, 1000)))  # two blocks: pool loads
+            return out
+
+        assert run(read_both) == [expect[block - 500 : block + 500]] * 2
+        assert threads["s"] and all(t.startswith("scratch-") for t in threads["s"]), threads
+        assert threads["c"] and all(t.startswith("sqfs-") for t in threads["c"]), threads
+        assert o._io_pool.workers == fuse_ops.SCRATCH_IO_THREADS and o._pool.workers == 2
+    finally:
+        o.close()
+        on_scratch.image.close()
+        on_cache.image.close()
+    single = Operations(Dataset("t", Image.open(image)), workers=2)
+    try:
+        assert single._io_pool is single._pool
+    finally:
+        single.close()
+        assert single.dataset is not None
+        single.dataset.image.close()
+
+
 def _evict(path: Path) -> None:
     """Drop *path* from the page cache, checked with util-linux's fincore (mincore(2), which,
     unlike a read, starts no readahead that would bring the pages back).
