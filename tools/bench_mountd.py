@@ -283,13 +283,17 @@ def cat_rate(path: Path) -> float:
     return size / (time.perf_counter() - t) / 1e6
 
 
-def log_times(log: Path, pattern: str) -> list[float]:
+def log_lines(log: Path) -> list[tuple[float, str]]:
+    """The daemon log's time-stamped lines, with their times."""
     out = []
     for line in log.read_text().splitlines():
-        if re.search(pattern, line):
-            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-            out.append(stamp.timestamp())
+        with contextlib.suppress(ValueError):
+            out.append((datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp(), line))
     return out
+
+
+def log_times(log: Path, pattern: str) -> list[float]:
+    return [t for t, line in log_lines(log) if re.search(pattern, line)]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -452,6 +456,12 @@ def main() -> int:
             if away:
                 print(f"    gaps of the same phase away from any switch (>= 50 ms from one): longest {max(away) * 1e3:.1f} ms, "
                       f"p99 {pct(away, 0.99) * 1e3:.1f} ms")  # fmt: skip
+                # Where the longest one fell: the daemon's last log line before it (copy start, end, ...).
+                s0, e0 = max(((s, e) for s, e in gaps if s > base_end and e - s == max(away)))
+                before = [(t, line) for t, line in log_lines(md.log) if t <= e0]
+                if before:
+                    t, line = before[-1]
+                    print(f"      it began {(s0 - t) * 1e3:.0f} ms after the daemon logged: {line[24:].strip()[:110]}")
 
         stalls(throttled=False)
         stalls(throttled=True)
