@@ -40,3 +40,23 @@ def test_install_swaps_the_wait_and_uninstall_restores_it() -> None:
     assert fusehook.session_fd() == -1  # no session read through the hook in this process
     w.uninstall()
     assert fake._wait_fuse_readable is _original_wait  # type: ignore[attr-defined]
+
+
+def test_queued_thread_results_are_counted_without_building_statistics() -> None:
+    import trio
+
+    async def main() -> tuple[bool, list[tuple[int, int]]]:
+        counter = fuseloop._queued_counter()
+        seen = [(counter(), fuseloop._queued_by_statistics())]
+        token = trio.lowlevel.current_trio_token()
+        token.run_sync_soon(lambda: None)  # as a worker thread delivering its result does
+        token.run_sync_soon(lambda: None)
+        seen.append((counter(), fuseloop._queued_by_statistics()))
+        await trio.lowlevel.checkpoint()  # the loop runs the queued calls
+        await trio.lowlevel.checkpoint()
+        seen.append((counter(), fuseloop._queued_by_statistics()))
+        return counter is not fuseloop._queued_by_statistics, seen
+
+    fast, seen = trio.run(main)
+    assert fast, "trio's entry queue was not reachable: the eager wait builds statistics on every request"
+    assert seen == [(0, 0), (2, 2), (0, 0)]
