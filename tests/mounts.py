@@ -57,9 +57,16 @@ def is_mounted(path: Path | str) -> bool:
     return os.path.abspath(path) in mounted_paths()
 
 
-def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30.0, detail: Callable[[], str] | None = None) -> Any:
-    """Poll *pred* until it returns something true, and return that; for what a real process
-    (a daemon, a mount) must do. Fails after *timeout* seconds, with *detail()* appended."""
+def wait_for(
+    pred: Callable[[], Any],
+    what: str,
+    timeout: float = 30.0,
+    detail: Callable[[], str] | None = None,
+    interval: float = 0.05,
+) -> Any:
+    """Poll *pred* every *interval* seconds until it returns something true, and return that;
+    for what a real process (a daemon, a mount, a Slurm job) must do. Fails after *timeout*
+    seconds, with *detail()* appended."""
     deadline = time.monotonic() + timeout
     while True:
         v = pred()
@@ -67,7 +74,7 @@ def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30.0, detail: 
             return v
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}{detail() if detail else ''}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def unmount(path: Path | str) -> None:

@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from scratchfs.image.progress import Reporter, Snapshot, eta, format_bar, format
 from scratchfs.image.sample import generate_sample_tree
 from scratchfs.image.scan import Excluder, choose_block_size, scan_source
 from scratchfs.squashfs import Image
+from tests.mounts import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -445,16 +445,6 @@ def test_no_space_left_is_exit_8_and_leaves_nothing(sample: Path, tmp_path: Path
         subprocess.run(["umount", str(small)], check=True)
 
 
-def _wait_for(pred, deadline: float, what: str):  # type: ignore[no-untyped-def]
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -489,9 +479,9 @@ def test_killed_build_leaves_no_file_under_the_final_name(sig: int, slow_tree: P
     )
     try:
         # wait until mksquashfs runs and has written part of the temp file
-        child = _wait_for(lambda: _children(proc.pid), 60, "mksquashfs to start")[0]
-        _wait_for(lambda: any((tmp_path / n).stat().st_size > (1 << 20) for n in leftovers(tmp_path)), 120,
-                  "the temp image to grow")
+        child = wait_for(lambda: _children(proc.pid), "mksquashfs to start", 60, interval=0.02)[0]
+        wait_for(lambda: any((tmp_path / n).stat().st_size > (1 << 20) for n in leftovers(tmp_path)),
+                 "the temp image to grow", 120, interval=0.02)  # fmt: skip
         assert proc.poll() is None, "the build finished before it could be killed"
         os.kill(proc.pid, sig)
         rc = proc.wait(timeout=60)
@@ -501,7 +491,7 @@ def test_killed_build_leaves_no_file_under_the_final_name(sig: int, slow_tree: P
             proc.wait()
     assert not out.exists() and not manifest_path(out).exists()
     # the builder does not outlive the command
-    _wait_for(lambda: not _alive(child), 30, "mksquashfs to exit")
+    wait_for(lambda: not _alive(child), "mksquashfs to exit", 30, interval=0.02)
     if sig == signal.SIGTERM:
         assert rc == 130
         assert leftovers(tmp_path) == []  # removed on the way out

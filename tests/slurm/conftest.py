@@ -26,6 +26,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import Cluster, HarnessError  # noqa: E402
 
+from tests import mounts  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -193,12 +195,13 @@ def user(slurm_cluster: Cluster, user_python: str) -> Iterator[UserSession]:
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 1.0) -> object:
-    """Poll *cond* until it returns something truthy; fail with *what* after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    """Poll *cond* until it returns something truthy; fail with *what* after *timeout* seconds
+    (tests.mounts.wait_for, polling once a second: Slurm acts on its own schedule)."""
+    last: list[object] = [None]
+
+    def probe() -> object:
+        last[0] = cond()
+        return last[0]
+
+    return mounts.wait_for(probe, what, timeout, detail=lambda: f" after {timeout:.0f}s (last: {last[0]!r})",
+                           interval=interval)  # fmt: skip
