@@ -43,7 +43,7 @@ from scratchfs.namespace import Namespace
 from scratchfs.policy import Decision, PolicyParams, choose, demand_from_snapshot
 from scratchfs.squashfs import Image, SquashfsError
 from scratchfs.stats import CACHE, SCRATCH, ThroughputStats
-from scratchfs.tiers import Dataset
+from scratchfs.tiers import Dataset, warm_copy
 from scratchfs.units import format_size
 
 from . import requests
@@ -587,11 +587,17 @@ class Daemon:
             log.warning("cannot demote %s: its backing image is gone", m.name)
             return False
         backing, ident = m.backing, m.identity
+        # Files being read go on reading from scratch: their next blocks are read there first
+        # (make before break), so that they do not wait for cold scratch after the switch.
+        positions = self._ops.read_positions(m.ds) if self._ops is not None else []
 
         def open_backing() -> Image | None:
             if Identity.of(backing) != ident:
                 return None  # replaced: the watcher serves the new image in a new slot
-            return self._open_image(backing)
+            img = self._open_image(backing)
+            if positions:
+                warm_copy(img, positions)
+            return img
 
         try:
             img = await trio.to_thread.run_sync(open_backing)

@@ -70,6 +70,9 @@ AHEAD_BATCH = 4
 # 124 MB/s for `scratchfs mount` of the image through the same link (its limit: ~131 MB/s).
 # One pool of 8 for both tiers did as well on scratch but cut reads of the cached copy to 0.72x.
 SCRATCH_IO_THREADS = 8
+# Before a demotion, mountd reads ahead on the scratch copy for at most this many open files
+# being read (furthest read first; see read_positions and tiers.warm_copy).
+WARM_FILES = 16
 SWITCH_INTERVAL = 1e-4  # seconds; see serve()
 SPIN_ENV = "SCRATCHFS_SPIN_US"
 SLOT_SHIFT = 32
@@ -114,13 +117,14 @@ class _Node:
 
 
 class _Handle:
-    __slots__ = ("dataset", "inode", "next_off", "ahead_until")
+    __slots__ = ("dataset", "inode", "next_off", "ahead_until", "ahead_on")
 
     def __init__(self, dataset: Dataset, inode: Inode) -> None:
         self.dataset = dataset
         self.inode = inode
         self.next_off = 0  # the end of the furthest read so far
-        self.ahead_until = 0  # readahead was queued up to here
+        self.ahead_until = 0  # readahead was queued up to here ...
+        self.ahead_on: Image | None = None  # ... on this copy of the image
 
 
 def _guard(fn: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
@@ -256,6 +260,13 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_entry_async(ROOT, os.fsencode(name), ignore_enoent=True)
         except Exception:  # not mounted yet, or already unmounted
             log.debug("could not invalidate %s", name, exc_info=True)
+
+    def read_positions(self, ds: Dataset, limit: int = WARM_FILES) -> list[tuple[Inode, int]]:
+        """Where open files of *ds* are being read: (inode, end of the furthest read), at most
+        *limit*, furthest read first; for warming another copy before readers switch to it."""
+        pos = [(h.inode, h.next_off) for h in self._handles.values() if h.dataset is ds and h.next_off < h.inode.size]
+        pos.sort(key=lambda p: -p[1])
+        return pos[:limit]
 
     def open_handles(self, ds: Dataset) -> int:
         """Open files of *ds* (mountd closes a retired image only when this is 0)."""
@@ -639,6 +650,8 @@ class Operations(pyfuse3.Operations):
         """Readahead for a handle whose reads move forward through the file."""
         if not h.next_off - SEQ_SLACK <= off <= h.next_off + SEQ_SLACK:
             return
+        if h.ahead_on is not img:  # readahead queued on another copy (a tier switch) is not here
+            h.ahead_on, h.ahead_until = img, 0
         start = max(off + size, h.ahead_until)
         stop = min(off + size + self._readahead_bytes, n.size)
         if stop - start < img.info.block_size and start < n.size and stop < n.size:

@@ -13,11 +13,17 @@ emulator, reader at full speed: the part of a demotion's gap after the switch wa
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from .squashfs import Image
+from .squashfs import Image, Inode, SquashfsError
 from .stats import CACHE
+
+log = logging.getLogger(__name__)
+
+# warm_copy: bytes decoded ahead for each file being read, on the copy readers switch to.
+WARM_BYTES = 2 << 20
 
 
 class Dataset:
@@ -103,3 +109,19 @@ def _finish(img: Image, cb: Callable[[Image], None] | None) -> None:
     img.close()
     if cb is not None:
         cb(img)
+
+
+def warm_copy(img: Image, positions: Sequence[tuple[Inode, int]], nbytes: int = WARM_BYTES) -> int:
+    """Decode into *img*'s block cache the *nbytes* after each of *positions* (from
+    Operations.read_positions; inodes of any copy of the same image). Blocking: run it in a
+    worker thread before switching readers to *img*. Returns the bytes made ready; a block
+    that fails to load is left for the read that needs it (which reports the error)."""
+    done = 0
+    for inode, off in positions:
+        try:
+            data = img.read_view(inode, off, nbytes, load=True)
+        except (SquashfsError, OSError) as e:
+            log.debug("warming %s at %d failed: %s", inode, off, e)
+            continue
+        done += len(data) if data is not None else 0
+    return done

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from scratchfs import fuse_ops
 from scratchfs.fuse_ops import ERRNO_TABLE, Operations, errno_for
 from scratchfs.squashfs import CorruptImageError, Image, ImageIOError, LibraryError, SquashfsError
 from scratchfs.tiers import Dataset
@@ -411,6 +412,86 @@ def test_scratch_tier_loads_run_in_their_own_larger_pool(image: Path, tmp_path: 
         single.close()
         assert single.dataset is not None
         single.dataset.image.close()
+
+
+
+def test_readahead_starts_again_on_the_copy_a_file_switched_to(image: Path, tmp_path: Path) -> None:
+    """Readahead queued on one copy of an image does not count on another: after a switch the
+    blocks ahead of a sequential reader are queued again on the new copy (not only those
+    beyond where the old copy's readahead had got to, which the reader would meet cold)."""
+    import shutil
+
+    from scratchfs.namespace import Namespace
+
+    copy = tmp_path / "copy.sqfs"
+    shutil.copyfile(image, copy)
+    ns = Namespace()
+    ds = ns.add("t", Image.open(image), tier="scratch")
+    first = ds.image
+    o = Operations(ns, readahead_bytes=200_000)
+    started: list[tuple[Image, int]] = []
+    o._start = lambda _ds, img, loads, _prio: started.extend((img, key[1]) for key, _ in loads) or []  # type: ignore[method-assign,func-returns-value]
+    try:
+        n = first.lookup(first.lookup(first.root, b"dir"), b"a.txt")
+        h = fuse_ops._Handle(ds, n)
+        block = first.info.block_size
+        o._ahead(h, ds, first, n, 0, 1000)
+        h.next_off = 1000
+        assert started and {img for img, _ in started} == {first}
+        ahead_first = h.ahead_until
+        assert ahead_first > block
+        started.clear()
+        o._ahead(h, ds, first, n, 1000, 1000)  # the same copy: nothing new to queue
+        assert not started
+        second = Image.open(copy)
+        ds.swap(second, "cache")
+        o._ahead(h, ds, second, n, 2000, 1000)
+        assert started and {img for img, _ in started} == {second}
+        assert min(pos for _, pos in started) < ahead_first  # from the reader, not from the old mark
+    finally:
+        o.close()
+        ds.image.close()
+
+
+def test_warm_copy_decodes_what_open_files_read_next(image: Path, tmp_path: Path) -> None:
+    """read_positions lists the open files of a dataset at the end of their furthest read;
+    warm_copy decodes the bytes after each into another copy's block cache, with inodes of
+    the first copy (copies are byte-identical), so reads after a switch find them ready."""
+    import shutil
+
+    from scratchfs.namespace import Namespace
+    from scratchfs.tiers import warm_copy
+
+    copy = tmp_path / "copy.sqfs"
+    shutil.copyfile(image, copy)
+    ns = Namespace()
+    ds = ns.add("t", Image.open(copy), tier="cache")
+    other = ns.add("u", Image.open(image), tier="scratch")
+    o = Operations(ns)
+    scratch = Image.open(image)
+    try:
+
+        async def open_and_read() -> None:
+            for name in (b"t", b"u"):
+                top = await o.lookup(pyfuse3.ROOT_INODE, name, None)
+                d = await o.lookup(top.st_ino, b"dir", None)
+                f = await o.lookup(d.st_ino, b"a.txt", None)
+                fi = await o.open(f.st_ino, os.O_RDONLY, None)
+                await o.read(fi.fh, 0, 100_000)
+
+        run(open_and_read)
+        positions = o.read_positions(ds)
+        assert [(n.ino, off) for n, off in positions] == [(ds.image.lookup(ds.image.lookup(ds.image.root, b"dir"), b"a.txt").ino, 100_000)]
+        n, off = positions[0]
+        assert scratch.read_view(n, off, 150_000, load=False) is None  # cold before
+        assert warm_copy(scratch, positions, 150_000) == 150_000
+        assert bytes(scratch.read_view(n, off, 150_000, load=False) or b"") == (b"hello\n" * 50_000)[off : off + 150_000]
+        assert o.read_positions(other) != [] and o.read_positions(ds, limit=0) == []
+    finally:
+        o.close()
+        scratch.close()
+        ds.image.close()
+        other.image.close()
 
 
 def _evict(path: Path) -> None:
