@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any, ParamSpec, TypeVar
@@ -124,7 +125,7 @@ class _Handle:
         self.inode = inode
         self.next_off = 0  # the end of the furthest read so far
         self.ahead_until = 0  # readahead was queued up to here ...
-        self.ahead_on: Image | None = None  # ... on this copy of the image
+        self.ahead_on: weakref.ref[Image] | None = None  # ... on this copy (not kept alive by it)
 
 
 def _guard(fn: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
@@ -650,8 +651,8 @@ class Operations(pyfuse3.Operations):
         """Readahead for a handle whose reads move forward through the file."""
         if not h.next_off - SEQ_SLACK <= off <= h.next_off + SEQ_SLACK:
             return
-        if h.ahead_on is not img:  # readahead queued on another copy (a tier switch) is not here
-            h.ahead_on, h.ahead_until = img, 0
+        if h.ahead_on is None or h.ahead_on() is not img:  # queued on another copy (a switch): not here
+            h.ahead_on, h.ahead_until = weakref.ref(img), 0
         start = max(off + size, h.ahead_until)
         stop = min(off + size + self._readahead_bytes, n.size)
         if stop - start < img.info.block_size and start < n.size and stop < n.size:
