@@ -212,6 +212,24 @@ def test_swap_moves_open_handles_and_counts_tiers(image: Path, tmp_path: Path) -
         ds.image.close()
 
 
+def _before_loads(img: Image, before: Callable[[], object]) -> None:
+    """Make every block load of *img* call *before* first, in the thread that runs the load
+    (to hold a load back, or see where it runs)."""
+    real = img.loads
+
+    def loads(*args: Any, **kw: Any) -> Any:
+        def wrap(load: Callable[[], bytes]) -> Callable[[], bytes]:
+            def run_load() -> bytes:
+                before()
+                return load()
+
+            return run_load
+
+        return [(key, wrap(load)) for key, load in real(*args, **kw)]
+
+    img.loads = loads  # type: ignore[method-assign]
+
+
 def test_read_waiting_on_scratch_starts_over_on_the_switched_copy(image: Path, tmp_path: Path) -> None:
     """A read of a scratch-tier dataset (mountd) waits for its block in the decode pool, not
     on the FUSE thread; when the dataset is switched meanwhile, the read is served from the new
@@ -229,20 +247,12 @@ def test_read_waiting_on_scratch_starts_over_on_the_switched_copy(image: Path, t
     slow = ds.image
     gate = threading.Event()
     slow_done: list[bool] = []
-    real_loads = slow.loads
 
-    def gated_loads(*args: Any, **kw: Any) -> Any:
-        def held(load: Callable[[], bytes]) -> Callable[[], bytes]:
-            def run_load() -> bytes:
-                gate.wait(5)
-                slow_done.append(True)
-                return load()
+    def held() -> None:
+        gate.wait(5)
+        slow_done.append(True)
 
-            return run_load
-
-        return [(key, held(load)) for key, load in real_loads(*args, **kw)]
-
-    slow.loads = gated_loads  # type: ignore[method-assign]
+    _before_loads(slow, held)
     o = Operations(ns)
     expect = b"hello\n" * 50_000
     try:
@@ -291,29 +301,15 @@ def test_read_waiting_on_the_cached_copy_finishes_there_on_demotion(image: Path,
     cached = ds.image
     gate = threading.Event()
     cached_done: list[bool] = []
-    real_loads = cached.loads
 
-    def gated_loads(*args: Any, **kw: Any) -> Any:
-        def held(load: Callable[[], bytes]) -> Callable[[], bytes]:
-            def run_load() -> bytes:
-                gate.wait(5)
-                cached_done.append(True)
-                return load()
+    def held() -> None:
+        gate.wait(5)
+        cached_done.append(True)
 
-            return run_load
-
-        return [(key, held(load)) for key, load in real_loads(*args, **kw)]
-
-    cached.loads = gated_loads  # type: ignore[method-assign]
+    _before_loads(cached, held)
     scratch = Image.open(image)
-    scratch_loads: list[object] = []
-    real_scratch_loads = scratch.loads
-
-    def counted_loads(*args: Any, **kw: Any) -> Any:
-        scratch_loads.append(args)
-        return real_scratch_loads(*args, **kw)
-
-    scratch.loads = counted_loads  # type: ignore[method-assign]
+    scratch_loads: list[bool] = []
+    _before_loads(scratch, lambda: scratch_loads.append(True))
     o = Operations(ns)
     expect = b"hello\n" * 50_000
     block = cached.info.block_size
@@ -369,19 +365,7 @@ def test_scratch_tier_loads_run_in_their_own_larger_pool(image: Path, tmp_path: 
     on_cache = ns.add("c", Image.open(copy), tier="cache")
     threads: dict[str, set[str]] = {"s": set(), "c": set()}
     for name, ds in (("s", on_scratch), ("c", on_cache)):
-        real = ds.image.loads
-
-        def recording(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
-            def wrap(load: Callable[[], bytes]) -> Callable[[], bytes]:
-                def run_load() -> bytes:
-                    threads[_name].add(threading.current_thread().name)
-                    return load()
-
-                return run_load
-
-            return [(key, wrap(load)) for key, load in _real(*args, **kw)]
-
-        ds.image.loads = recording  # type: ignore[method-assign]
+        _before_loads(ds.image, lambda seen=threads[name]: seen.add(threading.current_thread().name))
     o = Operations(ns, workers=2)
     expect = b"hello\n" * 50_000
     block = on_scratch.image.info.block_size
