@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import subprocess
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -230,13 +231,34 @@ def _before_loads(img: Image, before: Callable[[], object]) -> None:
     img.loads = loads  # type: ignore[method-assign]
 
 
+def _gate_loads(img: Image) -> tuple[threading.Event, list[bool]]:
+    """Hold every block load of *img* until the returned event is set (5 s at most); the list
+    gets an entry per load that ran (standing in for slow scratch)."""
+    gate = threading.Event()
+    done: list[bool] = []
+
+    def held() -> None:
+        gate.wait(5)
+        done.append(True)
+
+    _before_loads(img, held)
+    return gate, done
+
+
+async def _open_a_txt(o: Operations, dataset: bytes) -> int:
+    """Look up and open dir/a.txt of *dataset* in a namespace mount; its file handle."""
+    top = await o.lookup(pyfuse3.ROOT_INODE, dataset, None)
+    d = await o.lookup(top.st_ino, b"dir", None)
+    f = await o.lookup(d.st_ino, b"a.txt", None)
+    return int((await o.open(f.st_ino, os.O_RDONLY, None)).fh)
+
+
 def test_read_waiting_on_scratch_starts_over_on_the_switched_copy(image: Path, tmp_path: Path) -> None:
     """A read of a scratch-tier dataset (mountd) waits for its block in the decode pool, not
     on the FUSE thread; when the dataset is switched meanwhile, the read is served from the new
     copy at once instead of waiting for the slow one. The slow read is a real decode held back
     by a gate (standing in for throttled scratch)."""
     import shutil
-    import threading
 
     from scratchfs.namespace import Namespace
 
@@ -245,28 +267,18 @@ def test_read_waiting_on_scratch_starts_over_on_the_switched_copy(image: Path, t
     ns = Namespace()
     ds = ns.add("t", Image.open(image))
     slow = ds.image
-    gate = threading.Event()
-    slow_done: list[bool] = []
-
-    def held() -> None:
-        gate.wait(5)
-        slow_done.append(True)
-
-    _before_loads(slow, held)
+    gate, slow_done = _gate_loads(slow)
     o = Operations(ns)
     expect = b"hello\n" * 50_000
     try:
 
         async def scenario() -> bytes:
-            top = await o.lookup(pyfuse3.ROOT_INODE, b"t", None)
-            d = await o.lookup(top.st_ino, b"dir", None)
-            f = await o.lookup(d.st_ino, b"a.txt", None)
-            fi = await o.open(f.st_ino, os.O_RDONLY, None)
+            fh = await _open_a_txt(o, b"t")
             got: list[bytes] = []
             async with trio.open_nursery() as nursery:
 
                 async def reader() -> None:
-                    got.append(bytes(await o.read(fi.fh, 1000, 70_000)))
+                    got.append(bytes(await o.read(fh, 1000, 70_000)))
 
                 nursery.start_soon(reader)
                 await trio.testing.wait_all_tasks_blocked()
@@ -290,7 +302,6 @@ def test_read_waiting_on_the_cached_copy_finishes_there_on_demotion(image: Path,
     is not started over on scratch when the dataset is demoted meanwhile (scratch is the slow
     copy); it finishes on the cached copy, which stays open until then, and scratch is not read."""
     import shutil
-    import threading
 
     from scratchfs.namespace import Namespace
 
@@ -299,14 +310,7 @@ def test_read_waiting_on_the_cached_copy_finishes_there_on_demotion(image: Path,
     ns = Namespace()
     ds = ns.add("t", Image.open(copy), tier="cache")
     cached = ds.image
-    gate = threading.Event()
-    cached_done: list[bool] = []
-
-    def held() -> None:
-        gate.wait(5)
-        cached_done.append(True)
-
-    _before_loads(cached, held)
+    gate, cached_done = _gate_loads(cached)
     scratch = Image.open(image)
     scratch_loads: list[bool] = []
     _before_loads(scratch, lambda: scratch_loads.append(True))
@@ -316,15 +320,12 @@ def test_read_waiting_on_the_cached_copy_finishes_there_on_demotion(image: Path,
     try:
 
         async def scenario() -> bytes:
-            top = await o.lookup(pyfuse3.ROOT_INODE, b"t", None)
-            d = await o.lookup(top.st_ino, b"dir", None)
-            f = await o.lookup(d.st_ino, b"a.txt", None)
-            fi = await o.open(f.st_ino, os.O_RDONLY, None)
+            fh = await _open_a_txt(o, b"t")
             got: list[bytes] = []
             async with trio.open_nursery() as nursery:
 
                 async def reader() -> None:  # across a block boundary: two blocks, decoded in the pool
-                    got.append(bytes(await o.read(fi.fh, block - 500, 1000)))
+                    got.append(bytes(await o.read(fh, block - 500, 1000)))
 
                 nursery.start_soon(reader)
                 await trio.testing.wait_all_tasks_blocked()
@@ -353,9 +354,7 @@ def test_scratch_tier_loads_run_in_their_own_larger_pool(image: Path, tmp_path: 
     (SCRATCH_IO_THREADS threads: loads there wait for the network filesystem), blocks of a
     cached dataset in the decode pool (one thread per core); a single-image mount has one pool."""
     import shutil
-    import threading
 
-    from scratchfs import fuse_ops
     from scratchfs.namespace import Namespace
 
     copy = tmp_path / "copy.sqfs"
@@ -374,11 +373,8 @@ def test_scratch_tier_loads_run_in_their_own_larger_pool(image: Path, tmp_path: 
         async def read_both() -> list[bytes]:
             out = []
             for name in (b"s", b"c"):
-                top = await o.lookup(pyfuse3.ROOT_INODE, name, None)
-                d = await o.lookup(top.st_ino, b"dir", None)
-                f = await o.lookup(d.st_ino, b"a.txt", None)
-                fi = await o.open(f.st_ino, os.O_RDONLY, None)
-                out.append(bytes(await o.read(fi.fh, block - 500, 1000)))  # two blocks: pool loads
+                fh = await _open_a_txt(o, name)
+                out.append(bytes(await o.read(fh, block - 500, 1000)))  # two blocks: pool loads
             return out
 
         assert run(read_both) == [expect[block - 500 : block + 500]] * 2
@@ -457,11 +453,8 @@ def test_warm_copy_decodes_what_open_files_read_next(image: Path, tmp_path: Path
 
         async def open_and_read() -> None:
             for name in (b"t", b"u"):
-                top = await o.lookup(pyfuse3.ROOT_INODE, name, None)
-                d = await o.lookup(top.st_ino, b"dir", None)
-                f = await o.lookup(d.st_ino, b"a.txt", None)
-                fi = await o.open(f.st_ino, os.O_RDONLY, None)
-                await o.read(fi.fh, 0, 100_000)
+                fh = await _open_a_txt(o, name)
+                await o.read(fh, 0, 100_000)
 
         run(open_and_read)
         positions = o.read_positions(ds)
