@@ -128,7 +128,6 @@ class EagerWait:
         return await self._original()
 
 
-
 def _queued_by_statistics() -> int:
     return trio.lowlevel.current_statistics().run_sync_soon_queue_size
 
@@ -148,7 +147,7 @@ def _queued_counter() -> Callable[[], int]:
         from trio._core._run_context import GLOBAL_RUN_CONTEXT
 
         size = GLOBAL_RUN_CONTEXT.runner.entry_queue.size
-        if isinstance(size(), int) and size() == _queued_by_statistics():
+        if size() == _queued_by_statistics():
             return size
     except Exception:  # another trio version: keep the public way
         log.debug("trio's entry queue is not reachable; using current_statistics()", exc_info=True)
