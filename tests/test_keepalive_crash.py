@@ -22,6 +22,7 @@ from scratchfs.keepalive import checkpoint as ck
 from scratchfs.keepalive import paths
 from scratchfs.keepalive.cli import main
 from scratchfs.keepalive.refresh import read_last_run
+from tests.mounts import wait_for
 
 FILES = 50_000
 KILLS = 20
@@ -88,10 +89,8 @@ def test_sigkill_at_random_moments(tmp_path, monkeypatch):
     while kills < KILLS:
         before_logs = set(logs.glob("*.log")) if logs.exists() else set()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and not (logs.exists() and set(logs.glob("*.log")) - before_logs):
-            assert time.monotonic() < deadline, "refresh did not start"
-            time.sleep(0.005)
+        wait_for(lambda p=proc, old=before_logs: p.poll() is not None or (logs.exists() and set(logs.glob("*.log")) - old),
+                 "refresh to start", 60, interval=0.005)  # fmt: skip
         time.sleep(rng.uniform(0.0, 0.35))  # the random moment, counted from the run's start
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -167,12 +166,14 @@ def test_a_burst_of_sigterms_stops_a_paced_refresh_which_records_where_it_stoppe
     for attempt in range(5):
         before = set(logs.glob("*.log")) if logs.exists() else set()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-        deadline = time.monotonic() + 60
-        new: set[Path] = set()
-        while not any(START_RE.search(p.read_text()) for p in new):  # paced units are under way
-            assert proc.poll() is None and time.monotonic() < deadline, "refresh did not start units"
-            time.sleep(0.02)
-            new = set(logs.glob("*.log")) - before if logs.exists() else set()
+
+        def units_under_way(p: subprocess.Popen[bytes] = proc, old: set[Path] = before) -> bool:
+            """Paced units are under way (and the refresh still runs)."""
+            assert p.poll() is None, "refresh did not start units"
+            new = set(logs.glob("*.log")) - old if logs.exists() else set()
+            return any(START_RE.search(f.read_text()) for f in new)
+
+        wait_for(units_under_way, "refresh to start units", 60, interval=0.02)
         # a real process must act: each attempt signals it at another point of its pacing wait
         time.sleep(0.1 * attempt)
         for _ in range(200):

@@ -17,6 +17,7 @@ from scratchfs.keepalive import checkpoint as ck
 from scratchfs.keepalive import paths
 from scratchfs.keepalive.cli import main
 from scratchfs.keepalive.touch import METHODS
+from tests.mounts import wait_for
 
 DAY = 86400
 OLD_NS = int((time.time() - 100 * DAY) * 1e9)
@@ -323,10 +324,8 @@ def test_sigterm_stops_after_units_in_flight_and_next_run_resumes(env):
                              "--unit-size", "5", "--workers", "1", "--no-progress"],
                             stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     jour = paths.dataset_dir("local", "ds") / ck.JOURNAL_NAME
-    deadline = time.monotonic() + 60
-    while not (jour.exists() and jour.stat().st_size > 200) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: (jour.exists() and jour.stat().st_size > 200) or proc.poll() is not None,
+             "the journal to grow", 60, interval=0.01)  # fmt: skip
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:

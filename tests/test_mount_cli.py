@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,10 +75,8 @@ def test_signal_unmounts_cleanly(secure_image: tuple[Path, Path], tmp_path: Path
     with open(log, "wb") as logf:
         proc = subprocess.Popen(scratchfs_command() + ["mount", "--foreground", str(img), str(mp)], stderr=logf)
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mp) and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.05)  # waiting for a real process to mount
+        wait_for(lambda: is_mounted(mp) or proc.poll() is not None, "the mount")
+        assert proc.poll() is None, log.read_text()
         assert (mp / "pub" / "data.txt").read_bytes() == b"public\n"
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0, log.read_text()

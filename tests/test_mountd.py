@@ -139,14 +139,13 @@ class Mountd:
 
     def wait(self, pred: Callable[[dict[str, Any]], Any], what: str, timeout: float = 30.0) -> dict[str, Any]:
         """Poll the status until *pred* holds (real daemon, real time: a deadline, not a sleep)."""
-        deadline = time.monotonic() + timeout
-        st = self.status()
-        while not pred(st):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; status: {st}\nlog:\n{self.log_text()[-4000:]}")
-            time.sleep(0.05)
-            st = self.status()
-        return st
+        last: list[dict[str, Any]] = []
+
+        def holds() -> dict[str, Any] | None:
+            last[:] = [self.status()]
+            return last[0] if pred(last[0]) else None
+
+        return mounts.wait_for(holds, what, timeout, lambda: f"; status: {last[0]}\nlog:\n{self.log_text()[-4000:]}")
 
     def wait_tier(self, name: str, tier: str, timeout: float = 30.0) -> dict[str, Any]:
         def ok(st: dict[str, Any]) -> bool:

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from scratchfs import metrics
 from scratchfs.copier import CopyCancelled, CopyError, Identity, Progress, Throttle, copy_image, verify_copy
 from scratchfs.image.manifest import describe_image, image_checksum, write_manifest
 from scratchfs.status_cmd import format_status
+from tests.mounts import wait_for
 
 
 def test_dataset_names_keep_dots_and_clashes_are_refused() -> None:
@@ -116,9 +116,7 @@ def test_peer_privilege_from_real_credentials() -> None:
     proc = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=50,4", "sleep", "30"])
     try:
         peer = Peer(proc.pid, 65534, 65534)
-        deadline = time.monotonic() + 30
-        while 50 not in peer.groups() and time.monotonic() < deadline:  # setpriv acts, then execs
-            time.sleep(0.01)
+        wait_for(lambda: 50 in peer.groups(), "setpriv to set the groups", 30, interval=0.01)  # then it execs
         assert {50, 4} <= peer.groups()
         assert is_privileged(peer, 50) and not is_privileged(peer, 12345)
     finally:
