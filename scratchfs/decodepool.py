@@ -33,8 +33,11 @@ class DecodePool:
         self._seq = itertools.count()
         self._closed = False
         self.workers = max(1, workers)
+        self._submitted = 0  # jobs queued, ever (under the lock)
+        self._finished = [0] * self.workers  # jobs run or cancelled, per worker (each writes its own)
         self._threads = [
-            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(self.workers)
+            threading.Thread(target=self._run, args=(i,), name=f"{name}-{i}", daemon=True)
+            for i in range(self.workers)
         ]
         for t in self._threads:
             t.start()
@@ -44,13 +47,18 @@ class DecodePool:
         with self._cv:
             if not self._closed:
                 heapq.heappush(self._heap, (priority, next(self._seq), job, cancel))
+                self._submitted += 1
                 self._cv.notify()
                 return True
         if cancel is not None:
             cancel()
         return False
 
-    def _run(self) -> None:
+    def busy(self) -> bool:
+        """Jobs are queued or running (lock-free: each count has a single writer)."""
+        return self._submitted != sum(self._finished)
+
+    def _run(self, index: int) -> None:
         while True:
             with self._cv:
                 while not self._heap and not self._closed:
@@ -62,12 +70,15 @@ class DecodePool:
                 job()
             except Exception:  # a job reports its own errors; this only keeps the worker alive
                 log.debug("decode job failed", exc_info=True)
+            finally:
+                self._finished[index] += 1
 
     def close(self, wait: bool = True) -> None:
         """Stop taking jobs, cancel the queued ones, and (with *wait*) join the workers."""
         with self._cv:
             self._closed = True
             pending, self._heap = self._heap, []
+            self._submitted -= len(pending)
             self._cv.notify_all()
         for _, _, _, cancel in pending:
             if cancel is not None:

@@ -639,6 +639,10 @@ class Operations(pyfuse3.Operations):
             ds.release(img)
         return futs
 
+    def decoding(self) -> bool:
+        """Worker threads have decode or load jobs queued or running."""
+        return self._pool.busy() or self._io_pool.busy()
+
     def _submit(
         self, priority: int, ds: Dataset, img: Image, jobs: list[tuple[Hashable, Future[bytes], Callable[[], bytes]]]
     ) -> None:
@@ -796,7 +800,7 @@ async def serve(
         spin_us = int(os.environ.get(SPIN_ENV, "") or spin_us)
     except ValueError:
         log.warning("%s=%r is not a number of microseconds: using %d", SPIN_ENV, os.environ[SPIN_ENV], spin_us)
-    eager = fuseloop.EagerWait(pyfuse3, spin_us) if spin_us >= 0 else None
+    eager = fuseloop.EagerWait(pyfuse3, spin_us, busy=ops.decoding) if spin_us >= 0 else None
     if eager is not None and not eager.install():
         eager = None
     unmounted = False

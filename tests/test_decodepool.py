@@ -87,3 +87,36 @@ def test_claimed_loads_are_shared_stored_and_failures_reach_waiters() -> None:
         fut.result()
     assert "b" not in c  # a failed load leaves nothing claimed: the next reader tries again
     assert c.get_or_load("b", lambda: b"y") == b"y"
+
+
+def test_busy_while_jobs_are_queued_or_running() -> None:
+    from tests.mounts import wait_for
+
+    pool = DecodePool(1)
+    gate = threading.Event()
+    started = threading.Event()
+    try:
+        assert not pool.busy()
+
+        def job() -> None:
+            started.set()
+            gate.wait(10)
+
+        pool.submit(DEMAND, job)
+        pool.submit(AHEAD, lambda: 1 / 0)  # a failing job counts as finished too
+        assert started.wait(10) and pool.busy()
+        gate.set()
+        wait_for(lambda: not pool.busy(), "the pool to go idle", timeout=10)
+        gate.clear()
+        started.clear()
+        pool.submit(DEMAND, job)
+        assert started.wait(10)
+        pool.submit(AHEAD, lambda: None, lambda: None)
+        closer = threading.Thread(target=pool.close)
+        closer.start()
+        gate.set()
+        closer.join(10)
+        assert not pool.busy()  # the running job finished, the queued one was cancelled
+    finally:
+        gate.set()
+        pool.close()

@@ -60,3 +60,38 @@ def test_queued_thread_results_are_counted_without_building_statistics() -> None
     fast, seen = trio.run(main)
     assert fast, "trio's entry queue was not reachable: the eager wait builds statistics on every request"
     assert seen == [(0, 0), (2, 2), (0, 0)]
+
+
+def test_no_polling_while_worker_threads_decode() -> None:
+    import os
+    import select
+
+    import trio
+
+    r, w_fd = os.pipe()  # stands in for /dev/fuse: readable when a request is there
+    busy = [True]
+    w = fuseloop.EagerWait(types.ModuleType("fake"), spin_us=2000, busy=lambda: busy[0])
+    w._original = _original_wait
+    w._poller.register(r, select.POLLIN)
+    w._fd = r
+    polls = [0]
+    ready = w._ready
+
+    def counted() -> bool:
+        polls[0] += 1
+        return ready()
+
+    w._ready = counted  # type: ignore[method-assign]
+    try:
+        assert trio.run(w.wait)
+        assert (polls[0], w.waited, w.taken, w._hit_rate) == (1, 1, 0, 1.0)  # one look, no polling
+        busy[0] = False
+        assert trio.run(w.wait)
+        assert polls[0] > 2 and w.waited == 2 and w._hit_rate < 1.0  # polled its budget, found nothing
+        os.write(w_fd, b"x")
+        busy[0] = True
+        assert trio.run(w.wait)
+        assert w.taken == 1 and w.waited == 2  # a request already there is still taken at once
+    finally:
+        os.close(r)
+        os.close(w_fd)
