@@ -18,7 +18,7 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py scratchfs/_fusehook.c
+$(VENV)/.installed: pyproject.toml setup.py scratchfs/_fusehook.c scratchfs/squashfs/_blockload.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

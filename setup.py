@@ -1,4 +1,5 @@
-"""Build the FUSE request hook (scratchfs/_fusehook.c); everything else is in pyproject.toml."""
+"""Build the FUSE request hook (scratchfs/_fusehook.c) and the block loader
+(scratchfs/squashfs/_blockload.c); everything else is in pyproject.toml."""
 
 import subprocess
 
@@ -24,6 +25,12 @@ setup(
             include_dirs=fuse3_includes(),
             libraries=["dl"],
             extra_compile_args=["-O2", "-Wall"],
-        )
+        ),
+        # Also loaded with ctypes (scratchfs/squashfs/image.py); optional, like the hook.
+        Extension(
+            "scratchfs.squashfs._blockload",
+            sources=["scratchfs/squashfs/_blockload.c"],
+            extra_compile_args=["-O2", "-Wall"],
+        ),
     ]
 )

@@ -3,7 +3,8 @@
 Opening reads the superblock, the id table and the fragment table only. Inodes are read on
 demand by reference (our inode table is keyed by inode reference, never by path); directory
 listings and decoded inodes live in bounded LRU caches; data and fragment blocks are read
-whole (pread + the image's decompressor) into a bounded, shared :class:`BlockCache`.
+whole (pread + the image's decompressor, in one native call where ``_blockload.c`` is built)
+into a bounded, shared :class:`BlockCache`.
 
 Inodes and directories are decoded in Python from whole metadata blocks (pread + the image's
 decompressor, a few hundred uncompressed blocks kept per image): a ctypes call costs more than
@@ -55,6 +56,30 @@ log = logging.getLogger(__name__)
 NO_FRAGMENT = 0xFFFFFFFF
 XATTR_NONE = L.XATTR_NONE
 _IMAGE_KEYS = itertools.count(1)
+
+
+def _load_blockload() -> Any:
+    """The block loader (``_blockload.c``, built with the package), or None: then each block
+    takes an os.pread and a decompressor call (two hand-backs of the GIL instead of one).
+    ``SCRATCHFS_BLOCKLOAD=0`` turns it off (to compare)."""
+    if os.environ.get("SCRATCHFS_BLOCKLOAD", "1") == "0":
+        return None
+    for path in sorted(Path(__file__).resolve().parent.glob("_blockload*.so")):
+        try:
+            fn = ctypes.CDLL(str(path)).scratchfs_load_block
+        except (OSError, AttributeError) as e:
+            log.debug("could not load %s: %s", path, e)
+            continue
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
+        fn.restype = ctypes.c_int
+        return fn
+    return None
+
+
+_LOAD_OK, _LOAD_IO, _LOAD_SHORT, _LOAD_DECODE = 0, 1, 2, 3  # _blockload.c's results (else: too big)
+_load_block_native = _load_blockload()
+
 # Field layouts of sqfs_inode_generic_t (little-endian x86/arm hosts; checked by tests):
 # the 16-byte base + payload counters, then the type-specific union at offset 24.
 _INODE_HEAD = struct.Struct("<HHHHIIII")
@@ -182,6 +207,21 @@ class _Context:
             if sb.flags & L.SQFS_FLAG_COMPRESSOR_OPTIONS:
                 check(cmp.contents.read_options(cmp, self.file), "reading compressor options")
             self.outbuf = ctypes.create_string_buffer(sb.block_size)
+            self.native: tuple[Any, ...] | None = None
+            if _load_block_native is not None and sb.compression_id != L.SQFS_COMP_LZO:
+                # Arguments of _blockload.c for this thread: decompressor, do_block, buffers,
+                # block size, and where it writes the length and the failure detail.
+                self.inbuf = ctypes.create_string_buffer(sb.block_size)
+                self.result = (ctypes.c_int32 * 2)()
+                self.native = (
+                    ctypes.cast(cmp, ctypes.c_void_p).value,
+                    ctypes.cast(cmp.contents.do_block, ctypes.c_void_p).value,
+                    ctypes.addressof(self.inbuf),
+                    ctypes.addressof(self.outbuf),
+                    sb.block_size,
+                    ctypes.addressof(self.result),
+                    ctypes.addressof(self.result) + 4,
+                )
             self.metabuf = ctypes.create_string_buffer(META)
             self.reset_meta()
         except BaseException:
@@ -200,6 +240,20 @@ class _Context:
                                                       self.image._dir_table_end)  # fmt: skip
         if not self.inode_reader or not self.dir_reader:
             raise L.error_for(-1, "creating metadata readers")
+
+    def load(self, fd: int, off: int, n: int) -> bytes:
+        """Compressed data block of *n* bytes at *off*, read and decoded in one native call."""
+        cmp, do_block, inbuf, outbuf, limit, length, detail = self.native  # type: ignore[misc]
+        status = _load_block_native(fd, off, n, 1, cmp, do_block, inbuf, outbuf, limit, length, detail)
+        if status == _LOAD_OK:
+            return ctypes.string_at(outbuf, self.result[0])
+        path = self.image.path
+        if status == _LOAD_IO:
+            code = self.result[1]
+            raise OSError(code, f"{os.strerror(code)}: reading {path} at {off}")
+        if status == _LOAD_SHORT:
+            raise ImageIOError(f"{path}: short read at {off} (image truncated?)")
+        raise CorruptImageError(f"{path}: data block does not decompress ({self.result[1]})")
 
     def decompress(self, raw: bytes, limit: int) -> bytes:
         n = self._do_block(self.cmp, raw, len(raw), self.outbuf, limit)
@@ -978,10 +1032,13 @@ class Image:
         bs = self._super.block_size
         if n > bs or off + n > self._super.bytes_used:
             raise CorruptImageError(f"{self.path}: data block at {off} has impossible size {n}")
-        raw = os.pread(self._fd, n, off)
-        if len(raw) != n:
-            raise ImageIOError(f"{self.path}: short read at {off} (image truncated?)")
-        data = raw if word & L.SQFS_BLOCK_UNCOMPRESSED else self._ctx().decompress(raw, bs)
+        if not word & L.SQFS_BLOCK_UNCOMPRESSED and (ctx := self._ctx()).native is not None:
+            data = ctx.load(self._fd, off, n)
+        else:
+            raw = os.pread(self._fd, n, off)
+            if len(raw) != n:
+                raise ImageIOError(f"{self.path}: short read at {off} (image truncated?)")
+            data = raw if word & L.SQFS_BLOCK_UNCOMPRESSED else self._ctx().decompress(raw, bs)
         if expect >= 0 and len(data) != expect:
             raise CorruptImageError(f"{self.path}: data block at {off} decodes to {len(data)} bytes, expected {expect}")
         return data
