@@ -181,3 +181,20 @@ def test_add_refuses_traversal_and_symlink_escapes(tmp_path):
     with pytest.raises(UsageError, match="neither a directory nor a squashfs image"):
         make_entry("x", str(root / "plain.txt"), "2030-01-01", prof, NOW)
     assert Path(os.path.realpath(root)) in prof.expanded_roots()
+
+
+def test_checkpoint_removal_deletes_the_plan_before_the_journal(tmp_path, monkeypatch):
+    """Killed between the two deletions, a journal without a plan is left (discarded by the next
+    run), never a plan without its journal (which would be resumed as if nothing were done)."""
+    for name in (ck.PLAN_NAME, ck.JOURNAL_NAME):
+        (tmp_path / name).write_bytes(b"x")
+    real_unlink = os.unlink
+
+    def unlink_then_die(path, *a, **kw):
+        real_unlink(path, *a, **kw)
+        raise KeyboardInterrupt  # the process dies right after its first deletion
+
+    monkeypatch.setattr(ck.os, "unlink", unlink_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ck.remove_checkpoint(tmp_path)
+    assert not (tmp_path / ck.PLAN_NAME).exists() and (tmp_path / ck.JOURNAL_NAME).exists()

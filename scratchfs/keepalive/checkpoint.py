@@ -314,9 +314,14 @@ class Journal:
 
 
 def remove_checkpoint(ddir: Path) -> None:
-    """Delete plan and journal (the dataset completed or the checkpoint is unusable)."""
+    """Delete plan and journal (the dataset completed or the checkpoint is unusable).
+
+    The plan goes first: killed in between, what is left is a journal without a plan, which
+    the next run discards before planning afresh. The other way round, a plan without its
+    journal would be resumed as if no unit were done, and a completed run redone in full.
+    """
     removed = False
-    for name in (JOURNAL_NAME, PLAN_NAME):
+    for name in (PLAN_NAME, JOURNAL_NAME):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(ddir / name)
             removed = True
