@@ -495,17 +495,65 @@ def _evict(path: Path) -> None:
     pytest.fail(f"{path} stays in the page cache: the test's premise does not hold")
 
 
-def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Data stored as is and not in the page cache is read in a worker thread (so that other
-    requests go on meanwhile), each read into its own buffer; cached data is read inline."""
-    from scratchfs.fusehook import FH_INODE
-
+def _raw_image(tmp_path: Path) -> tuple[Path, bytes]:
     src = tmp_path / "src"
     src.mkdir()
     content = os.urandom(3 << 20)  # incompressible: stored as is, in 128 KiB blocks
     (src / "noise").write_bytes(content)
     out = tmp_path / "raw.sqfs"
     subprocess.run(["mksquashfs", str(src), str(out), "-noappend", "-quiet", "-no-progress"], check=True)
+    return out, content
+
+
+def test_large_reads_of_raw_data_are_copied_by_decode_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of at least RAW_POOL_MIN bytes stored as is is copied out of the image by a
+    decode worker, cached in the page cache or not: the trio thread serves other requests."""
+    from scratchfs.fuse_ops import RAW_POOL_MIN
+    from scratchfs.fusehook import FH_INODE
+
+    out, content = _raw_image(tmp_path)
+    img = Image.open(out)
+    o = Operations(Dataset("raw", img))
+    threads: list[str] = []
+    real_read_raw = img.read_raw_into
+
+    def read_raw_into(buf: Any, pos: int, cached_only: bool = False) -> bool:
+        threads.append(threading.current_thread().name)
+        return real_read_raw(buf, pos, cached_only)
+
+    monkeypatch.setattr(img, "read_raw_into", read_raw_into)
+    got: dict[int, bytes] = {}
+
+    async def reads(ino: int) -> None:
+        async def one(off: int) -> None:
+            got[off] = bytes(await o.read(FH_INODE | ino, off, RAW_POOL_MIN))
+
+        async with trio.open_nursery() as n:
+            for off in (0, 1 << 20, 2 << 20 | 4096):
+                n.start_soon(one, off)
+
+    try:
+        ino = run(o.lookup, pyfuse3.ROOT_INODE, b"noise", None).st_ino
+        for evict in (True, False):
+            if evict:
+                _evict(out)
+            threads.clear()
+            run(reads, ino)
+            assert got == {off: content[off : off + RAW_POOL_MIN] for off in (0, 1 << 20, 2 << 20 | 4096)}
+            assert len(threads) == 3 and all(t.startswith("sqfs-") for t in threads), threads
+    finally:
+        o.close()
+        img.close()
+
+
+def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data stored as is and not in the page cache is read in a worker thread (so that other
+    requests go on meanwhile), each read into its own buffer; cached data is read inline.
+    (Reads below RAW_POOL_MIN: larger ones always go to a decode worker, see above.)"""
+    from scratchfs.fusehook import FH_INODE
+
+    out, content = _raw_image(tmp_path)
+    size = 128 << 10
     img = Image.open(out)
     o = Operations(Dataset("raw", img))
     threads: list[str] = []
@@ -530,7 +578,7 @@ def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypat
 
     async def reads(ino: int) -> None:
         async def one(off: int) -> None:
-            got[off] = bytes(await o.read(FH_INODE | ino, off, 1 << 20))
+            got[off] = bytes(await o.read(FH_INODE | ino, off, size))
 
         async with trio.open_nursery() as n:
             for off in (0, 1 << 20, 2 << 20):
@@ -538,7 +586,7 @@ def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypat
 
     try:
         ino = run(o.lookup, pyfuse3.ROOT_INODE, b"noise", None).st_ino
-        span = img.raw_span(o._inode(ino)[1], 0, 1 << 20)
+        span = img.raw_span(o._inode(ino)[1], 0, size)
         assert span is not None
         # The page-cache-only attempt (RWF_NOWAIT) starts the kernel's readahead when it
         # misses, and on a fast disk that I/O can finish before the check: a read of evicted
@@ -550,7 +598,7 @@ def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypat
             got.clear()
             misses.clear()
             run(reads, ino)
-            assert got == {off: content[off : off + (1 << 20)] for off in got} and len(got) == 3
+            assert got == {off: content[off : off + size] for off in got} and len(got) == 3
             assert set(threads) <= {"read_raw_into"} and len(threads) == len(misses), (threads, misses)
             if misses:
                 break
@@ -560,7 +608,7 @@ def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypat
         got.clear()
         run(reads, ino)  # cached now: read inline, no thread
         assert threads == []
-        assert got == {off: content[off : off + (1 << 20)] for off in got} and len(got) == 3
+        assert got == {off: content[off : off + size] for off in got} and len(got) == 3
     finally:
         o.close()
         img.close()
