@@ -587,23 +587,21 @@ class Operations(pyfuse3.Operations):
         # Blocks whose load failed are loaded once more here, raising the error.
         return img.read_view(n, off, size, load=True)
 
-    async def _read_raw_in_pool(self, img: Image, pos: int, length: int) -> memoryview:
-        """*length* bytes stored as is at image offset *pos*, read by a decode worker."""
-        data = memoryview(bytearray(length))
+    async def _read_raw_in_pool(self, img: Image, pos: int, length: int) -> bytes:
+        """*length* bytes stored as is at image offset *pos*, read by a decode worker (which
+        also allocates them: zeroing a 1 MiB bytearray here cost the FUSE thread ~9 % of its
+        time in a cold sequential read)."""
         fut: Future[bytes] = Future()
 
         def job() -> None:
             try:
-                img.read_raw_into(data, pos)
+                fut.set_result(img.read_raw(pos, length))
             except BaseException as e:
                 fut.set_exception(e)
-            else:
-                fut.set_result(b"")
 
         self._pool.submit(DEMAND, job, lambda: fut.set_exception(ImageIOError(f"{img.path}: unmounting")))
         await _wait_futures([fut], trio.Event())
-        fut.result()
-        return data
+        return fut.result()
 
     async def _wait(self, ds: Dataset, img: Image, futs: list[Future[bytes]]) -> bool:
         """Wait for *futs*; False if *ds* switched away from *img* before they were all done."""

@@ -515,13 +515,14 @@ def test_large_reads_of_raw_data_are_copied_by_decode_workers(tmp_path: Path, mo
     img = Image.open(out)
     o = Operations(Dataset("raw", img))
     threads: list[str] = []
-    real_read_raw = img.read_raw_into
+    real_read_raw = img.read_raw
 
-    def read_raw_into(buf: Any, pos: int, cached_only: bool = False) -> bool:
+    def read_raw(pos: int, length: int) -> bytes:
         threads.append(threading.current_thread().name)
-        return real_read_raw(buf, pos, cached_only)
+        return real_read_raw(pos, length)
 
-    monkeypatch.setattr(img, "read_raw_into", read_raw_into)
+    monkeypatch.setattr(img, "read_raw", read_raw)
+    monkeypatch.setattr(img, "read_raw_into", None)  # not used for these reads
     got: dict[int, bytes] = {}
 
     async def reads(ino: int) -> None:

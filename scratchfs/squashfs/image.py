@@ -1165,6 +1165,14 @@ class Image:
             raise CorruptImageError(f"{self.path}: inode {inode.ino}: data beyond the end of the image")
         return pos, end - offset
 
+    def read_raw(self, pos: int, length: int) -> bytes:
+        """*length* bytes from image offset *pos* (a span from :meth:`raw_span`), in a new
+        bytes object (allocated without being zeroed first, unlike a bytearray)."""
+        data = os.pread(self._fd, length, pos)
+        if len(data) != length:
+            raise ImageIOError(f"{self.path}: short read at {pos} (image truncated?)")
+        return data
+
     def read_raw_into(self, buf: memoryview, pos: int, cached_only: bool = False) -> bool:
         """Fill *buf* from image offset *pos* (a span from :meth:`raw_span`).
 
