@@ -135,10 +135,10 @@ def test_native_block_loader_agrees_with_pread_and_decompress(image: Path) -> No
     """Compressed data blocks (fragment blocks included) load through _blockload.c in one call
     (not for lzo, whose decompressor is Python's); every one decodes to what the two-call path
     gives."""
+    from scratchfs.squashfs import _lib as L
     from scratchfs.squashfs import image as image_mod
 
     assert image_mod._load_block_native is not None, "scratchfs/squashfs/_blockload*.so is missing: the build compiles it"
-    compressed = 1 << 24
     with Image.open(image) as fast, Image.open(image) as slow:
         assert (fast._ctx().native is None) == (fast.info.compression == "lzo")
         slow._ctx().native = None
@@ -146,10 +146,12 @@ def test_native_block_loader_agrees_with_pread_and_decompress(image: Path) -> No
         for _, node in fast.walk():
             if node.is_file:
                 words = node.block_words or ()
-                blocks.update((node.block_offsets[i], w) for i, w in enumerate(words) if w & 0xFFFFFF)
-                if node.frag_index != 0xFFFFFFFF:
+                blocks.update(
+                    (node.block_offsets[i], w) for i, w in enumerate(words) if w & L.SQFS_BLOCK_SIZE_MASK
+                )
+                if node.frag_index != image_mod.NO_FRAGMENT:
                     blocks.add(fast._fragment(node))
-        packed = [(off, w) for off, w in sorted(blocks) if not w & compressed]
+        packed = [(off, w) for off, w in sorted(blocks) if not w & L.SQFS_BLOCK_UNCOMPRESSED]
         assert len(packed) > 10
         for off, word in packed:
             assert fast._load_block(off, word, -1) == slow._load_block(off, word, -1), f"block at {off}"

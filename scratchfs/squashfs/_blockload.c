@@ -16,26 +16,21 @@
 
 typedef int32_t (*do_block_fn)(void *cmp, const uint8_t *in, uint32_t size, uint8_t *out, uint32_t outsize);
 
-enum { LOAD_OK = 0, LOAD_IO = 1, LOAD_SHORT = 2, LOAD_DECODE = 3, LOAD_TOO_BIG = 4 };
+enum { LOAD_OK = 0, LOAD_IO = 1, LOAD_SHORT = 2, LOAD_DECODE = 3 };
 
 /*
- * Read *size* bytes at *off* of *fd*; if *compressed*, decode them (through *in*) into *out*,
- * else read them straight into *out*. *out* holds *limit* bytes, *in* at least *size*.
- * Returns LOAD_OK with *length set, or a LOAD_* failure with *detail set (errno for LOAD_IO,
- * do_block's result for LOAD_DECODE, the bytes read for LOAD_SHORT).
+ * Read the *size* compressed bytes at *off* of *fd* into *in* (at least *size* bytes) and
+ * decode them into *out* (*limit* bytes). Blocks stored as is need no decoding: the caller
+ * reads them itself. Returns LOAD_OK with *length set, or a LOAD_* failure with *detail set
+ * (errno for LOAD_IO, do_block's result for LOAD_DECODE, the bytes read for LOAD_SHORT).
  */
-int scratchfs_load_block(int fd, int64_t off, uint32_t size, int compressed, void *cmp, do_block_fn do_block,
+int scratchfs_load_block(int fd, int64_t off, uint32_t size, void *cmp, do_block_fn do_block,
                          uint8_t *in, uint8_t *out, uint32_t limit, int32_t *length, int32_t *detail)
 {
-    uint8_t *dst = compressed ? in : out;
     uint32_t got = 0;
 
-    if (!compressed && size > limit) {
-        *detail = (int32_t)size;
-        return LOAD_TOO_BIG;
-    }
     while (got < size) {
-        ssize_t n = pread(fd, dst + got, size - got, off + got);
+        ssize_t n = pread(fd, in + got, size - got, off + got);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -47,10 +42,6 @@ int scratchfs_load_block(int fd, int64_t off, uint32_t size, int compressed, voi
             return LOAD_SHORT;
         }
         got += (uint32_t)n;
-    }
-    if (!compressed) {
-        *length = (int32_t)size;
-        return LOAD_OK;
     }
     int32_t r = do_block(cmp, in, size, out, limit);
     if (r <= 0) {

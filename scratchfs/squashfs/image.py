@@ -70,14 +70,14 @@ def _load_blockload() -> Any:
         except (OSError, AttributeError) as e:
             log.debug("could not load %s: %s", path, e)
             continue
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
         fn.restype = ctypes.c_int
         return fn
     return None
 
 
-_LOAD_OK, _LOAD_IO, _LOAD_SHORT, _LOAD_DECODE = 0, 1, 2, 3  # _blockload.c's results (else: too big)
+_LOAD_OK, _LOAD_IO, _LOAD_SHORT, _LOAD_DECODE = 0, 1, 2, 3  # _blockload.c's results
 _load_block_native = _load_blockload()
 
 # Field layouts of sqfs_inode_generic_t (little-endian x86/arm hosts; checked by tests):
@@ -244,7 +244,7 @@ class _Context:
     def load(self, fd: int, off: int, n: int) -> bytes:
         """Compressed data block of *n* bytes at *off*, read and decoded in one native call."""
         cmp, do_block, inbuf, outbuf, limit, length, detail = self.native  # type: ignore[misc]
-        status = _load_block_native(fd, off, n, 1, cmp, do_block, inbuf, outbuf, limit, length, detail)
+        status = _load_block_native(fd, off, n, cmp, do_block, inbuf, outbuf, limit, length, detail)
         if status == _LOAD_OK:
             return ctypes.string_at(outbuf, self.result[0])
         path = self.image.path
@@ -1035,9 +1035,7 @@ class Image:
         if not word & L.SQFS_BLOCK_UNCOMPRESSED and (ctx := self._ctx()).native is not None:
             data = ctx.load(self._fd, off, n)
         else:
-            raw = os.pread(self._fd, n, off)
-            if len(raw) != n:
-                raise ImageIOError(f"{self.path}: short read at {off} (image truncated?)")
+            raw = self.read_raw(off, n)
             data = raw if word & L.SQFS_BLOCK_UNCOMPRESSED else self._ctx().decompress(raw, bs)
         if expect >= 0 and len(data) != expect:
             raise CorruptImageError(f"{self.path}: data block at {off} decodes to {len(data)} bytes, expected {expect}")
@@ -1166,8 +1164,8 @@ class Image:
         return pos, end - offset
 
     def read_raw(self, pos: int, length: int) -> bytes:
-        """*length* bytes from image offset *pos* (a span from :meth:`raw_span`), in a new
-        bytes object (allocated without being zeroed first, unlike a bytearray)."""
+        """*length* bytes from image offset *pos* (a span from :meth:`raw_span`, or a stored
+        block), in a new bytes object (allocated without being zeroed first, unlike a bytearray)."""
         data = os.pread(self._fd, length, pos)
         if len(data) != length:
             raise ImageIOError(f"{self.path}: short read at {pos} (image truncated?)")
