@@ -530,6 +530,8 @@ class Operations(pyfuse3.Operations):
                 self._reads_waiting -= 1
                 ds.end(img, nbytes)
             break
+        if nbytes >= img.info.block_size:
+            img.drop_served(n, off, off + nbytes)
         self._ahead(h, ds, img, n, off, nbytes)
         if n.frag_index != NO_FRAGMENT and off + size >= n.size:
             # Small files are read in directory order, and mksquashfs packs their tails in

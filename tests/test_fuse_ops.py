@@ -69,6 +69,26 @@ def test_lookup_getattr_read(ops: Operations) -> None:
     assert fuse_errno(ops.read, fi.fh, 0, 10) == errno.EBADF
 
 
+def test_blocks_wholly_served_leave_the_block_cache(ops: Operations) -> None:
+    """Drop-behind: the kernel keeps what a read returned in its page cache, so blocks the
+    read covered whole are dropped; a block read in part is kept for the neighbouring read."""
+    img = ops.dataset.image
+    d = run(ops.lookup, pyfuse3.ROOT_INODE, b"dir", None)
+    f = run(ops.lookup, d.st_ino, b"a.txt", None)
+    n = img.resolve(b"dir/a.txt")
+    bs = img.info.block_size
+    keys = [k for k, _ in img.loads(n, 0, 2 * bs)]
+    content = b"hello\n" * 50_000
+    fi = run(ops.open, f.st_ino, os.O_RDONLY, None)
+    assert bytes(run(ops.read, fi.fh, 0, bs + 10)) == content[: bs + 10]
+    assert [k in img.cache for k in keys] == [False, True]
+    assert bytes(run(ops.read, fi.fh, bs + 10, bs - 10)) == content[bs + 10 : 2 * bs]
+    assert [k in img.cache for k in keys] == [False, True]  # block 1 was never served whole
+    assert bytes(run(ops.read, fi.fh, 0, 2 * bs)) == content[: 2 * bs]
+    assert [k in img.cache for k in keys] == [False, False]
+    run(ops.release, fi.fh)
+
+
 def test_no_open_mode_reads_by_inode(ops: Operations) -> None:
     """In no-open mode the hook hands read() the inode instead of a handle (see fusehook)."""
     from scratchfs.fusehook import FH_INODE

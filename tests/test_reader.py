@@ -231,6 +231,43 @@ def test_raw_spans_cover_exactly_the_incompressible_whole_blocks(tmp_path: Path)
             assert img.raw_span(m, 3 * bs, 10) is None  # past the end
 
 
+def test_served_blocks_are_dropped_only_when_wholly_served(tmp_path: Path) -> None:
+    bs = 64 << 10
+    src = tmp_path / "src"
+    src.mkdir()
+    text = b"".join(b"line %d of a compressible file\n" % i for i in range(20_000))[: 9 * bs + 1234]
+    (src / "text").write_bytes(text)
+    with open(src / "sparse", "wb") as f:  # 4 sparse blocks, then one with data
+        f.truncate(5 * bs)
+        f.seek(4 * bs)
+        f.write(b"x" * bs)
+    for frag in (True, False):
+        out = tmp_path / f"drop-{frag}.sqfs"
+        extra = ["-tailends"] if frag else ["-no-fragments"]  # the tail in a fragment, or a short last block
+        subprocess.run(["mksquashfs", str(src), str(out), "-b", "64K", "-noappend", "-quiet", "-no-progress", *extra],
+                       check=True)  # fmt: skip
+        with Image.open(out) as img:
+            n = img.resolve(b"text")
+            assert img.read(n, 0, n.size) == text
+            keys = [k for k, _ in img.loads(n, 0, n.size)]  # 9 full blocks, then the tail's block
+            assert len(keys) == 10 and all(k in img.cache for k in keys)
+            img.drop_served(n, 10, 3 * bs + 5)  # wholly within: blocks 1 and 2
+            assert [k in img.cache for k in keys[:5]] == [True, False, False, True, True]
+            img.drop_served(n, 3 * bs, 9 * bs - 1)  # block 8 is one byte short
+            assert [k in img.cache for k in keys] == [True] + [False] * 7 + [True, True]
+            img.drop_served(n, 0, n.size)
+            # a fragment block is shared by many small files: kept; a short last block goes
+            assert [k in img.cache for k in keys] == [False] * 9 + [frag]
+            assert img.read(n, 5, 2 * bs) == text[5 : 5 + 2 * bs]  # dropped blocks decode again
+            s = img.resolve(b"sparse")
+            assert img.read(s, 4 * bs, bs) == b"x" * bs
+            (key,) = [k for k, _ in img.loads(s, 0, s.size)]
+            img.drop_served(s, 0, 4 * bs)  # sparse blocks only (stored at the same offset as the next)
+            assert key in img.cache
+            img.drop_served(s, 0, s.size)
+            assert key not in img.cache
+
+
 # ------------------------------------------------ metadata decoding (inodes and directory listings)
 
 BIG_DIR = 20_000

@@ -64,6 +64,13 @@ class BlockCache:
         with self._lock:
             self._put_locked(key, data)
 
+    def discard(self, key: Hashable) -> None:
+        """Forget *key* if it is cached (a load of it in progress is not affected)."""
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+
     def begin_load(self, key: Hashable) -> tuple[Future[bytes], bool] | None:
         """Claim the load of *key*: None when it is cached; else (future, mine).
 

@@ -1123,6 +1123,29 @@ class Image:
             parts.append(piece[lo:hi] if isinstance(piece, memoryview) else memoryview(piece)[lo:hi])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def drop_served(self, inode: Inode, offset: int, end: int) -> None:
+        """Forget the cached data blocks that lie wholly within bytes [*offset*, *end*) of a
+        file, once a read of that range has been served (drop-behind).
+
+        The kernel keeps what it was given in its page cache and asks again only after
+        evicting it, and while it is being read no other request can want those pages; so
+        such blocks are dead weight, and a long stream of them would otherwise fill the whole
+        cache with fresh memory. Blocks the range covers only in part (which a neighbouring
+        request may still need) and fragment blocks (shared by many small files) are kept.
+        """
+        words = inode.block_words
+        if not words:
+            return
+        bs = self._super.block_size
+        first = -(-offset // bs)
+        stop = min(end // bs, len(words))
+        if end >= inode.size and inode.frag_index == NO_FRAGMENT:
+            stop = len(words)  # the file's short last block ends with it
+        offs = inode.block_offsets
+        for i in range(first, stop):
+            if words[i] & L.SQFS_BLOCK_SIZE_MASK:  # a sparse block has no key of its own
+                self.cache.discard((self._key, offs[i]))
+
     def read(self, inode: Inode, offset: int, size: int) -> bytes:
         """Up to *size* bytes of a regular file from *offset* (short at EOF)."""
         data = self.read_view(inode, offset, size, True)
