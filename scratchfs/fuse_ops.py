@@ -77,6 +77,9 @@ SCRATCH_IO_THREADS = 8
 # benchmark's files (half stored as is), 5 interleaved runs, two tries: zstd 457 -> 517 and
 # 450 -> 568 MB/s, gzip 354 -> 378 MB/s; two readers unchanged.
 RAW_POOL_MIN = 256 << 10
+# Ranges of a file each handle remembers as served, to find blocks that several reads served
+# together (see _note_served): enough for the kernel's requests answered out of order.
+SERVED_SPANS = 8
 # Before a demotion, mountd reads ahead on the scratch copy for at most this many open files
 # being read (furthest read first; see read_positions and tiers.warm_copy).
 WARM_FILES = 16
@@ -124,12 +127,13 @@ class _Node:
 
 
 class _Handle:
-    __slots__ = ("dataset", "inode", "next_off", "ahead_until", "ahead_on")
+    __slots__ = ("dataset", "inode", "next_off", "ahead_until", "ahead_on", "served")
 
     def __init__(self, dataset: Dataset, inode: Inode) -> None:
         self.dataset = dataset
         self.inode = inode
         self.next_off = 0  # the end of the furthest read so far
+        self.served: list[list[int]] = []  # [start, end) ranges served in full, in order (see _note_served)
         self.ahead_until = 0  # readahead was queued up to here ...
         self.ahead_on: weakref.ref[Image] | None = None  # ... on this copy (not kept alive by it)
 
@@ -530,8 +534,8 @@ class Operations(pyfuse3.Operations):
                 self._reads_waiting -= 1
                 ds.end(img, nbytes)
             break
-        if nbytes >= img.info.block_size:
-            img.drop_served(n, off, off + nbytes)
+        if nbytes:
+            self._drop_behind(h, img, n, off, off + nbytes)
         self._ahead(h, ds, img, n, off, nbytes)
         if n.frag_index != NO_FRAGMENT and off + size >= n.size:
             # Small files are read in directory order, and mksquashfs packs their tails in
@@ -543,6 +547,18 @@ class Operations(pyfuse3.Operations):
         if off + nbytes > h.next_off:
             h.next_off = off + nbytes
         return data
+
+    @staticmethod
+    def _drop_behind(h: _Handle, img: Image, n: Inode, off: int, end: int) -> None:
+        """After a read of [*off*, *end*) was served: drop the blocks it completed.
+
+        A block is complete once reads have served every byte of it: the read alone, or with
+        the reads next to it (blocks larger than the kernel's requests, requests that do not
+        line up with blocks, requests answered out of order). See Image.drop_served.
+        """
+        lo, hi = _note_served(h.served, off, end)
+        bs = img.info.block_size
+        img.drop_served(n, max(lo, off - off % bs), min(hi, end + (-end) % bs))
 
     async def _read_from(self, h: _Handle, ds: Dataset, img: Image, off: int, size: int) -> memoryview | bytes | None:
         """The bytes of one read request from *img*; None if *ds* switched to another image
@@ -735,6 +751,26 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, *args: Any) -> int:
         raise pyfuse3.FUSEError(errno.EROFS)
+
+
+def _note_served(spans: list[list[int]], off: int, end: int) -> tuple[int, int]:
+    """Add [*off*, *end*) to *spans* (disjoint ``[start, end)`` ranges in order, merged when
+    they touch); return the range it is now part of. At most SERVED_SPANS are kept: the one
+    farthest from this read goes first."""
+    i = 0
+    while i < len(spans) and spans[i][1] < off:
+        i += 1
+    j = i
+    while j < len(spans) and spans[j][0] <= end:
+        j += 1
+    if i < j:
+        lo, hi = min(off, spans[i][0]), max(end, spans[j - 1][1])
+    else:
+        lo, hi = off, end
+    spans[i:j] = [[lo, hi]]
+    if len(spans) > SERVED_SPANS:
+        del spans[0 if i >= len(spans) // 2 else -1]
+    return lo, hi
 
 
 async def _wait_futures(futs: list[Any], ev: trio.Event) -> None:

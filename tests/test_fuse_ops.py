@@ -71,7 +71,8 @@ def test_lookup_getattr_read(ops: Operations) -> None:
 
 def test_blocks_wholly_served_leave_the_block_cache(ops: Operations) -> None:
     """Drop-behind: the kernel keeps what a read returned in its page cache, so blocks the
-    read covered whole are dropped; a block read in part is kept for the neighbouring read."""
+    read covered whole are dropped; a block read in part is kept for the neighbouring read,
+    until reads following on from one another have covered it all."""
     img = ops.dataset.image
     d = run(ops.lookup, pyfuse3.ROOT_INODE, b"dir", None)
     f = run(ops.lookup, d.st_ino, b"a.txt", None)
@@ -82,11 +83,38 @@ def test_blocks_wholly_served_leave_the_block_cache(ops: Operations) -> None:
     fi = run(ops.open, f.st_ino, os.O_RDONLY, None)
     assert bytes(run(ops.read, fi.fh, 0, bs + 10)) == content[: bs + 10]
     assert [k in img.cache for k in keys] == [False, True]
-    assert bytes(run(ops.read, fi.fh, bs + 10, bs - 10)) == content[bs + 10 : 2 * bs]
-    assert [k in img.cache for k in keys] == [False, True]  # block 1 was never served whole
+    assert bytes(run(ops.read, fi.fh, bs + 20, bs - 20)) == content[bs + 20 : 2 * bs]
+    assert [k in img.cache for k in keys] == [False, True]  # bytes 10-19 of block 1 were never served
     assert bytes(run(ops.read, fi.fh, 0, 2 * bs)) == content[: 2 * bs]
     assert [k in img.cache for k in keys] == [False, False]
     run(ops.release, fi.fh)
+    # Reads smaller than a block, one after another: a block goes once they served it all.
+    img.cache.clear()
+    fi = run(ops.open, f.st_ino, os.O_RDONLY, None)
+    assert bytes(run(ops.read, fi.fh, bs + 100, 1000)) == content[bs + 100 : bs + 1100]  # not from the start
+    assert bytes(run(ops.read, fi.fh, 0, bs // 2)) == content[: bs // 2]
+    assert [k in img.cache for k in keys] == [True, True]
+    assert bytes(run(ops.read, fi.fh, bs // 2, bs // 2 + 50)) == content[bs // 2 : bs + 50]
+    assert [k in img.cache for k in keys] == [False, True]
+    assert bytes(run(ops.read, fi.fh, bs + 50, bs - 50)) == content[bs + 50 : 2 * bs]
+    assert [k in img.cache for k in keys] == [False, False]
+    run(ops.release, fi.fh)
+
+
+def test_served_ranges_merge_in_any_order_and_stay_few() -> None:
+    spans: list[list[int]] = []
+    assert fuse_ops._note_served(spans, 20, 30) == (20, 30)
+    assert fuse_ops._note_served(spans, 0, 10) == (0, 10)
+    assert fuse_ops._note_served(spans, 40, 50) == (40, 50)
+    assert spans == [[0, 10], [20, 30], [40, 50]]
+    assert fuse_ops._note_served(spans, 10, 20) == (0, 30)  # fills a gap: joins both sides
+    assert fuse_ops._note_served(spans, 25, 45) == (0, 50)  # overlaps
+    assert spans == [[0, 50]]
+    assert fuse_ops._note_served(spans, 5, 8) == (0, 50) and spans == [[0, 50]]  # inside
+    for k in range(1, fuse_ops.SERVED_SPANS + 3):
+        fuse_ops._note_served(spans, 100 * k, 100 * k + 10)
+    assert len(spans) == fuse_ops.SERVED_SPANS  # the lowest went first: reads move up
+    assert spans[0][0] > 0 and spans[-1] == [100 * (fuse_ops.SERVED_SPANS + 2), 100 * (fuse_ops.SERVED_SPANS + 2) + 10]
 
 
 def test_no_open_mode_reads_by_inode(ops: Operations) -> None:
