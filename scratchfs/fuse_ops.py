@@ -534,7 +534,7 @@ class Operations(pyfuse3.Operations):
                 self._reads_waiting -= 1
                 ds.end(img, nbytes)
             break
-        if nbytes:
+        if nbytes and n.block_words:  # (a small file's data is all in a fragment block)
             self._drop_behind(h, img, n, off, off + nbytes)
         self._ahead(h, ds, img, n, off, nbytes)
         if n.frag_index != NO_FRAGMENT and off + size >= n.size:
