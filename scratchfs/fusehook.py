@@ -25,6 +25,8 @@ import logging
 import os
 from pathlib import Path
 
+from .native import load_built
+
 log = logging.getLogger(__name__)
 
 FH_INODE = 1 << 62  # set by the hook in the file handle of a request that had none
@@ -34,25 +36,17 @@ NO_OPENDIR_SUPPORT = 1 << 24
 DISABLE_ENV = "SCRATCHFS_NO_OPEN"  # "0": do not load the hook (open/release per file)
 
 
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None
-    here = Path(__file__).resolve().parent
-    for path in sorted(here.glob("_fusehook*.so")):
-        try:
-            lib = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
-            for name in ("seen", "rewritten", "unreadable"):
-                getattr(lib, f"scratchfs_hook_{name}").restype = ctypes.c_uint64
-            lib.scratchfs_hook_kernel_flags.restype = ctypes.c_uint32
-            if lib.scratchfs_hook_ready():
-                return lib
-            log.debug("%s: libfuse3 not found through it", path)
-        except (OSError, AttributeError) as e:
-            log.debug("could not load %s: %s", path, e)
-    return None
+def _ready(lib: ctypes.CDLL) -> bool:
+    for name in ("seen", "rewritten", "unreadable"):
+        getattr(lib, f"scratchfs_hook_{name}").restype = ctypes.c_uint64
+    lib.scratchfs_hook_kernel_flags.restype = ctypes.c_uint32
+    if lib.scratchfs_hook_ready():
+        return True
+    log.debug("%s: libfuse3 not found through it", lib._name)
+    return False
 
 
-_lib = _load()
+_lib = load_built(Path(__file__).resolve().parent, "_fusehook", DISABLE_ENV, _ready, mode=os.RTLD_GLOBAL)
 
 
 def loaded() -> bool:

@@ -37,6 +37,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+from ..native import load_built
 from . import _lib as L
 from ._lib import check, lib
 from .cache import BlockCache
@@ -58,27 +59,20 @@ XATTR_NONE = L.XATTR_NONE
 _IMAGE_KEYS = itertools.count(1)
 
 
-def _load_blockload() -> Any:
-    """The block loader (``_blockload.c``, built with the package), or None: then each block
-    takes an os.pread and a decompressor call (two hand-backs of the GIL instead of one).
-    ``SCRATCHFS_BLOCKLOAD=0`` turns it off (to compare)."""
-    if os.environ.get("SCRATCHFS_BLOCKLOAD", "1") == "0":
-        return None
-    for path in sorted(Path(__file__).resolve().parent.glob("_blockload*.so")):
-        try:
-            fn = ctypes.CDLL(str(path)).scratchfs_load_block
-        except (OSError, AttributeError) as e:
-            log.debug("could not load %s: %s", path, e)
-            continue
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
-        fn.restype = ctypes.c_int
-        return fn
-    return None
+def _blockload_types(lib: ctypes.CDLL) -> bool:
+    fn = lib.scratchfs_load_block
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
+    fn.restype = ctypes.c_int
+    return True
 
 
 _LOAD_OK, _LOAD_IO, _LOAD_SHORT, _LOAD_DECODE = 0, 1, 2, 3  # _blockload.c's results
-_load_block_native = _load_blockload()
+# The block loader (_blockload.c, built with the package), or None: then each block takes an
+# os.pread and a decompressor call (two hand-backs of the GIL instead of one).
+# SCRATCHFS_BLOCKLOAD=0 turns it off (to compare).
+_blockload = load_built(Path(__file__).resolve().parent, "_blockload", "SCRATCHFS_BLOCKLOAD", _blockload_types)
+_load_block_native: Any = _blockload.scratchfs_load_block if _blockload is not None else None
 
 # Field layouts of sqfs_inode_generic_t (little-endian x86/arm hosts; checked by tests):
 # the 16-byte base + payload counters, then the type-specific union at offset 24.
