@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -86,15 +85,11 @@ class Mount:
 WARM_PASSES = 3  # warm figures: the median of this many passes per round
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def run_cmd(cmd: str) -> float:
     """Seconds a shell command took."""
-    return timed(lambda: sh(cmd))
+    t = time.perf_counter()
+    sh(cmd)
+    return time.perf_counter() - t
 
 
 def bench_image(
