@@ -8,7 +8,7 @@ import logging
 import os
 import subprocess
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -553,11 +553,25 @@ def _raw_image(tmp_path: Path) -> tuple[Path, bytes]:
     return out, content
 
 
+async def _read_at_once(o: Operations, ino: int, offsets: Sequence[int], size: int) -> dict[int, bytes]:
+    """Reads of *size* bytes at each of *offsets* of file *ino* (no-open mode), all at once."""
+    from scratchfs.fusehook import FH_INODE
+
+    got: dict[int, bytes] = {}
+
+    async def one(off: int) -> None:
+        got[off] = bytes(await o.read(FH_INODE | ino, off, size))
+
+    async with trio.open_nursery() as n:
+        for off in offsets:
+            n.start_soon(one, off)
+    return got
+
+
 def test_large_reads_of_raw_data_are_copied_by_decode_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read of at least RAW_POOL_MIN bytes stored as is is copied out of the image by a
     decode worker, cached in the page cache or not: the trio thread serves other requests."""
     from scratchfs.fuse_ops import RAW_POOL_MIN
-    from scratchfs.fusehook import FH_INODE
 
     out, content = _raw_image(tmp_path)
     img = Image.open(out)
@@ -571,24 +585,15 @@ def test_large_reads_of_raw_data_are_copied_by_decode_workers(tmp_path: Path, mo
 
     monkeypatch.setattr(img, "read_raw", read_raw)
     monkeypatch.setattr(img, "read_raw_into", None)  # not used for these reads
-    got: dict[int, bytes] = {}
-
-    async def reads(ino: int) -> None:
-        async def one(off: int) -> None:
-            got[off] = bytes(await o.read(FH_INODE | ino, off, RAW_POOL_MIN))
-
-        async with trio.open_nursery() as n:
-            for off in (0, 1 << 20, 2 << 20 | 4096):
-                n.start_soon(one, off)
-
+    offsets = (0, 1 << 20, 2 << 20 | 4096)
     try:
         ino = run(o.lookup, pyfuse3.ROOT_INODE, b"noise", None).st_ino
         for evict in (True, False):
             if evict:
                 _evict(out)
             threads.clear()
-            run(reads, ino)
-            assert got == {off: content[off : off + RAW_POOL_MIN] for off in (0, 1 << 20, 2 << 20 | 4096)}
+            got = run(_read_at_once, o, ino, offsets, RAW_POOL_MIN)
+            assert got == {off: content[off : off + RAW_POOL_MIN] for off in offsets}
             assert len(threads) == 3 and all(t.startswith("sqfs-") for t in threads), threads
     finally:
         o.close()
@@ -599,8 +604,6 @@ def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypat
     """Data stored as is and not in the page cache is read in a worker thread (so that other
     requests go on meanwhile), each read into its own buffer; cached data is read inline.
     (Reads below RAW_POOL_MIN: larger ones always go to a decode worker, see above.)"""
-    from scratchfs.fusehook import FH_INODE
-
     out, content = _raw_image(tmp_path)
     size = 128 << 10
     img = Image.open(out)
@@ -623,16 +626,7 @@ def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypat
         return ok
 
     monkeypatch.setattr(img, "read_raw_into", read_raw_into)
-    got: dict[int, bytes] = {}
-
-    async def reads(ino: int) -> None:
-        async def one(off: int) -> None:
-            got[off] = bytes(await o.read(FH_INODE | ino, off, size))
-
-        async with trio.open_nursery() as n:
-            for off in (0, 1 << 20, 2 << 20):
-                n.start_soon(one, off)
-
+    offsets = (0, 1 << 20, 2 << 20)
     try:
         ino = run(o.lookup, pyfuse3.ROOT_INODE, b"noise", None).st_ino
         span = img.raw_span(o._inode(ino)[1], 0, size)
@@ -644,9 +638,8 @@ def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypat
         for _ in range(5):
             _evict(out)
             threads.clear()
-            got.clear()
             misses.clear()
-            run(reads, ino)
+            got = run(_read_at_once, o, ino, offsets, size)
             assert got == {off: content[off : off + size] for off in got} and len(got) == 3
             assert set(threads) <= {"read_raw_into"} and len(threads) == len(misses), (threads, misses)
             if misses:
@@ -654,8 +647,7 @@ def test_uncached_raw_data_is_read_off_the_trio_thread(tmp_path: Path, monkeypat
         else:
             pytest.fail("in 5 tries no read of evicted bytes tried the page cache and missed it")
         threads.clear()
-        got.clear()
-        run(reads, ino)  # cached now: read inline, no thread
+        got = run(_read_at_once, o, ino, offsets, size)  # cached now: read inline, no thread
         assert threads == []
         assert got == {off: content[off : off + size] for off in got} and len(got) == 3
     finally:
