@@ -33,7 +33,7 @@ read-only FUSE passthrough behind one first-come-first-served link of that bandw
 Needs root (loop device, cgroups, drop_caches), mksquashfs. Medians of interleaved rounds.
 
     python tools/bench_mountd.py [--size-mb 192] [--rounds 3] [--switches 10] [--ssd disk|ram]
-                                 [--emulator blkio|link]
+                                 [--emulator blkio|link] [--parts abc]
 """
 
 from __future__ import annotations
@@ -312,6 +312,7 @@ def main() -> int:
                          "or on its own RAM-backed device (see RamSSD)")
     ap.add_argument("--emulator", choices=("blkio", "link"), default="blkio",
                     help="slow scratch: blkio throttle of a loop device (default) or tools/throttlefs.py's link")
+    ap.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run (default: abc)")
     ap.add_argument("--block-cache", default="64M",
                     help="decoded-block cache per image, the same for mountd and scratchfs mount (default 64M)")
     args = ap.parse_args()
@@ -344,28 +345,29 @@ def main() -> int:
               f"medians of {args.rounds}")  # fmt: skip
 
         # (a) ------------------------------------------------------------------------------
-        before = [cat_rate(hot) for _ in range(args.rounds)]
-        if md.ds("hot")["tier"] != "scratch" or log_times(md.log, r"promoted hot:"):
-            raise SystemExit("hot was promoted while it was measured on scratch")
-        md.write_config(0)
-        md.ctl("reload")
-        md.ctl("prefetch", "hot")
-        md.wait_tier("hot", "cache")
-        cached = Path(md.ds("hot")["cache_file"])
-        direct.mkdir()
-        sh([str(BIN / "scratchfs"), "mount", str(cached), str(direct), "--log", str(top / "direct.log"),
-            "--cache-size", args.block_cache])  # fmt: skip
-        after, alone = [], []
-        for _ in range(args.rounds):
-            after.append(cat_rate(hot))
-            alone.append(cat_rate(direct / "data"))
-        sh([str(BIN / "scratchfs"), "umount", str(direct)])
-        b, a, d = statistics.median(before), statistics.median(after), statistics.median(alone)
-        print("(a) hot dataset, cold sequential read")
-        print(f"    mountd before promotion (scratch) {b:8.1f} MB/s")
-        print(f"    mountd after promotion (cache)    {a:8.1f} MB/s   x{a / b:.2f} vs before")
-        print(f"    scratchfs mount of the cached copy {d:7.1f} MB/s")
-        print(f"    ratio after / direct              {a / d:8.2f}   (target >= 0.9)")
+        def part_a() -> None:
+            before = [cat_rate(hot) for _ in range(args.rounds)]
+            if md.ds("hot")["tier"] != "scratch" or log_times(md.log, r"promoted hot:"):
+                raise SystemExit("hot was promoted while it was measured on scratch")
+            md.write_config(0)
+            md.ctl("reload")
+            md.ctl("prefetch", "hot")
+            md.wait_tier("hot", "cache")
+            cached = Path(md.ds("hot")["cache_file"])
+            direct.mkdir()
+            sh([str(BIN / "scratchfs"), "mount", str(cached), str(direct), "--log", str(top / "direct.log"),
+                "--cache-size", args.block_cache])  # fmt: skip
+            after, alone = [], []
+            for _ in range(args.rounds):
+                after.append(cat_rate(hot))
+                alone.append(cat_rate(direct / "data"))
+            sh([str(BIN / "scratchfs"), "umount", str(direct)])
+            b, a, d = statistics.median(before), statistics.median(after), statistics.median(alone)
+            print("(a) hot dataset, cold sequential read")
+            print(f"    mountd before promotion (scratch) {b:8.1f} MB/s")
+            print(f"    mountd after promotion (cache)    {a:8.1f} MB/s   x{a / b:.2f} vs before")
+            print(f"    scratchfs mount of the cached copy {d:7.1f} MB/s")
+            print(f"    ratio after / direct              {a / d:8.2f}   (target >= 0.9)")
 
         # (b) ------------------------------------------------------------------------------
         def stalls(throttled: bool, pace: float | None = None) -> None:
@@ -463,59 +465,66 @@ def main() -> int:
                     t, line = before[-1]
                     print(f"      it began {(s0 - t) * 1e3:.0f} ms after the daemon logged: {line[24:].strip()[:110]}")
 
-        stalls(throttled=False)
-        stalls(throttled=True)
-        stalls(throttled=True, pace=args.scratch_bw * MiB * 0.3)
 
         # (c) ------------------------------------------------------------------------------
-        def latencies(until: threading.Event | None, count: int) -> list[float]:
-            fd = os.open(other, os.O_RDONLY)
-            bfd = os.open(scratch.dir / "other.sqfs", os.O_RDONLY)
-            size = os.fstat(fd).st_size
-            rng = random.Random(5)
-            out: list[float] = []
-            try:
-                while (until is None and len(out) < count) or (until is not None and not until.is_set()):
-                    off = rng.randrange(0, size // (128 * 1024)) * 128 * 1024
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    os.posix_fadvise(bfd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    t0 = time.perf_counter()
-                    os.pread(fd, 128 * 1024, off)
-                    out.append(time.perf_counter() - t0)
-            finally:
-                os.close(fd)
-                os.close(bfd)
-            return out
+        def part_c() -> None:
+            def latencies(until: threading.Event | None, count: int) -> list[float]:
+                fd = os.open(other, os.O_RDONLY)
+                bfd = os.open(scratch.dir / "other.sqfs", os.O_RDONLY)
+                size = os.fstat(fd).st_size
+                rng = random.Random(5)
+                out: list[float] = []
+                try:
+                    while (until is None and len(out) < count) or (until is not None and not until.is_set()):
+                        off = rng.randrange(0, size // (128 * 1024)) * 128 * 1024
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        os.posix_fadvise(bfd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        t0 = time.perf_counter()
+                        os.pread(fd, 128 * 1024, off)
+                        out.append(time.perf_counter() - t0)
+                finally:
+                    os.close(fd)
+                    os.close(bfd)
+                return out
 
-        def during_copy(bw: int) -> list[float]:
-            md.write_config(bw)
-            md.ctl("reload")
-            md.ctl("evict", "hot")
-            md.wait_tier("hot", "scratch")
-            done = threading.Event()
-            res: list[float] = []
-            th = threading.Thread(target=lambda: res.extend(latencies(done, 0)))
-            md.ctl("prefetch", "hot")
-            th.start()
-            md.wait_tier("hot", "cache")
-            done.set()
-            th.join()
-            return res
+            def during_copy(bw: int) -> list[float]:
+                md.write_config(bw)
+                md.ctl("reload")
+                md.ctl("evict", "hot")
+                md.wait_tier("hot", "scratch")
+                done = threading.Event()
+                res: list[float] = []
+                th = threading.Thread(target=lambda: res.extend(latencies(done, 0)))
+                md.ctl("prefetch", "hot")
+                th.start()
+                md.wait_tier("hot", "cache")
+                done.set()
+                th.join()
+                return res
 
-        idle = latencies(None, 300)
-        busy = during_copy(0)
-        limit = args.scratch_bw * MiB // 4
-        limited = during_copy(limit)
-        idle2 = latencies(None, 300)
-        idle += idle2
-        if md.ds("other")["tier"] != "scratch" or log_times(md.log, r"promoted other:"):
-            raise SystemExit("other was promoted while it was measured on scratch")
-        print("(c) another dataset on scratch: random 128 KiB reads, caches dropped")
-        for label, xs in (("idle", idle), ("while a copy runs (no limit)", busy),
-                          (f"while a copy runs (limit {limit // MiB} MiB/s)", limited)):  # fmt: skip
-            print(f"    {label:38s} p50 {pct(xs, 0.5) * 1e3:7.2f} ms  p99 {pct(xs, 0.99) * 1e3:7.2f} ms  ({len(xs)} reads)")
-        print(f"    p99 ratio copy/idle: no limit x{pct(busy, 0.99) / pct(idle, 0.99):.3f}, "
-              f"limited x{pct(limited, 0.99) / pct(idle, 0.99):.3f}")  # fmt: skip
+            idle = latencies(None, 300)
+            busy = during_copy(0)
+            limit = args.scratch_bw * MiB // 4
+            limited = during_copy(limit)
+            idle2 = latencies(None, 300)
+            idle += idle2
+            if md.ds("other")["tier"] != "scratch" or log_times(md.log, r"promoted other:"):
+                raise SystemExit("other was promoted while it was measured on scratch")
+            print("(c) another dataset on scratch: random 128 KiB reads, caches dropped")
+            for label, xs in (("idle", idle), ("while a copy runs (no limit)", busy),
+                              (f"while a copy runs (limit {limit // MiB} MiB/s)", limited)):  # fmt: skip
+                print(f"    {label:38s} p50 {pct(xs, 0.5) * 1e3:7.2f} ms  p99 {pct(xs, 0.99) * 1e3:7.2f} ms  ({len(xs)} reads)")
+            print(f"    p99 ratio copy/idle: no limit x{pct(busy, 0.99) / pct(idle, 0.99):.3f}, "
+                  f"limited x{pct(limited, 0.99) / pct(idle, 0.99):.3f}")  # fmt: skip
+
+        if "a" in args.parts:
+            part_a()
+        if "b" in args.parts:
+            stalls(throttled=False)
+            stalls(throttled=True)
+            stalls(throttled=True, pace=args.scratch_bw * MiB * 0.3)
+        if "c" in args.parts:
+            part_c()
         return 0
     finally:
         if direct.exists() and os.path.ismount(direct):
