@@ -40,8 +40,26 @@ from .state import sync_dir
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 20
-assert CHUNK % READ_SIZE == 0
+READ_SIZE = 1 << 20  # bytes per read of the source
+PACED_READ_MIN = 128 << 10  # the smallest read of a bandwidth-limited copy
+PACED_READ_TIME = 0.005  # a bandwidth-limited copy reads about this many seconds' worth at a time
+assert CHUNK % READ_SIZE == 0 and READ_SIZE % PACED_READ_MIN == 0
+
+
+def read_size(bandwidth: float) -> int:
+    """Bytes per read of a copy at *bandwidth* bytes/s (0 = unlimited).
+
+    A limited copy reads little at a time, about ``PACED_READ_TIME`` worth (a power of two
+    from ``PACED_READ_MIN`` to ``READ_SIZE``): a read of the source queues that many bytes on
+    scratch's link at once, and another dataset's read arriving just after it waits for them.
+    An unlimited copy takes the link anyway and reads ``READ_SIZE`` at a time.
+    """
+    if bandwidth <= 0:
+        return READ_SIZE
+    size = PACED_READ_MIN
+    while size * 2 <= min(bandwidth * PACED_READ_TIME, READ_SIZE):
+        size *= 2
+    return size
 
 
 class CopyError(ScratchfsError):
@@ -181,8 +199,7 @@ def copy_image(
         digests: list[bytes] = []
         piece = new_hash()
         in_piece = 0
-        buf = bytearray(READ_SIZE)
-        view = memoryview(buf)
+        view = memoryview(bytearray(read_size(bandwidth)))
         pos = 0
         while True:
             if cancel.is_set():

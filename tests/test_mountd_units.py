@@ -18,7 +18,18 @@ from mountd.control import Peer, is_privileged
 from mountd.notify import notify
 from mountd.watcher import dataset_name, map_names
 from scratchfs import metrics
-from scratchfs.copier import CopyCancelled, CopyError, Identity, Progress, Throttle, copy_image, verify_copy
+from scratchfs.copier import (
+    PACED_READ_MIN,
+    READ_SIZE,
+    CopyCancelled,
+    CopyError,
+    Identity,
+    Progress,
+    Throttle,
+    copy_image,
+    read_size,
+    verify_copy,
+)
 from scratchfs.image.manifest import describe_image, image_checksum, write_manifest
 from scratchfs.status_cmd import format_status
 from tests.mounts import wait_for
@@ -210,6 +221,45 @@ def test_copy_notices_a_source_changed_while_copying(tmp_path: Path, image: Path
     with pytest.raises(CopyError, match="changed while copying|verification failed"):
         copy_image(image, out / ".t.part", out / "img.sqfs", progress=Meddling())
     assert os.listdir(out) == []
+
+
+class Steps(Progress):
+    """Records the bytes of each read of a copy (progress is set after every one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[int] = []
+        self._done = 0
+
+    @property  # type: ignore[override]
+    def done(self) -> int:
+        return self._done
+
+    @done.setter
+    def done(self, v: int) -> None:
+        if v:
+            self.steps.append(v - self._done)
+        self._done = v
+
+
+def test_a_limited_copy_reads_in_small_pieces_and_hashes_the_same(tmp_path: Path) -> None:
+    assert read_size(0) == READ_SIZE
+    assert read_size(25 << 20) == PACED_READ_MIN  # 5 ms of 25 MiB/s: 128 KiB
+    assert read_size(100 << 20) == 512 << 10  # 5 ms: 512 KiB, rounded down to a power of two
+    assert read_size(10 << 30) == READ_SIZE
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(9 * 1024 * 1024 + 5))  # past the first 8 MiB hash piece
+    image = tmp_path / "img.sqfs"
+    subprocess.run(["mksquashfs", str(src), str(image), "-quiet", "-no-progress", "-noD"], check=True)
+    out = tmp_path / "cache"
+    out.mkdir()
+    paced, whole = Steps(), Steps()
+    res = copy_image(image, out / ".t.part", out / "paced.sqfs", bandwidth=100e6, progress=paced)
+    full = copy_image(image, out / ".u.part", out / "whole.sqfs", progress=whole)
+    assert max(paced.steps) == read_size(100e6) < max(whole.steps) == READ_SIZE
+    assert res.checksum == full.checksum == image_checksum(image)
+    assert (out / "paced.sqfs").read_bytes() == image.read_bytes()
 
 
 def test_state_record_is_json_with_format(tmp_path: Path) -> None:
