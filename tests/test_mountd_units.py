@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from scratchfs.copier import (
     Identity,
     Progress,
     Throttle,
+    Writeback,
     copy_image,
     read_size,
     verify_copy,
@@ -260,6 +263,31 @@ def test_a_limited_copy_reads_in_small_pieces_and_hashes_the_same(tmp_path: Path
     assert max(paced.steps) == read_size(100e6) < max(whole.steps) == READ_SIZE
     assert res.checksum == full.checksum == image_checksum(image)
     assert (out / "paced.sqfs").read_bytes() == image.read_bytes()
+
+
+def test_writeback_keeps_a_copy_out_of_the_page_cache() -> None:
+    """What a copy wrote is written back and dropped piece by piece, not left dirty in memory
+    until the final fsync. On the disk under /var/tmp: tmpfs pages cannot be dropped."""
+    work = Path(tempfile.mkdtemp(prefix="scratchfs-writeback-", dir="/var/tmp"))
+    try:
+        block = os.urandom(1 << 20)
+
+        def write(name: str, piece: int | None) -> int:
+            fd = os.open(work / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            wb = Writeback(fd, piece) if piece else None
+            for i in range(32):
+                os.write(fd, block)
+                if wb:
+                    wb((i + 1) << 20)
+            os.close(fd)  # no fsync: what is resident now is what the writes left
+            res = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(work / name)],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            return int(res.stdout)
+
+        assert write("plain", None) == 32 << 20  # every written page still in memory
+        assert write("paced", 4 << 20) <= 8 << 20  # only the newest piece or two
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_state_record_is_json_with_format(tmp_path: Path) -> None:
