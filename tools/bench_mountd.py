@@ -33,7 +33,7 @@ read-only FUSE passthrough behind one first-come-first-served link of that bandw
 Needs root (loop device, cgroups, drop_caches), mksquashfs. Medians of interleaved rounds.
 
     python tools/bench_mountd.py [--size-mb 192] [--rounds 3] [--switches 10] [--ssd disk|ram]
-                                 [--emulator blkio|link] [--parts abc]
+                                 [--emulator blkio|link] [--parts abc] [--trace-switches]
 """
 
 from __future__ import annotations
@@ -313,6 +313,8 @@ def main() -> int:
     ap.add_argument("--emulator", choices=("blkio", "link"), default="blkio",
                     help="slow scratch: blkio throttle of a loop device (default) or tools/throttlefs.py's link")
     ap.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run (default: abc)")
+    ap.add_argument("--trace-switches", action="store_true",
+                    help="(b): print the daemon's log lines around the longest gap spanning a promotion and a demotion")
     ap.add_argument("--block-cache", default="64M",
                     help="decoded-block cache per image, the same for mountd and scratchfs mount (default 64M)")
     args = ap.parse_args()
@@ -451,6 +453,15 @@ def main() -> int:
                   f"median {statistics.median(demo) * 1e3:.1f} ms; after the switch instant "
                   f"{max(demo_after) * 1e3:.1f} ms max")  # fmt: skip
             print(f"    first read after a demotion       {max(demo1) * 1e3:8.1f} ms max; median {statistics.median(demo1) * 1e3:.1f} ms")
+            if args.trace_switches:
+                for pat in (r"promoted hot:", r"demoted hot \("):
+                    ws = [w for w in log_times(md.log, pat) if w > base_end]
+                    sp = [max(((s, e) for s, e in gaps if s - 0.002 <= w <= e + 0.002), key=lambda g: g[1] - g[0], default=(w, w)) for w in ws]
+                    s0, e0 = max(sp, key=lambda g: g[1] - g[0])
+                    print(f"      trace of the longest gap spanning {pat}: {(e0 - s0) * 1e3:.1f} ms")
+                    for t, line in log_lines(md.log):
+                        if s0 - 0.5 <= t <= e0 + 0.01:
+                            print(f"        {(t - s0) * 1e3:+7.1f} ms {line[24:].strip()[:120]}")
             print(f"    longest gap, no switch (baseline) {max(base_gaps) * 1e3:8.1f} ms; p99 {pct(base_gaps, 0.99) * 1e3:.1f} ms")
             print(f"    longest gap over the whole switching phase (copies included) {max(during) * 1e3:.1f} ms")
             instants = [w for w in log_times(md.log, r"promoted hot:|demoted hot \(") if w > base_end]
