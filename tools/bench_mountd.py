@@ -459,9 +459,9 @@ def main() -> int:
                     sp = [max(((s, e) for s, e in gaps if s - 0.002 <= w <= e + 0.002), key=lambda g: g[1] - g[0], default=(w, w)) for w in ws]
                     s0, e0 = max(sp, key=lambda g: g[1] - g[0])
                     print(f"      trace of the longest gap spanning {pat}: {(e0 - s0) * 1e3:.1f} ms")
-                    for t, line in log_lines(md.log):
-                        if s0 - 0.5 <= t <= e0 + 0.01:
-                            print(f"        {(t - s0) * 1e3:+7.1f} ms {line[24:].strip()[:120]}")
+                    for logged, line in log_lines(md.log):
+                        if s0 - 0.5 <= logged <= e0 + 0.01:
+                            print(f"        {(logged - s0) * 1e3:+7.1f} ms {line[24:].strip()[:120]}")
             print(f"    longest gap, no switch (baseline) {max(base_gaps) * 1e3:8.1f} ms; p99 {pct(base_gaps, 0.99) * 1e3:.1f} ms")
             print(f"    longest gap over the whole switching phase (copies included) {max(during) * 1e3:.1f} ms")
             instants = [w for w in log_times(md.log, r"promoted hot:|demoted hot \(") if w > base_end]
@@ -471,10 +471,10 @@ def main() -> int:
                       f"p99 {pct(away, 0.99) * 1e3:.1f} ms")  # fmt: skip
                 # Where the longest one fell: the daemon's last log line before it (copy start, end, ...).
                 s0, e0 = max(((s, e) for s, e in gaps if s > base_end and e - s == max(away)))
-                before = [(t, line) for t, line in log_lines(md.log) if t <= e0]
+                before = [(logged, line) for logged, line in log_lines(md.log) if logged <= e0]
                 if before:
-                    t, line = before[-1]
-                    print(f"      it began {(s0 - t) * 1e3:.0f} ms after the daemon logged: {line[24:].strip()[:110]}")
+                    logged, line = before[-1]
+                    print(f"      it began {(s0 - logged) * 1e3:.0f} ms after the daemon logged: {line[24:].strip()[:110]}")
 
 
         # (c) ------------------------------------------------------------------------------
