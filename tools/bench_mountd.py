@@ -431,17 +431,20 @@ def main() -> int:
             during = [e - s for s, e in gaps if s > base_end]
             reads = list(zip(starts, stamps))
 
-            def at(pattern: str) -> tuple[list[float], list[float], list[float]]:
-                """Per switch: the gap spanning it, the first read issued after it, the gap's part after it."""
+            def at(pattern: str) -> tuple[list[float], list[float], list[float], tuple[float, float]]:
+                """Per switch: the gap spanning it, the first read issued after it, the gap's part
+                after it; and the longest spanning gap itself (start, end)."""
                 instants = [w for w in log_times(md.log, pattern) if w > base_end]
                 spanning = [max(((s, e) for s, e in gaps if s - 0.002 <= w <= e + 0.002),
                                 key=lambda g: g[1] - g[0], default=(w, w)) for w in instants]  # fmt: skip
                 spans = [e - s for s, e in spanning]
                 after = [max(0.0, e - w) for (_, e), w in zip(spanning, instants)]
                 firsts = [next((e - s for s, e in reads if s >= w), 0.0) for w in instants]
-                return spans, firsts, after
+                longest = max(spanning, key=lambda g: g[1] - g[0], default=(0.0, 0.0))
+                return spans, firsts, after, longest
 
-            (promo, promo1, promo_after), (demo, demo1, demo_after) = at(r"promoted hot:"), at(r"demoted hot \(")
+            (promo, promo1, promo_after, promo_gap), (demo, demo1, demo_after, demo_gap) = (
+                at(r"promoted hot:"), at(r"demoted hot \("))  # fmt: skip
             where = (f"scratch throttled to {args.scratch_bw} MiB/s" if throttled
                      else "scratch not throttled (the switch alone)")  # fmt: skip
             who = f"a reader paced at {pace / MiB:.0f} MiB/s" if pace else "a reader as fast as it can"
@@ -456,11 +459,8 @@ def main() -> int:
                   f"{max(demo_after) * 1e3:.1f} ms max")  # fmt: skip
             print(f"    first read after a demotion       {max(demo1) * 1e3:8.1f} ms max; median {statistics.median(demo1) * 1e3:.1f} ms")
             if args.trace_switches:
-                for pat in (r"promoted hot:", r"demoted hot \("):
-                    ws = [w for w in log_times(md.log, pat) if w > base_end]
-                    sp = [max(((s, e) for s, e in gaps if s - 0.002 <= w <= e + 0.002), key=lambda g: g[1] - g[0], default=(w, w)) for w in ws]
-                    s0, e0 = max(sp, key=lambda g: g[1] - g[0])
-                    print(f"      trace of the longest gap spanning {pat}: {(e0 - s0) * 1e3:.1f} ms")
+                for what, (s0, e0) in (("promotion", promo_gap), ("demotion", demo_gap)):
+                    print(f"      the daemon's log around the longest gap spanning a {what} ({(e0 - s0) * 1e3:.1f} ms):")
                     for logged, line in log_lines(md.log):
                         if s0 - 0.5 <= logged <= e0 + 0.01:
                             print(f"        {(logged - s0) * 1e3:+7.1f} ms {line[24:].strip()[:120]}")
