@@ -31,14 +31,14 @@ sys.path.insert(0, str(HERE.parent))
 from scratchfs.image.sample import generate_sample_tree  # noqa: E402
 
 
+def console_cmd(script: str, module: str) -> list[str]:
+    """The installed console script beside this Python, or ``python -m module``."""
+    path = Path(sys.executable).with_name(script)
+    return [str(path)] if path.exists() else [sys.executable, "-m", module]
+
+
 def scratchfs_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("scratchfs")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "scratchfs.cli"]
-
-
-def mountd_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("scratchfs-mountd")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mountd.main"]
+    return console_cmd("scratchfs", "scratchfs.cli")
 
 
 def step(title: str) -> None:
@@ -78,7 +78,7 @@ def demo_mountd(work: Path, image: Path, src: Path) -> int:
     )
     print(f"$ scratchfs-mountd --config {config} --socket {sock}", flush=True)
     res = subprocess.run(
-        [*mountd_cmd(), "--config", str(config), "--socket", str(sock), "--log", str(work / "mountd.log")],
+        [*console_cmd("scratchfs-mountd", "mountd.main"), "--config", str(config), "--socket", str(sock), "--log", str(work / "mountd.log")],
         text=True,
         capture_output=True,
     )
@@ -89,7 +89,9 @@ def demo_mountd(work: Path, image: Path, src: Path) -> int:
 
     def status() -> dict[str, Any]:
         out = subprocess.run(scratchfs_cmd() + ["status", "--json", *sockarg], text=True, capture_output=True)
-        return dict(json.loads(out.stdout)) if out.returncode == 0 else {}
+        if out.returncode != 0:
+            raise SystemExit(f"demo: `scratchfs status` failed: {out.stderr.strip()}")
+        return dict(json.loads(out.stdout))
 
     def tier(name: str) -> tuple[str, object]:
         d = next(d for d in status()["datasets"] if d["name"] == name)
@@ -102,11 +104,9 @@ def demo_mountd(work: Path, image: Path, src: Path) -> int:
                 raise SystemExit(f"demo: {name} did not reach tier {want} within 60 s")
             time.sleep(0.1)
 
-    pid = int(status().get("pid", 0))
+    pid = 0
     try:
-        if not pid:
-            print("demo: mountd started but its control socket does not answer", file=sys.stderr)
-            return 1
+        pid = int(status()["pid"])
         print("mountdir:", " ".join(sorted(os.listdir(mnt))))
         big = max((p for p in src.rglob("*") if p.is_file() and not p.is_symlink()), key=lambda p: p.stat().st_size)
         rel = big.relative_to(src)
