@@ -41,9 +41,9 @@ from scratchfs.errors import ScratchfsError
 from scratchfs.image.manifest import read_manifest
 from scratchfs.namespace import Namespace
 from scratchfs.policy import Decision, PolicyParams, choose, demand_from_snapshot
-from scratchfs.squashfs import Image, SquashfsError
+from scratchfs.squashfs import Image, Inode, SquashfsError
 from scratchfs.stats import CACHE, SCRATCH, ThroughputStats
-from scratchfs.tiers import Dataset, warm_copy
+from scratchfs.tiers import WARM_BYTES, Dataset, warm_copy
 from scratchfs.units import format_size
 
 from . import requests
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 RETRY_BASE = 5.0  # seconds before the first retry of a failed copy; doubles up to RETRY_MAX
 RETRY_MAX = 600.0
 PROGRESS_EVERY = 30.0  # seconds between log lines about a running copy
+WARM_PASSES = 3  # a demotion warms the backing image at most this many times (see Daemon._warm)
 
 #: Config key → Settings field, where they differ.
 _SETTING_OF = {"datadir": "datadirs", "control_group": "control_gid"}
@@ -579,6 +580,21 @@ class Daemon:
             m.promoted_at = trio.current_time()
         log.info("promoted %s: now served from %s", m.name, self.s.cachedir / file)
 
+    async def _warm(self, m: Managed, img: Image, positions: list[tuple[Inode, int]]) -> None:
+        """Decode into *img* the next bytes of each file of *m* being read, before readers
+        switch to it; again (up to WARM_PASSES times) for files whose reader has meanwhile
+        read past half of what was warmed for it: warming from slow scratch can take longer
+        than a fast reader needs to read WARM_BYTES, and a reader that overtook the warmed
+        bytes would wait for cold scratch right after the switch."""
+        warmed: dict[int, int] = {}  # id(inode) → end of the bytes warmed for it
+        for _ in range(WARM_PASSES):
+            todo = [(i, off) for i, off in positions if off + WARM_BYTES // 2 > warmed.get(id(i), -1)]
+            if not todo:
+                return
+            await trio.to_thread.run_sync(warm_copy, img, todo)
+            warmed.update((id(i), off + WARM_BYTES) for i, off in todo)
+            positions = self._ops.read_positions(m.ds) if self._ops is not None else []
+
     async def demote(self, m: Managed, why: str = "policy") -> bool:
         """Move *m*'s readers back to its backing image; the copy is deleted once idle."""
         if m.cache_file is None:
@@ -594,10 +610,7 @@ class Daemon:
         def open_backing() -> Image | None:
             if Identity.of(backing) != ident:
                 return None  # replaced: the watcher serves the new image in a new slot
-            img = self._open_image(backing)
-            if positions:
-                warm_copy(img, positions)
-            return img
+            return self._open_image(backing)
 
         try:
             img = await trio.to_thread.run_sync(open_backing)
@@ -606,6 +619,7 @@ class Daemon:
             return False
         if img is None:
             return False
+        await self._warm(m, img, positions)
         if self.managed.get(m.name) is not m or m.cache_file is None:
             img.close()
             return False

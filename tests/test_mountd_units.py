@@ -350,3 +350,46 @@ def test_logical_bytes_come_from_the_manifest(tmp_path: Path) -> None:
     manifest_path(img).write_text("{broken")
     assert _logical_bytes(img) == 0  # an unusable manifest is not fatal
     assert _logical_bytes(None) == 0
+
+
+def test_a_demotion_warms_again_for_a_reader_that_overtook_the_warmed_bytes(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemon._warm decodes the next WARM_BYTES after each open file's position into the
+    backing image, and again from where the reader got to if, meanwhile, it read past half of
+    them (a fast reader outrunning a warm from slow scratch); at most WARM_PASSES times.
+
+    The reader is a stand-in for the FUSE layer's read_positions (a list of positions, one per
+    call), so the test controls how far it moves during each warm; the image and the warming
+    are real, and what was warmed is read back from the block cache without loading."""
+    import trio
+
+    from mountd import daemon
+    from scratchfs.squashfs import Image
+    from scratchfs.tiers import WARM_BYTES
+
+    calls: list[list[int]] = []
+    real = daemon.warm_copy
+
+    def recording(img: Image, positions: list[tuple[object, int]]) -> int:
+        calls.append([off for _, off in positions])
+        return real(img, positions)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon, "warm_copy", recording)
+    img = Image.open(image)
+    try:
+        f = img.lookup(img.root, b"f")
+
+        def warm(moves: list[int]) -> list[list[int]]:
+            later = iter(moves)
+            ops = type("Ops", (), {"read_positions": lambda self, ds: [(f, next(later, moves[-1]))]})()
+            stand_in = type("M", (), {"_ops": ops})()
+            calls.clear()
+            trio.run(daemon.Daemon._warm, stand_in, type("Managed", (), {"ds": None})(), img, [(f, 0)])
+            return calls
+
+        assert warm([WARM_BYTES // 4]) == [[0]]  # the reader kept well inside the warmed bytes
+        assert warm([WARM_BYTES * 3 // 4, WARM_BYTES * 3 // 4]) == [[0], [WARM_BYTES * 3 // 4]]
+        racing = [WARM_BYTES * k for k in range(1, 10)]
+        assert warm(racing) == [[0], [WARM_BYTES], [2 * WARM_BYTES]][: daemon.WARM_PASSES]
+        assert img.read_view(f, WARM_BYTES, WARM_BYTES // 2, load=False) is not None  # really decoded
+    finally:
+        img.close()
