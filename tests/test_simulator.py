@@ -59,6 +59,29 @@ def test_recorded_trace_replays_and_saves(tmp_path: Path, capsys: pytest.Capture
     assert again["traces"][0]["results"] == report["traces"][0]["results"]
 
 
+def test_seed_sweep_runs_each_shape_at_each_seed_in_parallel_as_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    """--seeds replays every shape at every seed (here in two processes); each trace gives the
+    same figures as a run of that shape and seed alone, and the text summary counts the passes."""
+    small = ["--scale", "0.03", "--interval", "60s", "--shapes", "scan,hot"]
+    rc, report = run_json(capsys, [*small, "--seeds", "2-3,0", "--jobs", "2"])
+    assert [t["trace"] for t in report["traces"]] == ["scan#2", "scan#3", "scan#0", "hot#2", "hot#3", "hot#0"]
+    assert rc == (0 if all(t["pass"] for t in report["traces"]) else 1)
+    check_structure(report)
+    _, alone = run_json(capsys, [*small[:-1], "hot", "--seed", "3"])
+    assert alone["traces"][0]["results"] == report["traces"][4]["results"]
+    assert [t["seed"] for t in report["traces"]] == [2, 3, 0, 2, 3, 0]
+    sim.main([*small, "--seeds", "2-3,0", "--jobs", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    for shape in ("scan", "hot"):
+        passed = sum(t["pass"] for t in report["traces"] if t["shape"] == shape)
+        assert any(line.startswith(f"{shape:<6} {passed}/3 pass;") for line in lines)
+    assert sum(" PASS" in line or " FAIL:" in line for line in lines) == 6
+    assert sim.parse_seeds("0-2,1,5") == [0, 1, 2, 5]
+    for bad in ("x", "3-1", "-1", ""):
+        with pytest.raises(sim.ScratchfsError):
+            sim.parse_seeds(bad)
+
+
 def _cfg(capacity: int, bw: float) -> sim.SimConfig:
     return sim.SimConfig(capacity=capacity, copy_bandwidth=bw, window=60, interval=5, min_residency=0)
 

@@ -70,8 +70,10 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -512,7 +514,7 @@ class Shape:
     trace: Trace
     capacity: int
     description: str = ""
-    meta: dict[str, object] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _jobs_to_events(jobs: list[tuple[float, str, float, float]], tick: float, rng: random.Random) -> list[Event]:
@@ -544,7 +546,7 @@ def _poisson_jobs(
     rate: tuple[float, float],
     length: tuple[float, float],
 ) -> list[tuple[float, str, float, float]]:
-    jobs = []
+    jobs: list[tuple[float, str, float, float]] = []
     t = 0.0
     while True:
         t += rng.expovariate(1 / mean_gap)
@@ -642,6 +644,92 @@ def _fmt_row(trace: str, r: Result) -> str:
     )
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"4"``, ``"0-12"`` or ``"0-12,20,30-31"`` → the seeds, in order, without repeats."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise ScratchfsError(f"bad seed list {text!r} (want e.g. 4, 0-12 or 0-12,20)") from None
+        if first < 0 or last < first:
+            raise ScratchfsError(f"bad seed range {part.strip()!r} in {text!r}")
+        out.extend(n for n in range(first, last + 1) if n not in out)
+    return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """One trace to replay: a synthetic shape at a seed, or a recorded trace file."""
+
+    label: str
+    shape: str = ""
+    seed: int = 0
+    scale: float = 1.0
+    path: Path | None = None
+    capacity: int | None = None  # recorded traces: None = 35 % of their total image size
+    save: Path | None = None  # synthetic traces: write it there
+
+
+def run_job(job: Job, settings: dict[str, Any]) -> dict[str, Any]:
+    """Build or read the trace of *job*, replay it through every policy; a JSON-able record."""
+    t0 = time.monotonic()
+    if job.path is not None:
+        tr = read_trace(job.path)
+        cap = job.capacity if job.capacity is not None else int(sum(tr.sizes.values()) * 0.35)
+    else:
+        sh = SHAPES[job.shape](random.Random(f"{job.seed}:{job.shape}"), job.scale)
+        tr, cap = sh.trace, sh.capacity
+        if job.save is not None:
+            write_trace(job.save, tr)
+    cfg = SimConfig(capacity=cap, **settings)
+    log.info("%s: %d reads, %d images, %s read, capacity %s", job.label, len(tr.events), len(tr.sizes), format_size(tr.total_bytes), format_size(cap))
+    results = run_all(tr, cfg)
+    ok, failed = check_targets(results)
+    log.info("%s: simulated in %.1fs", job.label, time.monotonic() - t0)
+    return {
+        "trace": job.label,
+        "shape": job.shape or None,
+        "seed": job.seed if job.path is None else None,
+        "capacity": cap,
+        "images": len(tr.sizes),
+        "reads": len(tr.events),
+        "results": [{**asdict(r), "hit_ratio": r.hit_ratio} for r in results],
+        "pass": ok,
+        "failed": failed,
+    }
+
+
+def _brief(rec: dict[str, Any]) -> str:
+    """One line per trace: hit ratios of all four policies, ours' copies relative to scratch_manager's."""
+    by = {r["policy"]: r for r in rec["results"]}
+    ours, sm = by["ours"], by["scratch_manager"]
+    copied = ours["bytes_copied"] / sm["bytes_copied"] if sm["bytes_copied"] else math.inf
+    verdict = "PASS" if rec["pass"] else "FAIL: " + "; ".join(rec["failed"])
+    return (
+        f"{rec['trace']:<10} {ours['hit_ratio']:>7.3f} {by['lru']['hit_ratio']:>7.3f} {sm['hit_ratio']:>7.3f} "
+        f"{by['oracle']['hit_ratio']:>7.3f} {copied:>9.2f}  {verdict}"
+    )
+
+
+def _shape_summary(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Per shape, over its seeds: traces passing, and ours' margin over scratch_manager."""
+    lines = []
+    for shape in dict.fromkeys(str(r["shape"]) for r in records if r["shape"]):
+        recs = [r for r in records if r["shape"] == shape]
+        margins = []
+        for r in recs:
+            by = {x["policy"]: x for x in r["results"]}
+            margins.append(by["ours"]["hit_ratio"] - by["scratch_manager"]["hit_ratio"])
+        worst = min(range(len(recs)), key=margins.__getitem__)
+        lines.append(
+            f"{shape:<6} {sum(bool(r['pass']) for r in recs)}/{len(recs)} pass; hit − scratch_manager's: "
+            f"mean {sum(margins) / len(margins):+.4f}, lowest {margins[worst]:+.4f} (seed {recs[worst]['seed']})"
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--shapes", default=",".join(SHAPES), help="synthetic trace shapes to run (comma list, or '' for none)")
@@ -653,6 +741,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--min-residency", default="10m", help="[10m]")
     p.add_argument("--scale", type=float, default=1.0, help="shrink synthetic traces (sizes, durations) by this factor")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--seeds",
+        help="run every shape at each of these seeds (e.g. 0-38 or 0-12,20): one line per trace, "
+        "then per shape the traces passing and ours' margin over scratch_manager's hit ratio",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="traces replayed at once, in separate processes [1]")
     p.add_argument("--save-traces", type=Path, help="write the synthetic traces into this directory")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     args = p.parse_args(argv)
@@ -665,55 +759,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         residency = parse_duration(args.min_residency)
         if window <= 0 or interval <= 0:
             raise ScratchfsError("window and interval must be positive")
-        work: list[tuple[str, Trace, int]] = []
+        if args.jobs < 1:
+            raise ScratchfsError("--jobs must be at least 1")
+        seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+        many = args.seeds is not None
+        jobs: list[Job] = []
         for shape in [s for s in args.shapes.split(",") if s]:
             if shape not in SHAPES:
                 raise ScratchfsError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
-            sh = SHAPES[shape](random.Random(f"{args.seed}:{shape}"), args.scale)
-            work.append((sh.name, sh.trace, sh.capacity))
-            if args.save_traces:
-                write_trace(args.save_traces / f"{sh.name}.jsonl.gz", sh.trace)
+            for seed in seeds:
+                label = f"{shape}#{seed}" if many else shape
+                save = args.save_traces / f"{label.replace('#', '.')}.jsonl.gz" if args.save_traces else None
+                jobs.append(Job(label, shape=shape, seed=seed, scale=args.scale, save=save))
+        cap = parse_size(args.capacity) if args.capacity else None
         for path in args.trace:
-            tr = read_trace(path)
-            cap = parse_size(args.capacity) if args.capacity else int(sum(tr.sizes.values()) * 0.35)
-            work.append((path.name, tr, cap))
+            read_trace(path)  # a bad file stops the run here, with its one-line error
+            jobs.append(Job(path.name, path=path, capacity=cap))
     except ScratchfsError as e:
         print(f"simulate_traces: error: {e}", file=sys.stderr)
         return 2
 
-    out = []
-    all_ok = True
-    if not args.json:
-        print(
-            f"copy bandwidth {format_size(bw)}/s, window {window:g}s, round {interval:g}s, min_residency {residency:g}s"
-        )
-        print(f"{'trace':<10} {'policy':<16} {'hit':>7} {'copied':>11} {'copies':>6} {'peak':>6}")
-    for name, tr, cap in work:
-        cfg = SimConfig(capacity=cap, copy_bandwidth=bw, window=window, interval=interval, min_residency=residency)
-        t0 = time.monotonic()
-        log.info("%s: %d reads, %d images, %s read, capacity %s", name, len(tr.events), len(tr.sizes), format_size(tr.total_bytes), format_size(cap))
-        results = run_all(tr, cfg)
-        ok, failed = check_targets(results)
-        all_ok &= ok
-        log.info("%s: simulated in %.1fs", name, time.monotonic() - t0)
-        if args.json:
-            out.append(
-                {
-                    "trace": name,
-                    "capacity": cap,
-                    "images": len(tr.sizes),
-                    "reads": len(tr.events),
-                    "results": [{**asdict(r), "hit_ratio": r.hit_ratio} for r in results],
-                    "pass": ok,
-                    "failed": failed,
-                }
-            )
-        else:
-            for r in results:
-                print(_fmt_row(name, r))
-            print(f"{name:<10} {'PASS' if ok else 'FAIL: ' + '; '.join(failed)}")
+    settings = {"copy_bandwidth": bw, "window": window, "interval": interval, "min_residency": residency}
+    if args.jobs > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(args.jobs, len(jobs))) as pool:
+            records = list(pool.map(run_job, jobs, [settings] * len(jobs)))
+    else:
+        records = [run_job(job, settings) for job in jobs]
+    all_ok = all(bool(r["pass"]) for r in records)
     if args.json:
-        print(json.dumps({"config": {"copy_bandwidth": bw, "window": window, "interval": interval, "min_residency": residency}, "traces": out}, indent=2))
+        print(json.dumps({"config": settings, "traces": records}, indent=2))
+        return 0 if all_ok else 1
+    print(f"copy bandwidth {format_size(bw)}/s, window {window:g}s, round {interval:g}s, min_residency {residency:g}s")
+    if many:
+        print(f"{'trace':<10} {'ours':>7} {'lru':>7} {'sm':>7} {'oracle':>7} {'copied/sm':>9}  (byte hit ratios)")
+        for rec in records:
+            print(_brief(rec))
+        for line in _shape_summary(records):
+            print(line)
+        return 0 if all_ok else 1
+    print(f"{'trace':<10} {'policy':<16} {'hit':>7} {'copied':>11} {'copies':>6} {'peak':>6}")
+    for rec in records:
+        for r in rec["results"]:
+            print(_fmt_row(str(rec["trace"]), Result(**{k: v for k, v in r.items() if k != "hit_ratio"})))
+        print(f"{rec['trace']:<10} {'PASS' if rec['pass'] else 'FAIL: ' + '; '.join(rec['failed'])}")
     return 0 if all_ok else 1
 
 
