@@ -43,7 +43,8 @@ Byte hit ratio: bytes of trace reads served from the cache / all bytes of trace 
 Targets (issue 4), checked per trace: ours ≥ lru, ours ≥ scratch_manager, ours ≥ 0.9 × oracle,
 bytes copied by ours ≤ scratch_manager's.
 
-Trace shapes (seeded, ``--scale`` shrinks them for quick runs):
+Trace shapes (seeded: ``--seed``, or ``--seeds 0-38`` for each shape at every seed, with one
+line per trace and per shape the traces passing; ``--scale`` shrinks them for quick runs):
 
 * ``hot``     — 24 images, Zipf-like popularity; jobs arrive at random and read one image at
   100–400 MiB/s for 10–60 minutes; the popular set never changes.
