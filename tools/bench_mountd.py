@@ -301,6 +301,10 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--size-mb", type=int, default=192, help="size of the hot dataset's file")
@@ -321,6 +325,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_mountd: needs root (loop device, cgroups, drop_caches)", file=sys.stderr)
         return 7
+    # SIGTERM (kill, a batch system's time limit) unwinds like Ctrl-C: the finally below stops
+    # mountd and throttlefs, unmounts and detaches the loop device instead of leaving them.
+    signal.signal(signal.SIGTERM, _terminated)
     top = Path(tempfile.mkdtemp(prefix="bench-mountd-", dir="/var/tmp"))
     scratch: Throttled | LinkThrottled | None = None
     ssd: RamSSD | None = None
