@@ -470,7 +470,9 @@ class Daemon:
         }
         # Datasets whose backing is gone can only be served from the cache: hold them like pins.
         forced = self.pins() | {n for n, m in self.managed.items() if m.backing_gone}
-        params = PolicyParams(min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth)
+        params = PolicyParams(
+            horizon=4 * self.s.window, min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth
+        )
         d = choose(demand=demand, sizes=sizes, capacity=self.capacity_now, free=self.free_now, cached=cached,
                    pinned=forced, never_cache=self.s.never_cache, now=now, params=params)  # fmt: skip
         self.last_decision = d

@@ -26,24 +26,37 @@ Algorithm
    so reads are compared with copy sizes like with like.  A dataset's rate ``r`` is the higher
    of its throughput while active in the window and its throughput over the newest part of
    the window (so a rise is seen within a fraction of the window).  Value is the bytes
-   expected to be read over a fixed ``horizon`` ``H`` (mountd: twice the window):
+   expected to be read over a fixed ``horizon`` ``H`` (mountd: four windows):
 
    * cached (incumbent): ``value = r * H * (1 + hysteresis)``
    * not cached (candidate): ``value = r * max(H - size / copy_bandwidth, 0) - size``: the
      bytes it would serve from the SSD once copied (reads during the copy still go to
      scratch) minus the bytes the copy itself reads from scratch.
 
-   **Admission.**  A candidate is given that value only once its current run is expected to
-   read more than its size after the copy is done: with ``remaining`` the bytes the run is
-   expected to read from now on, ``remaining - r * copy_time > size``.  A run that has lasted
-   ``age`` is expected to last as long again (``remaining = r * age``: the classic rent-or-buy
-   rule, which never pays more than about twice what the best choice in hindsight pays in
-   traffic); but if the dataset's *previous* run read more than this one so far, the run is
-   expected to read as much as that one (``remaining = last_run - run``).  So a dataset read
-   once, start to end (a scan), never qualifies and stays on scratch; one read over and over
-   qualifies after its first pass; and one whose last run was long qualifies as soon as its
-   next run starts.  Runs are separated by a window without reads (see :mod:`.stats`).
-   Candidates not admitted, with ``value <= 0`` or a rate not above ``min_rate`` are worth 0.
+   **Admission.**  A candidate is given that value only if its current run is expected to be
+   long, by one of three rules:
+
+   * *this run*: it is expected to read more than its size after the copy is done: with
+     ``remaining`` the bytes the run is expected to read from now on,
+     ``remaining - r * copy_time > size``.  A run that has lasted ``age`` is expected to last
+     as long again (``remaining = r * age``: the classic rent-or-buy rule, which never pays
+     more than about twice what the best choice in hindsight pays in traffic); if the
+     dataset's previous run read more than this one so far, as much as that one
+     (``remaining = last_run - run``);
+   * *its last run* read at least ``LONG_RUN`` (1.5) times its size: its runs are long, so
+     this one is taken to be long from its start;
+   * *runs here are long*: the dataset has no finished run yet, and of the datasets whose
+     last run is known (at least ``MIN_KNOWN_RUNS``), at least ``LONG_SHARE`` (half) read
+     ``LONG_RUN`` times their size or more.  Where datasets are read by long jobs, again and
+     again, a new one is copied at once instead of after a rent-or-buy wait that, for a large
+     image, lasts most of a job; where most runs read a dataset once (a scan) or a part of it,
+     a new dataset waits for its own run to show it is long.
+
+   So a dataset read once, start to end (a scan), never qualifies on its own and stays on
+   scratch; one read over and over qualifies after its first pass; one whose last run was
+   long qualifies as soon as its next run starts.  Runs are separated by a window without
+   reads (see :mod:`.stats`).  Candidates not admitted, with ``value <= 0`` or a rate not
+   above ``min_rate`` are worth 0.
 
    **Only runs still going are copied.**  A candidate must be read *now*: reads in the newest
    bucket or the one before it (``idle == 0``, see :func:`demand_from_snapshot`).  A dataset
@@ -107,15 +120,22 @@ log = logging.getLogger(__name__)
 #: time of one policy round.
 DP_CELL_LIMIT = 2_000_000
 
+#: A run that read at least this many times its dataset's image size is a long run.
+LONG_RUN = 1.5
+#: New datasets are admitted at once when at least this share of the known last runs are long...
+LONG_SHARE = 0.5
+#: ...out of at least this many datasets whose last run is known.
+MIN_KNOWN_RUNS = 3
+
 
 @dataclass(frozen=True)
 class PolicyParams:
     """Tuning of :func:`choose`.  Times in seconds, bandwidth in bytes/s."""
 
-    horizon: float = 1200.0  # how far ahead reads are predicted (mountd: 2 × window)
+    horizon: float = 2400.0  # how far ahead reads are predicted (mountd: 4 × window)
     min_residency: float = 0.0
     copy_bandwidth: float = 0.0  # 0 = unlimited (copies take no time)
-    hysteresis: float = 0.1
+    hysteresis: float = 0.2
     min_rate: float = 0.0  # demand (bytes/s) below which a dataset is never promoted
     spare: bool = True  # fill space no valued dataset wants with datasets that would be read from it
     resolution: int = 1000  # knapsack DP size units
@@ -292,6 +312,22 @@ def best_subset(items: Iterable[tuple[str, int, float]], budget: int, resolution
 # -- the policy -------------------------------------------------------------------------------
 
 
+def runs_are_long(demand: Mapping[str, Demand], sizes: Mapping[str, int]) -> bool:
+    """Whether, of the datasets whose last run is known (at least ``MIN_KNOWN_RUNS``), at least
+    ``LONG_SHARE`` read ``LONG_RUN`` times their image size or more in it."""
+    known = [d.last_run_bytes >= LONG_RUN * sizes[n] for n, d in demand.items() if n in sizes and d.last_run_bytes > 0]
+    return len(known) >= MIN_KNOWN_RUNS and sum(known) >= LONG_SHARE * len(known)
+
+
+def admitted(d: Demand, size: int, copy_time: float, long_here: bool) -> bool:
+    """Whether a candidate's current run is expected to be long (see the module docstring)."""
+    if d.remaining() - d.estimate * copy_time > size:
+        return True
+    if d.last_run_bytes >= LONG_RUN * size:
+        return True
+    return d.last_run_bytes == 0 and long_here
+
+
 def _last_run(demand: Mapping[str, Demand], name: str) -> float:
     d = demand.get(name)
     return d.last_run_bytes if d is not None else 0.0
@@ -326,6 +362,7 @@ def choose(
     horizon = params.horizon
     values: dict[str, float] = {}
     gains: dict[str, float] = {}  # candidates: bytes they would serve from the cache within the horizon
+    long_here = runs_are_long(demand, sizes)
     for name in eligible:
         d = demand.get(name)
         size = sizes[name]
@@ -336,9 +373,7 @@ def choose(
         elif d.estimate > params.min_rate and d.idle <= 0:
             copy_time = size / bw if bw > 0 else 0.0
             gains[name] = d.predicted(copy_time, horizon)
-            # admission: this run (or the last one) says it will be read more than its size
-            # once the copy is done
-            values[name] = gains[name] - size if d.remaining() - d.estimate * copy_time > size else 0.0
+            values[name] = gains[name] - size if admitted(d, size, copy_time, long_here) else 0.0
         else:
             values[name] = 0.0
 

@@ -172,6 +172,31 @@ def test_long_last_run_admits_the_next_run_at_once_but_a_scan_is_never_admitted(
     assert choose(demand={"a": scan}, **common).hold == frozenset()
 
 
+def test_a_new_dataset_is_admitted_at_once_where_runs_are_long_but_not_where_they_are_scans() -> None:
+    """A dataset without a finished run takes the other datasets' last runs as its prior."""
+    params = PolicyParams(horizon=2400, copy_bandwidth=500e6, spare=False)
+    size = 200 * GiB
+    rate = 300e6
+    new = Demand(rate=rate, age=60, run_bytes=rate * 60)  # began a minute ago: rent-or-buy says wait
+    sizes = {"new": size, "o1": 20 * GiB, "o2": 30 * GiB, "o3": 40 * GiB}
+    common = dict(sizes=sizes, capacity=300 * GiB, free=300 * GiB, cached={}, now=1e5, params=params)
+
+    def others(times: float, n: int = 3) -> dict[str, Demand]:
+        return {f"o{i}": Demand(last_run_bytes=times * sizes[f"o{i}"]) for i in range(1, n + 1)}
+
+    assert choose(demand={"new": new}, **common).hold == frozenset()  # nothing known: wait
+    d = choose(demand={"new": new, **others(4.0)}, **common)  # the others were read 4 times over
+    assert d.hold == {"new"} and d.reasons["new"] == "value"
+    assert choose(demand={"new": new, **others(1.0)}, **common).hold == frozenset()  # scans
+    assert choose(demand={"new": new, **others(4.0, n=2)}, **common).hold == frozenset()  # too few known
+    # its own history beats the prior: its last run was a single pass
+    once = replace(new, last_run_bytes=size)
+    assert choose(demand={"new": once, **others(4.0)}, **common).hold == frozenset()
+    # and a last run of 1.5 times its size admits it whatever the others did
+    long_before = replace(new, last_run_bytes=1.5 * size)
+    assert choose(demand={"new": long_before, **others(1.0)}, **common).hold == {"new"}
+
+
 def test_spare_space_lent_to_runs_not_yet_admitted() -> None:
     size = 10 * GiB
     params = PolicyParams(horizon=1200, copy_bandwidth=0)

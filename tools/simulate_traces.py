@@ -103,7 +103,7 @@ class SimConfig:
     window: float = 600.0
     interval: float = 2.0  # policy round (mountd's default policy_interval)
     min_residency: float = 600.0
-    hysteresis: float = 0.1
+    hysteresis: float = 0.2
     oracle_horizons: tuple[float, ...] = (1.0, 3.0, 9.0)  # × window
 
 
@@ -228,7 +228,7 @@ class OursPolicy(SimPolicy):
         super().__init__(trace, cfg)
         self.stats = ThroughputStats(cfg.window, buckets=60)
         self.params = PolicyParams(
-            horizon=2 * cfg.window,
+            horizon=4 * cfg.window,
             min_residency=cfg.min_residency,
             copy_bandwidth=cfg.copy_bandwidth,
             hysteresis=cfg.hysteresis,
