@@ -40,7 +40,7 @@ from scratchfs.copier import CopyCancelled, CopyError, CopyResult, Identity, Pro
 from scratchfs.errors import ScratchfsError
 from scratchfs.image.manifest import read_manifest
 from scratchfs.namespace import Namespace
-from scratchfs.policy import Decision, PolicyParams, choose, demand_from_snapshot
+from scratchfs.policy import HORIZON_WINDOWS, Decision, PolicyParams, choose, demand_from_snapshot
 from scratchfs.squashfs import Image, Inode, SquashfsError
 from scratchfs.stats import CACHE, SCRATCH, ThroughputStats
 from scratchfs.tiers import WARM_BYTES, Dataset, warm_copy
@@ -471,7 +471,7 @@ class Daemon:
         # Datasets whose backing is gone can only be served from the cache: hold them like pins.
         forced = self.pins() | {n for n, m in self.managed.items() if m.backing_gone}
         params = PolicyParams(
-            horizon=4 * self.s.window, min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth
+            horizon=HORIZON_WINDOWS * self.s.window, min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth
         )
         d = choose(demand=demand, sizes=sizes, capacity=self.capacity_now, free=self.free_now, cached=cached,
                    pinned=forced, never_cache=self.s.never_cache, now=now, params=params)  # fmt: skip

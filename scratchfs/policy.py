@@ -120,6 +120,9 @@ log = logging.getLogger(__name__)
 #: time of one policy round.
 DP_CELL_LIMIT = 2_000_000
 
+#: The horizon mountd and the trace simulator use, in throughput windows.
+HORIZON_WINDOWS = 4
+
 #: A run that read at least this many times its dataset's image size is a long run.
 LONG_RUN = 1.5
 #: New datasets are admitted at once when at least this share of the known last runs are long...
@@ -132,7 +135,7 @@ MIN_KNOWN_RUNS = 3
 class PolicyParams:
     """Tuning of :func:`choose`.  Times in seconds, bandwidth in bytes/s."""
 
-    horizon: float = 2400.0  # how far ahead reads are predicted (mountd: 4 × window)
+    horizon: float = 2400.0  # how far ahead reads are predicted (mountd: HORIZON_WINDOWS × window)
     min_residency: float = 0.0
     copy_bandwidth: float = 0.0  # 0 = unlimited (copies take no time)
     hysteresis: float = 0.2

@@ -81,7 +81,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scratchfs.errors import ScratchfsError  # noqa: E402
-from scratchfs.policy import PolicyParams, best_subset, choose, demand_from_snapshot  # noqa: E402
+from scratchfs.policy import HORIZON_WINDOWS, PolicyParams, best_subset, choose, demand_from_snapshot  # noqa: E402
 from scratchfs.stats import CACHE, SCRATCH, ThroughputStats  # noqa: E402
 from scratchfs.trace import Event, Trace, read_trace, write_trace  # noqa: E402
 from scratchfs.units import format_size, parse_duration, parse_size  # noqa: E402
@@ -103,7 +103,7 @@ class SimConfig:
     window: float = 600.0
     interval: float = 2.0  # policy round (mountd's default policy_interval)
     min_residency: float = 600.0
-    hysteresis: float = 0.2
+    hysteresis: float = PolicyParams.hysteresis  # mountd's
     oracle_horizons: tuple[float, ...] = (1.0, 3.0, 9.0)  # × window
 
 
@@ -228,7 +228,7 @@ class OursPolicy(SimPolicy):
         super().__init__(trace, cfg)
         self.stats = ThroughputStats(cfg.window, buckets=60)
         self.params = PolicyParams(
-            horizon=4 * cfg.window,
+            horizon=HORIZON_WINDOWS * cfg.window,
             min_residency=cfg.min_residency,
             copy_bandwidth=cfg.copy_bandwidth,
             hysteresis=cfg.hysteresis,
