@@ -486,9 +486,9 @@ class Daemon:
             elif m.cache_file is not None:
                 await self.demote(m, why=d.reasons.get(name, "policy"))
         running = sum(1 for m in self.managed.values() if m.job is not None)
-        wanted = set(d.promote) | {n for n, m in self.managed.items() if m.prefetch and m.cache_file is None}
-        order = sorted(wanted, key=lambda n: (-(d.value.get(n, 0.0) / max(sizes.get(n, 1), 1)), n))
-        for name in order:
+        # Prefetches asked for by an admin first, then the policy's promotions in its order.
+        prefetch = sorted(n for n, m in self.managed.items() if m.prefetch and m.cache_file is None)
+        for name in (*prefetch, *d.queue):
             m = self.managed.get(name)
             if m is None or m.job is not None or m.cache_file is not None or running >= self.s.max_copies:
                 continue

@@ -1,8 +1,10 @@
 """The promotion policy: which datasets to hold on the node-local SSD.  Pure: no I/O, no clock.
 
 :func:`choose` takes the measured demand, image sizes, the byte budget, pins, never-cache names,
-what is cached since when, and ``now``; it returns the set to hold.  mountd runs it every round
-and lets the copier converge on the answer.
+what is cached since when, and ``now``; it returns the set to hold, and the order in which to
+copy what it holds but is not cached yet (``queue``: the order the steps below take them in,
+so datasets held for value first, by value per byte, then spare space by bytes expected from
+the cache per byte).  mountd runs it every round and lets the copier converge on the answer.
 
 Algorithm
 ---------
@@ -28,10 +30,14 @@ Algorithm
    the window (so a rise is seen within a fraction of the window).  Value is the bytes
    expected to be read over a fixed ``horizon`` ``H`` (mountd: four windows):
 
-   * cached (incumbent): ``value = r * H * (1 + hysteresis)``
-   * not cached (candidate): ``value = r * max(H - size / copy_bandwidth, 0) - size``: the
-     bytes it would serve from the SSD once copied (reads during the copy still go to
-     scratch) minus the bytes the copy itself reads from scratch.
+   * cached (incumbent): ``value = r * H * (1 + hysteresis)``, plus its ``size`` while it is
+     being read now (``idle == 0``): demoting a dataset in the middle of a run gives up a
+     copy that run may well want back, and getting it back reads its size from scratch again.
+   * not cached (candidate): ``value = r * max(H - size / copy_bandwidth, 0) - copy_charge *
+     size``: the bytes it would serve from the SSD once copied (reads during the copy still go
+     to scratch) minus a share (``copy_charge``, 0.5) of the bytes the copy itself reads from
+     scratch.  The share is a tuning figure, measured with ``tools/simulate_traces.py``: the
+     full size (1) leaves copies of large hot images later than the reads they would serve.
 
    **Admission.**  A candidate is given that value only if its current run is expected to be
    long, by one of three rules:
@@ -81,7 +87,9 @@ Algorithm
    **Spare space** (``spare``, on by default): space that no valued dataset wants is lent to
    candidates being read that were not admitted (or whose value is not positive) but would
    serve reads from the cache once copied (``r * (H - copy_time) > 0``), most such bytes per
-   byte first.  An idle incumbent whose last run paid for a copy (read at least its size)
+   byte first, counting only what the run is expected to read once the copy is done
+   (``min(r * (H - copy_time), remaining - r * copy_time)``), so of two runs at one rate the
+   one that began longer ago comes first.  An idle incumbent whose last run paid for a copy (read at least its size)
    keeps its place while reads of it are still in the window; once they have left it, it
    comes after the datasets being read now.  One whose last run did not pay (or that was
    never seen in a run) holds its space on loan only: it is demoted when a dataset being
@@ -92,13 +100,14 @@ Algorithm
 
 7. **Hysteresis / no flapping.**  The same steps are run with incumbents only; the set with
    candidates replaces it only if its total value is strictly higher.  Because a candidate's
-   value is at most ``demand * H`` while an incumbent's is ``demand * H * (1 + hysteresis)``,
-   a change under constant demand strictly raises the held demand ``sum(demand * H)``; with
-   finitely many sets, constant demand therefore converges and never cycles.  Incumbents also
-   do not pay the copy cost a candidate pays, which is what keeps two datasets of similar
-   demand from trading places.  Spare space changes nothing here: a loan is only ever taken
-   back by a dataset being read (``r > 0``) from one that is not (``r = 0``), so under
-   constant demand a loan given back is never asked for again.
+   value is at most ``demand * H`` while an incumbent's is at least ``demand * H * (1 +
+   hysteresis)``, a change under constant demand strictly raises the held demand
+   ``sum(demand * H)``; with finitely many sets, constant demand therefore converges and never
+   cycles.  Incumbents also do not pay the copy charge a candidate pays, and one being read is
+   worth its size more, which is what keeps two datasets of similar demand from trading
+   places.  Spare space changes nothing here: a loan is only ever taken back by a dataset
+   being read (``r > 0``) from one that is not (``r = 0``), so under constant demand a loan
+   given back is never asked for again.
 
 Datasets not in ``sizes`` (their image went away) are never held.
 """
@@ -139,6 +148,7 @@ class PolicyParams:
     min_residency: float = 0.0
     copy_bandwidth: float = 0.0  # 0 = unlimited (copies take no time)
     hysteresis: float = 0.2
+    copy_charge: float = 0.5  # share of a candidate's image size charged against its value
     min_rate: float = 0.0  # demand (bytes/s) below which a dataset is never promoted
     spare: bool = True  # fill space no valued dataset wants with datasets that would be read from it
     resolution: int = 1000  # knapsack DP size units
@@ -146,8 +156,8 @@ class PolicyParams:
     def __post_init__(self) -> None:
         if not self.horizon > 0:
             raise ValueError("horizon must be positive")
-        if self.min_residency < 0 or self.copy_bandwidth < 0 or self.hysteresis < 0 or self.min_rate < 0:
-            raise ValueError("min_residency, copy_bandwidth, hysteresis and min_rate must not be negative")
+        if min(self.min_residency, self.copy_bandwidth, self.hysteresis, self.min_rate, self.copy_charge) < 0:
+            raise ValueError("min_residency, copy_bandwidth, hysteresis, min_rate and copy_charge must not be negative")
         if self.resolution < 1:
             raise ValueError("resolution must be >= 1")
 
@@ -236,6 +246,7 @@ class Decision:
     budget: int
     reasons: Mapping[str, str] = field(default_factory=dict)  # why each held dataset is held
     value: Mapping[str, float] = field(default_factory=dict)  # value used this round
+    queue: tuple[str, ...] = ()  # the promotions, in the order to copy them (most wanted first)
 
 
 # -- knapsack ---------------------------------------------------------------------------------
@@ -373,12 +384,21 @@ def choose(
             values[name] = 0.0
         elif name in cached:
             values[name] = d.predicted(0.0, horizon) * (1 + params.hysteresis)
+            if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping
+                values[name] += size
         elif d.estimate > params.min_rate and d.idle <= 0:
             copy_time = size / bw if bw > 0 else 0.0
             gains[name] = d.predicted(copy_time, horizon)
-            values[name] = gains[name] - size if admitted(d, size, copy_time, long_here) else 0.0
+            values[name] = gains[name] - params.copy_charge * size if admitted(d, size, copy_time, long_here) else 0.0
         else:
             values[name] = 0.0
+
+    def spare_gain(name: str) -> float:
+        """Bytes a copy would serve from the cache to the run going on now: within the
+        horizon, and no more than the run is expected to read once the copy is done."""
+        d = demand[name]
+        copy_time = sizes[name] / bw if bw > 0 else 0.0
+        return min(gains[name], max(d.remaining() - d.estimate * copy_time, 0.0))
 
     def density(name: str) -> float:
         s = sizes[name]
@@ -424,7 +444,7 @@ def choose(
         # Space nobody wants: datasets being read that do not (yet) pay for their copy, most
         # bytes expected from the cache per byte first; then the loans, newest first.
         spare = [n for n, g in gains.items() if n not in reasons and g > 0 and values[n] <= 0]
-        take(sorted(spare, key=lambda n: (-gains[n] / max(sizes[n], 1), n)), "spare")
+        take(sorted(spare, key=lambda n: (-spare_gain(n) / max(sizes[n], 1), n)), "spare")
         take(stale, "kept")
         take(sorted(lent, key=lambda n: (-cached[n], n)), "kept")
     else:
@@ -440,6 +460,7 @@ def choose(
         budget=budget,
         reasons=reasons,
         value=values,
+        queue=tuple(n for n in hold if n not in cached_set),
     )
     if decision.promote or decision.demote:
         log.debug(

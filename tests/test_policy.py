@@ -237,6 +237,25 @@ def test_spare_space_lent_to_runs_not_yet_admitted() -> None:
     assert d.hold == {"old"}
 
 
+def test_copies_are_queued_most_wanted_first() -> None:
+    """Valued datasets by value per byte, then spare space by expected cache bytes per byte:
+    never by name."""
+    size = 10 * GiB
+    params = PolicyParams(horizon=1200, copy_bandwidth=0)
+    sizes = {"a_slow": size, "b_fast": size, "c_long": size, "d_longer": size, "e_older": size}
+    demand = {
+        "a_slow": Demand(rate=size / 1000, age=20),  # not admitted yet: spare space
+        "b_fast": Demand(rate=size / 200, age=20),  # not admitted yet, read 5 x faster
+        "e_older": Demand(rate=size / 1000, age=600),  # as slow, but read for 10 min: lasts longer
+        "c_long": Demand(rate=size / 100, age=20, last_run_bytes=3 * size),  # admitted
+        "d_longer": Demand(rate=size / 50, age=20, last_run_bytes=3 * size),  # admitted, faster
+    }
+    d = choose(demand=demand, sizes=sizes, capacity=5 * size, free=5 * size, cached={}, now=1e5, params=params)
+    assert d.queue == ("d_longer", "c_long", "e_older", "b_fast", "a_slow")
+    assert set(d.queue) == d.promote
+    assert [d.reasons[n] for n in d.queue] == ["value", "value", "spare", "spare", "spare"]
+
+
 def test_hysteresis_keeps_incumbent_against_a_similar_challenger() -> None:
     params = PolicyParams(horizon=1200, copy_bandwidth=0, hysteresis=0.1)
     sizes = {"old": 10 * GiB, "new": 10 * GiB}
@@ -247,6 +266,29 @@ def test_hysteresis_keeps_incumbent_against_a_similar_challenger() -> None:
     demand["new"] = Demand(rate=rate * 3, age=5000)
     d = choose(demand=demand, sizes=sizes, capacity=10 * GiB, free=0, cached={"old": 0.0}, now=9000.0, params=params)
     assert d.hold == {"new"} and d.demote == {"old"}
+
+
+def test_an_incumbent_in_the_middle_of_a_run_is_worth_its_copy() -> None:
+    """Demoting a dataset being read gives up a copy its run may want back: it is worth its size
+    more than one whose reads stopped, and a challenger must beat that as well."""
+    params = PolicyParams(horizon=1200, copy_bandwidth=0, hysteresis=0.2, copy_charge=0.5)
+    size = 10 * GiB
+    sizes = {"old": size, "new": size}
+    rate = 100e6
+    # old: rate * H * 1.2 = 144e9, + its size while read; new at 1.25 x: 150e9 - size / 2
+    new = Demand(rate=1.25 * rate, age=5000)
+    common = dict(sizes=sizes, capacity=size, free=0, cached={"old": 0.0}, now=9000.0, params=params)
+    reading = Demand(rate=rate, age=5000)
+    d = choose(demand={"old": reading, "new": new}, **common)
+    assert d.hold == {"old"}
+    assert d.value["old"] == pytest.approx(rate * 1200 * 1.2 + size)
+    assert d.value["new"] == pytest.approx(1.25 * rate * 1200 - size / 2)
+    stopped = replace(reading, idle=120)  # the same rate in the window, but no reads for 2 min
+    d = choose(demand={"old": stopped, "new": new}, **common)
+    assert d.hold == {"new"} and d.demote == {"old"}
+    # charged its whole size, the challenger no longer beats even the stopped incumbent
+    full = replace(params, copy_charge=1.0)
+    assert choose(demand={"old": stopped, "new": new}, **{**common, "params": full}).hold == {"old"}
 
 
 def test_idle_incumbent_kept_while_space_is_not_wanted() -> None:

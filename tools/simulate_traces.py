@@ -260,11 +260,10 @@ class OursPolicy(SimPolicy):
             now=now,
             params=self.params,
         )
-        sizes = self.trace.sizes
         self.drop_unwanted(d.hold, now)
-        # As mountd: copies in value-per-byte order, one at a time; what waits is decided again
+        # As mountd: copies in the policy's order, one at a time; what waits is decided again
         # next round.
-        for name in sorted(d.promote, key=lambda n: (-(d.value.get(n, 0.0) / max(sizes[n], 1)), n)):
+        for name in d.queue:
             if self.cache.queue:
                 break
             self.cache.promote(name, now)
