@@ -52,11 +52,14 @@ Algorithm
    * *its last run* read at least ``LONG_RUN`` (1.5) times its size: its runs are long, so
      this one is taken to be long from its start;
    * *runs here are long*: the dataset has no finished run yet, and of the datasets whose
-     last run is known (at least ``MIN_KNOWN_RUNS``), at least ``LONG_SHARE`` (half) read
-     ``LONG_RUN`` times their size or more.  Where datasets are read by long jobs, again and
-     again, a new one is copied at once instead of after a rent-or-buy wait that, for a large
-     image, lasts most of a job; where most runs read a dataset once (a scan) or a part of it,
-     a new dataset waits for its own run to show it is long.
+     runs are known (at least ``MIN_KNOWN_RUNS``), at least ``LONG_SHARE`` (half) are long.
+     A dataset's last run is known once it is over: long if it read ``LONG_RUN`` times its
+     size or more.  A dataset with no finished run whose run going on has already read
+     ``LONG_RUN`` times its size counts as a long one too, so the prior is there from the
+     first hour of a node's life, before any run has ended.  Where datasets are read by long
+     jobs, again and again, a new one is copied at once instead of after a rent-or-buy wait
+     that, for a large image, lasts most of a job; where most runs read a dataset once (a
+     scan) or a part of it, a new dataset waits for its own run to show it is long.
 
    So a dataset read once, start to end (a scan), never qualifies on its own and stays on
    scratch; one read over and over qualifies after its first pass; one whose last run was
@@ -327,9 +330,17 @@ def best_subset(items: Iterable[tuple[str, int, float]], budget: int, resolution
 
 
 def runs_are_long(demand: Mapping[str, Demand], sizes: Mapping[str, int]) -> bool:
-    """Whether, of the datasets whose last run is known (at least ``MIN_KNOWN_RUNS``), at least
-    ``LONG_SHARE`` read ``LONG_RUN`` times their image size or more in it."""
-    known = [d.last_run_bytes >= LONG_RUN * sizes[n] for n, d in demand.items() if n in sizes and d.last_run_bytes > 0]
+    """Whether, of the datasets whose runs are known (at least ``MIN_KNOWN_RUNS``), at least
+    ``LONG_SHARE`` read ``LONG_RUN`` times their image size or more in their last run, or
+    (with no finished run) in the run going on."""
+    known: list[bool] = []
+    for n, d in demand.items():
+        if n not in sizes:
+            continue
+        if d.last_run_bytes > 0:
+            known.append(d.last_run_bytes >= LONG_RUN * sizes[n])
+        elif d.estimate > 0 and d.run >= LONG_RUN * sizes[n]:
+            known.append(True)  # a first run already long; a short one may still grow: unknown
     return len(known) >= MIN_KNOWN_RUNS and sum(known) >= LONG_SHARE * len(known)
 
 

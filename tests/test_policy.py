@@ -189,6 +189,14 @@ def test_a_new_dataset_is_admitted_at_once_where_runs_are_long_but_not_where_the
     assert d.hold == {"new"} and d.reasons["new"] == "value"
     assert choose(demand={"new": new, **others(1.0)}, **common).hold == frozenset()  # scans
     assert choose(demand={"new": new, **others(4.0, n=2)}, **common).hold == frozenset()  # too few known
+    # before any run has ended: runs going on that already read 1.5 times their size count as long
+    going = {f"o{i}": Demand(rate=rate, age=3600, run_bytes=1.5 * sizes[f"o{i}"]) for i in (1, 2, 3)}
+    assert "new" in choose(demand={"new": new, **going}, **common).hold
+    # ... but runs going on that have read less are not known to be short (nor long) yet: with
+    # one long run going and two shorter ones, too few runs are known
+    short = {n: replace(d, run_bytes=sizes[n]) for n, d in going.items()}
+    assert "new" not in choose(demand={"new": new, **short}, **common).hold
+    assert "new" not in choose(demand={"new": new, **short, "o1": going["o1"]}, **common).hold
     # its own history beats the prior: its last run was a single pass
     once = replace(new, last_run_bytes=size)
     assert choose(demand={"new": once, **others(4.0)}, **common).hold == frozenset()
