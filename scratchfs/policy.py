@@ -52,14 +52,14 @@ Algorithm
    * *its last run* read at least ``LONG_RUN`` (1.5) times its size: its runs are long, so
      this one is taken to be long from its start;
    * *runs here are long*: the dataset has no finished run yet, and of the datasets whose
-     runs are known (at least ``MIN_KNOWN_RUNS``), at least ``LONG_SHARE`` (half) are long.
-     A dataset's last run is known once it is over: long if it read ``LONG_RUN`` times its
-     size or more.  A dataset with no finished run whose run going on has already read
-     ``LONG_RUN`` times its size counts as a long one too, so the prior is there from the
-     first hour of a node's life, before any run has ended.  Where datasets are read by long
-     jobs, again and again, a new one is copied at once instead of after a rent-or-buy wait
-     that, for a large image, lasts most of a job; where most runs read a dataset once (a
-     scan) or a part of it, a new dataset waits for its own run to show it is long.
+     runs are known (at least ``MIN_KNOWN_RUNS``), at least ``LONG_SHARE`` (half) are long.  A
+     dataset's last run is known once it is over: long if it read ``LONG_RUN`` times its size
+     or more.  A dataset with no finished run whose run going on has already read ``LONG_RUN``
+     times its size counts as a long one too, so the prior is there before any run has ended.
+     Where datasets are read by long jobs, again and again, a new one is copied at once instead
+     of after a rent-or-buy wait that, for a large image, lasts most of a job; where most runs
+     read a dataset once (a scan) or a part of it, a new dataset waits for its own run to show
+     it is long.
 
    So a dataset read once, start to end (a scan), never qualifies on its own and stays on
    scratch; one read over and over qualifies after its first pass; one whose last run was
@@ -90,16 +90,16 @@ Algorithm
    **Spare space** (``spare``, on by default): space that no valued dataset wants is lent to
    candidates being read that were not admitted (or whose value is not positive) but would
    serve reads from the cache once copied (``r * (H - copy_time) > 0``), most such bytes per
-   byte first, counting only what the run is expected to read once the copy is done
-   (``min(r * (H - copy_time), remaining - r * copy_time)``), so of two runs at one rate the
-   one that began longer ago comes first.  An idle incumbent whose last run paid for a copy (read at least its size)
-   keeps its place while reads of it are still in the window; once they have left it, it
-   comes after the datasets being read now.  One whose last run did not pay (or that was
-   never seen in a run) holds its space on loan only: it is demoted when a dataset being
-   read wants the space, the newest promoted loans kept longest.  Nothing held for value, pinned or within
-   ``min_residency`` is ever demoted for spare space.  This trades copy traffic for hits
-   where the SSD would otherwise hold data nobody reads; ``spare=False`` keeps the cache to
-   admitted datasets and keeps every idle incumbent while there is room.
+   byte first, counting only what the run is expected to read once the copy is done (``min(r *
+   (H - copy_time), remaining - r * copy_time)``), so of two runs at one rate the one that
+   began longer ago comes first.  An idle incumbent whose last run paid for a copy (read at
+   least its size) keeps its place while reads of it are still in the window; once they have
+   left it, it comes after the datasets being read now.  One whose last run did not pay (or
+   that was never seen in a run) holds its space on loan only: it is demoted when a dataset
+   being read wants the space, the newest promoted loans kept longest.  Nothing held for value,
+   pinned or within ``min_residency`` is ever demoted for spare space.  This trades copy
+   traffic for hits where the SSD would otherwise hold data nobody reads; ``spare=False`` keeps
+   the cache to admitted datasets and keeps every idle incumbent while there is room.
 
 7. **Hysteresis / no flapping.**  The same steps are run with incumbents only; the set with
    candidates replaces it only if its total value is strictly higher.  Because a candidate's
