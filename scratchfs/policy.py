@@ -197,6 +197,10 @@ class Demand:
             return 0.0
         return max(est * self.age, self.last_run_bytes - self.run)
 
+    def after_copy(self, copy_time: float) -> float:
+        """Bytes the current run is expected to read once a copy taking ``copy_time`` is done."""
+        return self.remaining() - self.estimate * copy_time
+
     def predicted(self, start: float, end: float) -> float:
         """Bytes expected to be read between ``start`` and ``end`` seconds from now, at the
         current rate (what a held dataset is worth over the horizon)."""
@@ -346,7 +350,7 @@ def runs_are_long(demand: Mapping[str, Demand], sizes: Mapping[str, int]) -> boo
 
 def admitted(d: Demand, size: int, copy_time: float, long_here: bool) -> bool:
     """Whether a candidate's current run is expected to be long (see the module docstring)."""
-    if d.remaining() - d.estimate * copy_time > size:
+    if d.after_copy(copy_time) > size:
         return True
     if d.last_run_bytes >= LONG_RUN * size:
         return True
@@ -387,6 +391,8 @@ def choose(
     horizon = params.horizon
     values: dict[str, float] = {}
     gains: dict[str, float] = {}  # candidates: bytes they would serve from the cache within the horizon
+    # ... and of those, no more than the run going on is expected to read once copied
+    spare_gains: dict[str, float] = {}
     long_here = runs_are_long(demand, sizes)
     for name in eligible:
         d = demand.get(name)
@@ -400,16 +406,10 @@ def choose(
         elif d.estimate > params.min_rate and d.idle <= 0:
             copy_time = size / bw if bw > 0 else 0.0
             gains[name] = d.predicted(copy_time, horizon)
+            spare_gains[name] = min(gains[name], max(d.after_copy(copy_time), 0.0))
             values[name] = gains[name] - params.copy_charge * size if admitted(d, size, copy_time, long_here) else 0.0
         else:
             values[name] = 0.0
-
-    def spare_gain(name: str) -> float:
-        """Bytes a copy would serve from the cache to the run going on now: within the
-        horizon, and no more than the run is expected to read once the copy is done."""
-        d = demand[name]
-        copy_time = sizes[name] / bw if bw > 0 else 0.0
-        return min(gains[name], max(d.remaining() - d.estimate * copy_time, 0.0))
 
     def density(name: str) -> float:
         s = sizes[name]
@@ -455,7 +455,7 @@ def choose(
         # Space nobody wants: datasets being read that do not (yet) pay for their copy, most
         # bytes expected from the cache per byte first; then the loans, newest first.
         spare = [n for n, g in gains.items() if n not in reasons and g > 0 and values[n] <= 0]
-        take(sorted(spare, key=lambda n: (-spare_gain(n) / max(sizes[n], 1), n)), "spare")
+        take(sorted(spare, key=lambda n: (-spare_gains[n] / max(sizes[n], 1), n)), "spare")
         take(stale, "kept")
         take(sorted(lent, key=lambda n: (-cached[n], n)), "kept")
     else:
