@@ -30,9 +30,15 @@ Algorithm
    the window (so a rise is seen within a fraction of the window).  Value is the bytes
    expected to be read over a fixed ``horizon`` ``H`` (mountd: four windows):
 
-   * cached (incumbent): ``value = r * H * (1 + hysteresis)``, plus its ``size`` while it is
-     being read now (``idle == 0``): demoting a dataset in the middle of a run gives up a
+   * cached (incumbent): ``value = r_held * H * (1 + hysteresis)``, plus its ``size`` while
+     it is being read now (``idle == 0``): demoting a dataset in the middle of a run gives up a
      copy that run may well want back, and getting it back reads its size from scratch again.
+     ``r_held`` is the rate over the newest part of the window, but not below ``held_floor``
+     (0.5) times the rate over the window: a run that is winding down gives its place up
+     within a fraction of the window, instead of holding it for as long as its past reads stay
+     in the window, while a short lull (a job ending, the next one not yet started) costs an
+     incumbent at most half its value.  A candidate is valued at the higher of its rates, so
+     a rise is seen at once; under constant demand the two are the same rate.
    * not cached (candidate): ``value = r * max(H - size / copy_bandwidth, 0) - copy_charge *
      size``: the bytes it would serve from the SSD once copied (reads during the copy still go
      to scratch) minus a share (``copy_charge``, 0.5) of the bytes the copy itself reads from
@@ -104,9 +110,9 @@ Algorithm
 7. **Hysteresis / no flapping.**  The same steps are run with incumbents only; the set with
    candidates replaces it only if its total value is strictly higher.  Because a candidate's
    value is at most ``demand * H`` while an incumbent's is at least ``demand * H * (1 +
-   hysteresis)``, a change under constant demand strictly raises the held demand
-   ``sum(demand * H)``; with finitely many sets, constant demand therefore converges and never
-   cycles.  Incumbents also do not pay the copy charge a candidate pays, and one being read is
+   hysteresis)`` (under constant demand ``r_held = r``), a change under constant demand
+   strictly raises the held demand ``sum(demand * H)``; with finitely many sets, constant
+   demand therefore converges and never cycles.  Incumbents also do not pay the copy charge a candidate pays, and one being read is
    worth its size more, which is what keeps two datasets of similar demand from trading
    places.  Spare space changes nothing here: a loan is only ever taken back by a dataset
    being read (``r > 0``) from one that is not (``r = 0``), so under constant demand a loan
@@ -150,7 +156,8 @@ class PolicyParams:
     horizon: float = 2400.0  # how far ahead reads are predicted (mountd: HORIZON_WINDOWS × window)
     min_residency: float = 0.0
     copy_bandwidth: float = 0.0  # 0 = unlimited (copies take no time)
-    hysteresis: float = 0.2
+    hysteresis: float = 0.4
+    held_floor: float = 0.5  # an incumbent's rate: its recent rate, not below this share of its window rate
     copy_charge: float = 0.5  # share of a candidate's image size charged against its value
     min_rate: float = 0.0  # demand (bytes/s) below which a dataset is never promoted
     spare: bool = True  # fill space no valued dataset wants with datasets that would be read from it
@@ -161,6 +168,8 @@ class PolicyParams:
             raise ValueError("horizon must be positive")
         if min(self.min_residency, self.copy_bandwidth, self.hysteresis, self.min_rate, self.copy_charge) < 0:
             raise ValueError("min_residency, copy_bandwidth, hysteresis, min_rate and copy_charge must not be negative")
+        if not 0 <= self.held_floor <= 1:
+            raise ValueError("held_floor must be in [0, 1]")
         if self.resolution < 1:
             raise ValueError("resolution must be >= 1")
 
@@ -183,6 +192,11 @@ class Demand:
     @property
     def run(self) -> float:
         return self.run_bytes if self.run_bytes is not None else self.rate * self.age
+
+    def held_rate(self, floor: float) -> float:
+        """The rate a cached dataset is valued at: its recent rate, not below ``floor`` times its
+        rate over the window (see the module docstring)."""
+        return max(self.recent_rate, floor * self.rate)
 
     def remaining(self) -> float:
         """Bytes the current run is expected to read from now on (0 between runs).
@@ -400,7 +414,7 @@ def choose(
         if d is None:  # no demand: worth nothing (cached or pinned)
             values[name] = 0.0
         elif name in cached:
-            values[name] = d.predicted(0.0, horizon) * (1 + params.hysteresis)
+            values[name] = d.held_rate(params.held_floor) * horizon * (1 + params.hysteresis)
             if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping
                 values[name] += size
         elif d.estimate > params.min_rate and d.idle <= 0:

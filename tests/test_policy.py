@@ -268,12 +268,38 @@ def test_hysteresis_keeps_incumbent_against_a_similar_challenger() -> None:
     params = PolicyParams(horizon=1200, copy_bandwidth=0, hysteresis=0.1)
     sizes = {"old": 10 * GiB, "new": 10 * GiB}
     rate = 100e6
-    demand = {"old": Demand(rate=rate, age=5000), "new": Demand(rate=rate * 1.05, age=5000)}
+    demand = {"old": Demand(rate=rate, recent_rate=rate, age=5000), "new": Demand(rate=rate * 1.05, age=5000)}
     d = choose(demand=demand, sizes=sizes, capacity=10 * GiB, free=0, cached={"old": 0.0}, now=9000.0, params=params)
     assert d.hold == {"old"}
     demand["new"] = Demand(rate=rate * 3, age=5000)
     d = choose(demand=demand, sizes=sizes, capacity=10 * GiB, free=0, cached={"old": 0.0}, now=9000.0, params=params)
     assert d.hold == {"new"} and d.demote == {"old"}
+
+
+def test_a_run_winding_down_gives_its_place_up() -> None:
+    """An incumbent is valued at its recent rate, not below ``held_floor`` times its window
+    rate: a run slowing down gives its place to a faster one before its past reads leave the
+    window, and a lull costs it at most that share."""
+    params = PolicyParams(horizon=1200, copy_bandwidth=0, hysteresis=0.4, copy_charge=0.5, held_floor=0.5)
+    size = 10 * GiB
+    rate = 100e6
+    common = dict(sizes={"old": size, "new": size}, capacity=size, free=0, cached={"old": 0.0}, now=9000.0)
+    new = Demand(rate=1.5 * rate, recent_rate=1.5 * rate, age=5000)
+    steady = Demand(rate=rate, recent_rate=rate, age=5000)
+    d = choose(demand={"old": steady, "new": new}, params=params, **common)
+    assert d.hold == {"old"}  # 1.4 r H + size beats 1.5 r H - size / 2
+    slowing = replace(steady, recent_rate=0.6 * rate)
+    d = choose(demand={"old": slowing, "new": new}, params=params, **common)
+    assert d.hold == {"new"} and d.demote == {"old"}
+    assert d.value["old"] == pytest.approx(0.6 * rate * 1200 * 1.4 + size)
+    lull = replace(steady, recent_rate=0.0)  # no reads in the newest part of the window
+    d = choose(demand={"old": lull, "new": new}, params=params, **common)
+    assert d.value["old"] == pytest.approx(0.5 * rate * 1200 * 1.4 + size)
+    # held_floor=1 values an incumbent at its window rate, however its reads slow down
+    flat = replace(params, held_floor=1.0)
+    assert choose(demand={"old": slowing, "new": new}, params=flat, **common).hold == {"old"}
+    with pytest.raises(ValueError):
+        PolicyParams(held_floor=1.5)
 
 
 def test_an_incumbent_in_the_middle_of_a_run_is_worth_its_copy() -> None:
@@ -286,7 +312,7 @@ def test_an_incumbent_in_the_middle_of_a_run_is_worth_its_copy() -> None:
     # old: rate * H * 1.2 = 144e9, + its size while read; new at 1.25 x: 150e9 - size / 2
     new = Demand(rate=1.25 * rate, age=5000)
     common = dict(sizes=sizes, capacity=size, free=0, cached={"old": 0.0}, now=9000.0, params=params)
-    reading = Demand(rate=rate, age=5000)
+    reading = Demand(rate=rate, recent_rate=rate, age=5000)  # read at a steady rate
     d = choose(demand={"old": reading, "new": new}, **common)
     assert d.hold == {"old"}
     assert d.value["old"] == pytest.approx(rate * 1200 * 1.2 + size)
