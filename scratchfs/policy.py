@@ -31,8 +31,9 @@ Algorithm
    expected to be read over a fixed ``horizon`` ``H`` (mountd: four windows):
 
    * cached (incumbent): ``value = r_held * H * (1 + hysteresis)``, plus its ``size`` while
-     it is being read now (``idle == 0``): demoting a dataset in the middle of a run gives up a
-     copy that run may well want back, and getting it back reads its size from scratch again.
+     it is being read now (``idle == 0``): demoting a dataset in the middle of a run gives up
+     a copy that run may well want back, and getting it back reads its size from scratch
+     again.
      ``r_held`` is the rate over the newest part of the window, but not below ``held_floor``
      (0.5) times the rate over the window: a run that is winding down gives its place up
      within a fraction of the window, instead of holding it for as long as its past reads stay
@@ -112,11 +113,11 @@ Algorithm
    value is at most ``demand * H`` while an incumbent's is at least ``demand * H * (1 +
    hysteresis)`` (under constant demand ``r_held = r``), a change under constant demand
    strictly raises the held demand ``sum(demand * H)``; with finitely many sets, constant
-   demand therefore converges and never cycles.  Incumbents also do not pay the copy charge a candidate pays, and one being read is
-   worth its size more, which is what keeps two datasets of similar demand from trading
-   places.  Spare space changes nothing here: a loan is only ever taken back by a dataset
-   being read (``r > 0``) from one that is not (``r = 0``), so under constant demand a loan
-   given back is never asked for again.
+   demand therefore converges and never cycles.  Incumbents also do not pay the copy charge
+   a candidate pays, and one being read is worth its size more, which is what keeps two
+   datasets of similar demand from trading places.  Spare space changes nothing here: a loan
+   is only ever taken back by a dataset being read (``r > 0``) from one that is not
+   (``r = 0``), so under constant demand a loan given back is never asked for again.
 
 Datasets not in ``sizes`` (their image went away) are never held.
 """
