@@ -218,7 +218,8 @@ class Demand:
 
     def predicted(self, start: float, end: float) -> float:
         """Bytes expected to be read between ``start`` and ``end`` seconds from now, at the
-        current rate (what a held dataset is worth over the horizon)."""
+        current rate (what a candidate would serve from the cache once copied; a held dataset
+        is valued at :meth:`held_rate` instead)."""
         return self.estimate * max(end - start, 0.0)
 
 
