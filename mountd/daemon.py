@@ -28,7 +28,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,15 @@ from scratchfs.copier import CopyCancelled, CopyError, CopyResult, Identity, Pro
 from scratchfs.errors import ScratchfsError
 from scratchfs.image.manifest import read_manifest
 from scratchfs.namespace import Namespace
-from scratchfs.policy import HORIZON_WINDOWS, Decision, PolicyParams, choose, demand_from_snapshot
+from scratchfs.policy import (
+    HORIZON_WINDOWS,
+    Decision,
+    Demand,
+    PolicyParams,
+    choose,
+    demand_from_snapshot,
+    gives_way,
+)
 from scratchfs.squashfs import Image, Inode, SquashfsError
 from scratchfs.stats import CACHE, SCRATCH, ThroughputStats
 from scratchfs.tiers import WARM_BYTES, Dataset, warm_copy
@@ -147,6 +155,7 @@ class Daemon:
         self.ctl_pins: set[str] = set()
         self.ctl_unpins: set[str] = set()
         self.evicted_at: dict[str, float] = {}
+        self.given_way_to: str | None = None  # a copy was cancelled for this one: it starts next
         self._graveyard: list[tuple[Dataset, list[str], bool]] = []  # (dataset, files, idle last pass)
         self._to_delete: list[str] = []
         self._save_lock = trio.Lock()
@@ -488,17 +497,45 @@ class Daemon:
         running = sum(1 for m in self.managed.values() if m.job is not None)
         # Prefetches asked for by an admin first, then the policy's promotions in its order.
         prefetch = sorted(n for n, m in self.managed.items() if m.prefetch and m.cache_file is None)
-        for name in (*prefetch, *d.queue):
-            m = self.managed.get(name)
-            if m is None or m.job is not None or m.cache_file is not None or running >= self.s.max_copies:
-                continue
-            if now < m.retry_at:
-                continue
-            if not m.prefetch and now - self.evicted_at.get(name, -math.inf) < self.s.window:
-                continue
-            self.start_copy(m, why=d.reasons.get(name, "policy"))
+        waiting = [m for n in (*prefetch, *d.queue) if (m := self.managed.get(n)) is not None and self._may_start(m, now)]
+        # A copy cancelled for another starts again only after that one (the cancelled copy may
+        # rank first again in the policy's order, which is not the order of step 8).
+        if self.given_way_to not in {m.name for m in waiting}:
+            self.given_way_to = None
+        waiting.sort(key=lambda m: (not m.prefetch, m.name != self.given_way_to))
+        if waiting and running >= self.s.max_copies and not waiting[0].prefetch:
+            self._give_way(demand, waiting[0], now)
+        for m in waiting:
+            if running >= self.s.max_copies:
+                break
+            self.start_copy(m, why=d.reasons.get(m.name, "policy"))
             running += 1
+            if m.name == self.given_way_to:
+                self.given_way_to = None
         return d
+
+    def _may_start(self, m: Managed, now: float) -> bool:
+        """Whether a copy of *m* may start now: none running or done, not backing off after a
+        failure, not evicted by an admin within the window (unless asked for again)."""
+        if m.job is not None or m.cache_file is not None or now < m.retry_at:
+            return False
+        return m.prefetch or now - self.evicted_at.get(m.name, -math.inf) >= self.s.window
+
+    def _give_way(self, demand: Mapping[str, Demand], first: Managed, now: float) -> None:
+        """Cancel one running copy that *first* should go before (:func:`gives_way`); copies
+        an admin asked for (pins, prefetches) are never cancelled."""
+        for m in self.managed.values():
+            job = m.job
+            if job is None or job.cancel.is_set() or m.prefetch or job.why == "pinned" or job.progress.phase != "copying":
+                continue
+            done = job.progress.done
+            rate = done / (now - job.started) if now > job.started else 0.0
+            if gives_way(demand.get(m.name), m.size, done, demand.get(first.name), first.size, rate):
+                log.info("cancelling the copy of %s (%s of %s done): %s is read faster and is copied first",
+                         m.name, format_size(done), format_size(m.size), first.name)  # fmt: skip
+                job.cancel.set()
+                self.given_way_to = first.name
+                return
 
     # ================================================================== copies and switches
     def start_copy(self, m: Managed, why: str) -> None:

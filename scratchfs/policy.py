@@ -101,7 +101,10 @@ Algorithm
    (H - copy_time), remaining - r * copy_time)``), so of two runs at one rate the one that
    began longer ago comes first.  An idle incumbent whose last run paid for a copy (read at
    least its size) keeps its place while reads of it are still in the window; once they have
-   left it, it comes after the datasets being read now.  One whose last run did not pay (or
+   left it, it comes after the datasets being read now.  Of those, the ones whose last run
+   read the most per byte of image keep their places longest: a dataset read many times over
+   in its last run is the likeliest to be read again, where one promoted last may have been
+   read once.  One whose last run did not pay (or
    that was never seen in a run) holds its space on loan only: it is demoted when a dataset
    being read wants the space, the newest promoted loans kept longest.  Nothing held for value,
    pinned or within ``min_residency`` is ever demoted for spare space.  This trades copy
@@ -118,6 +121,23 @@ Algorithm
    datasets of similar demand from trading places.  Spare space changes nothing here: a loan
    is only ever taken back by a dataset being read (``r > 0``) from one that is not
    (``r = 0``), so under constant demand a loan given back is never asked for again.
+
+8. **A copy gives way** (:func:`gives_way`, called by mountd and the simulator with the copy
+   that is running and the first of ``queue``).  Copies run one at a time, so a large copy
+   started for a moderate demand can keep a dataset read much faster waiting for most of its
+   copy time.  With ``left`` the seconds the running copy still needs, ``t`` the waiting
+   dataset's copy time and ``done`` the bytes copied so far, the running copy is cancelled
+   when ``min(r_waiting * left, after) > r_running * t + WASTE * done``: the waiting dataset's
+   reads over ``left`` would come from the SSD instead of scratch (but no more than ``after``,
+   what its run is expected to read once its copy is done: a scan read once at a high rate is
+   over before its copy would be), at the price of the running one's reads over ``t`` and of
+   its bytes copied again (counted ``WASTE`` = 2 times: a copy read from
+   scratch twice is traffic no reader gets, and cancelling is a bet on rates measured now).
+   This is Smith's rule (most reads per second of copy first) with a price on the work thrown
+   away.  Under constant rates it cannot go back and forth: the copy that took over never gives
+   way to the one it replaced, since that would need ``r_running * t_waiting >= r_waiting *
+   left``, the opposite of what let it start.  Copies an admin asked for (pins, prefetches)
+   never give way.
 
 Datasets not in ``sizes`` (their image went away) are never held.
 """
@@ -148,6 +168,8 @@ LONG_RUN = 1.5
 LONG_SHARE = 0.5
 #: ...out of at least this many datasets whose last run is known.
 MIN_KNOWN_RUNS = 3
+#: A copy cancelled to let a faster-read dataset go first costs its bytes copied this many times.
+WASTE = 2.0
 
 
 @dataclass(frozen=True)
@@ -464,7 +486,8 @@ def choose(
     if params.spare:
         # Idle incumbents whose last run did not pay for a copy hold their space on loan only.
         lent = {n for n in idle if _last_run(demand, n) < sizes[n]}
-        paid = sorted((n for n in idle if n not in lent), key=lambda n: (-density(n), -cached[n], n))
+        # ... the rest keep it, most read per byte in their last run first
+        paid = sorted((n for n in idle if n not in lent), key=lambda n: (-density(n), -_last_run(demand, n) / max(sizes[n], 1), n))
         # Those with no reads left in the window come after the datasets being read now.
         stale = [n for n in paid if (d := demand.get(n)) is None or d.estimate <= 0]
         take([n for n in paid if n not in stale], "kept")
@@ -498,3 +521,19 @@ def choose(
             sorted(decision.demote),
         )
     return decision
+
+
+def gives_way(
+    running: Demand | None, running_size: int, done: int, waiting: Demand | None, waiting_size: int, copy_rate: float
+) -> bool:
+    """Whether the copy running (``done`` of ``running_size`` bytes copied, at ``copy_rate``
+    bytes/s) should be cancelled so that ``waiting`` is copied first (see the module docstring,
+    step 8).  No measured copy rate, no demand for the waiting dataset: no."""
+    if copy_rate <= 0 or waiting is None or waiting.estimate <= 0:
+        return False
+    keep = running.estimate if running is not None else 0.0
+    # r_waiting * left, but no more than its run is expected to read once copied, > r_running *
+    # t + WASTE * done; all times copy_rate (no rounding can make a tie, or the comparison the
+    # other way round, come out true)
+    gain = min(waiting.estimate * max(running_size - done, 0), waiting.after_copy(waiting_size / copy_rate) * copy_rate)
+    return gain > keep * waiting_size + WASTE * done * copy_rate

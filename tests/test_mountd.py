@@ -686,3 +686,33 @@ def test_failed_copy_is_cleaned_up_retried_and_scratch_keeps_serving(top: Path) 
         assert d is not None and d["copy_failures"] == 0 and d["last_error"] is None
         drop_pages(md.mnt / "m" / "d.bin")
         assert (md.mnt / "m" / "d.bin").read_bytes() == data
+
+
+def test_a_long_copy_gives_way_to_a_dataset_read_much_faster(top: Path) -> None:
+    """The copy of a large image read once (spare space) is cancelled when a small image is
+    read over and over (scratchfs.policy.gives_way); the small one is copied and the partial
+    copy is cleaned up.  Copies are limited to 1 MiB/s, so the large one would take 24 s."""
+    md = Mountd(top, copy_bandwidth="1M")
+    big, small = payload(24 * MiB, 21), payload(2 * MiB, 22)
+    build_image(make_tree(top / "src-big", {"big.bin": big}), md.data / "big.sqfs")
+    build_image(make_tree(top / "src-small", {"small.bin": small}), md.data / "small.sqfs")
+    with running(md):
+        assert (md.mnt / "big" / "big.bin").read_bytes() == big
+        md.wait(lambda s: next(d for d in s["datasets"] if d["name"] == "big")["copy"] is not None, "big being copied")
+        path = md.mnt / "small" / "small.bin"
+
+        def read_small_until_big_gives_way() -> bool:
+            drop_pages(path)  # so every pass reaches the daemon and counts as demand
+            assert path.read_bytes() == small
+            return "cancelling the copy of big" in md.log_text()
+
+        wait_for(read_small_until_big_gives_way, "the copy of big to give way to small", md=md)
+        md.wait_tier("small", "cache")
+        log = md.log_text()
+        after = log[log.index("cancelling the copy of big") :]
+        assert "small is read faster and is copied first" in after.splitlines()[0]
+        copies = [line for line in after.splitlines() if "INFO mountd.daemon: copying" in line]
+        assert copies and "small.sqfs" in copies[0], after  # the cancelled copy waits its turn
+        assert md.dataset("big")["copy"] is None  # type: ignore[index]
+        assert not [n for n in os.listdir(md.cache) if n.endswith(".part")]  # the partial copy is gone
+        assert path.read_bytes() == small

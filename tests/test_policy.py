@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchfs.policy import Demand, PolicyParams, best_subset, choose, demand_from_snapshot
+from scratchfs.policy import WASTE, Demand, PolicyParams, best_subset, choose, demand_from_snapshot, gives_way
 from scratchfs.stats import SCRATCH, ThroughputStats
 
 GiB = 1 << 30
@@ -329,6 +329,68 @@ def test_idle_incumbent_kept_while_space_is_not_wanted() -> None:
     params = PolicyParams()
     d = choose(demand={}, sizes={"a": GiB}, capacity=10 * GiB, free=9 * GiB, cached={"a": 0.0}, now=1e6, params=params)
     assert d.hold == {"a"} and d.reasons["a"] == "kept"
+
+
+def test_idle_incumbents_read_most_per_byte_keep_their_places_longest() -> None:
+    """Of idle incumbents whose last runs paid for their copies, the one whose last run read it
+    the most times over stays when a run being read needs space, however recently the other
+    was promoted."""
+    size = 10 * GiB
+    params = PolicyParams(horizon=1200, copy_bandwidth=0)
+    sizes = {"often": size, "twice": size, "new": size}
+    demand = {
+        "often": Demand(last_run_bytes=40 * size),
+        "twice": Demand(last_run_bytes=2 * size),
+        "new": Demand(rate=size / 100, age=20),  # being read, not admitted yet: spare space
+    }
+    for cached in ({"often": 0.0, "twice": 50.0}, {"often": 50.0, "twice": 0.0}):
+        d = choose(demand=demand, sizes=sizes, capacity=2 * size, free=0, cached=cached, now=1e5, params=params)
+        assert d.hold == {"often", "new"} and d.demote == {"twice"}
+
+
+def test_a_copy_gives_way_to_a_dataset_read_much_faster() -> None:
+    """Smith's rule with a price on the bytes thrown away (see gives_way)."""
+    MiB = 1 << 20
+    bw = 500 * MiB
+    big, small = 100 * GiB, 10 * GiB
+    slow = Demand(rate=100 * MiB, recent_rate=100 * MiB, age=600)
+    fast = Demand(rate=400 * MiB, recent_rate=400 * MiB, age=600)
+    # just started: the fast one's reads over the 200 s the big copy needs are worth far more
+    # than the slow one's over the 20 s the small copy takes
+    assert gives_way(slow, big, 0, fast, small, bw)
+    # with 10 s to go, or after 50 GiB copied (worth twice that): no
+    assert not gives_way(slow, big, big - 5 * GiB, fast, small, bw)
+    assert not gives_way(slow, big, 50 * GiB, fast, small, bw)
+    # the other way round, a slow large dataset never stops a fast small one's copy
+    assert not gives_way(fast, small, 0, slow, big, bw)
+    # no measured copy rate, nothing known of the waiting one's reads: no
+    assert not gives_way(slow, big, 0, fast, small, 0.0)
+    assert not gives_way(slow, big, 0, None, small, bw)
+    assert not gives_way(slow, big, 0, Demand(), small, bw)
+    # a running copy with no demand left gives way to anything read
+    assert gives_way(None, big, 0, slow, small, bw)
+    # a run that began 10 s ago (a scan, as far as anyone knows) is not expected to last
+    # beyond its copy: nothing to gain
+    assert not gives_way(slow, big, 0, replace(fast, age=10), small, bw)
+    assert gives_way(slow, big, 0, replace(fast, age=10, last_run_bytes=50 * small), small, bw)  # its runs are long
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(1e6, 2e9), st.floats(1e6, 2e9), st.integers(GiB, 300 * GiB), st.integers(GiB, 300 * GiB),
+    st.floats(0, 1), st.floats(1e8, 2e9), st.floats(0, 1e5), st.floats(0, 1e5),
+)  # fmt: skip
+def test_a_copy_that_took_over_never_gives_way_back(
+    ra: float, rb: float, sa: int, sb: int, f: float, bw: float, age_a: float, age_b: float
+) -> None:
+    """Under constant rates: if a's copy gave way to b's, then b's, once started, never gives
+    way to a's (copied again from its start), so copies do not go back and forth."""
+    a, b = Demand(rate=ra, recent_rate=ra, age=age_a), Demand(rate=rb, recent_rate=rb, age=age_b)
+    done = int(f * sa)
+    if gives_way(a, sa, done, b, sb, bw):
+        for done_b in (0, sb // 3, sb - 1):
+            assert not gives_way(b, sb, done_b, a, sa, bw)
+    assert WASTE >= 1  # a cancelled copy costs at least the bytes it read
 
 
 def test_free_space_shrinking_forces_demotion() -> None:

@@ -311,3 +311,31 @@ def test_ours_reacts_to_first_reads_and_finished_copies_between_rounds() -> None
     assert rounds[:2] == [0.0, 0.0]  # the round at 0, then the first read of a wakes it again
     first, second = sorted(starts.values())
     assert second == pytest.approx(first + 15)  # when the first copy ended, not at the next round (20 s)
+
+
+def test_ours_lets_a_dataset_read_much_faster_go_before_a_long_copy() -> None:
+    """As mountd: the copy running is cancelled (its bytes counted as copied) when the first
+    dataset waiting serves more from the SSD (scratchfs.policy.gives_way), and started again
+    after it."""
+    big, small = 3000, 300
+    events = [Event(float(t), "big", 100) for t in range(0, 1000)]
+    events += [Event(t / 10, "small", 100) for t in range(700, 10000)]  # 1000/s from t=70; copies take 300 s and 30 s
+    events.sort(key=lambda e: (e.t, e.dataset))
+    trace = Trace({"big": big, "small": small}, events)
+    cfg = sim.SimConfig(capacity=10 * big, copy_bandwidth=10, window=600, interval=2, min_residency=0)
+    pol = sim.OursPolicy(trace, cfg)
+    started: list[tuple[str, float]] = []
+    promote = pol.cache.promote
+
+    def record(name: str, now: float) -> None:
+        if name not in pol.cache:
+            started.append((name, now))
+        promote(name, now)
+
+    pol.cache.promote = record  # type: ignore[method-assign]
+    r = sim.replay(trace, pol)
+    assert [n for n, _ in started] == ["big", "small", "big"]
+    (_, t_big), (_, t_small), (_, t_again) = started
+    assert t_small < t_big + big / 10  # before the big copy would have ended
+    assert t_again >= t_small + small / 10  # the big one again once the small one is copied
+    assert r.drops == 1 and big + small < r.bytes_copied < 2 * big + small  # the cancelled bytes count

@@ -11,7 +11,9 @@ Policies, all replayed against the same trace, cache capacity and copy model:
   by image size / logical size (see :func:`scratchfs.policy.demand_from_snapshot`), as mountd
   does; datasets without one count served bytes as image bytes.  Copies start as mountd starts
   them: one at a time, in value-per-byte order; a dataset still waiting is not cached and is
-  decided again at the next round (so a copy whose reason went away is never started).
+  decided again at the next round (so a copy whose reason went away is never started); the
+  copy running is cancelled when the first one waiting serves more (see
+  :func:`scratchfs.policy.gives_way`), its bytes copied so far counted as copied.
 * ``lru``   — whole-image LRU: a read of an image that is not cached starts its copy, evicting
   the least recently read images until it fits.
 * ``scratch_manager`` — the policy of CEA-LIST's scratch_manager as its README and code describe
@@ -81,7 +83,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scratchfs.errors import ScratchfsError  # noqa: E402
-from scratchfs.policy import HORIZON_WINDOWS, PolicyParams, best_subset, choose, demand_from_snapshot  # noqa: E402
+from scratchfs.policy import (  # noqa: E402
+    HORIZON_WINDOWS,
+    PolicyParams,
+    best_subset,
+    choose,
+    demand_from_snapshot,
+    gives_way,
+)
 from scratchfs.stats import CACHE, SCRATCH, ThroughputStats  # noqa: E402
 from scratchfs.trace import Event, Trace, read_trace, write_trace  # noqa: E402
 from scratchfs.units import format_size, parse_duration, parse_size  # noqa: E402
@@ -251,8 +260,9 @@ class OursPolicy(SimPolicy):
 
     def round(self, now: float) -> None:
         snap = self.stats.snapshot(now)
+        demand = demand_from_snapshot(snap, self.scale)
         d = choose(
-            demand=demand_from_snapshot(snap, self.scale),
+            demand=demand,
             sizes=self.trace.sizes,
             capacity=self.cfg.capacity,
             free=self.cfg.capacity - self.cache.used,
@@ -261,6 +271,13 @@ class OursPolicy(SimPolicy):
             params=self.params,
         )
         self.drop_unwanted(d.hold, now)
+        # As mountd: the copy running gives way to the first waiting one if that serves more.
+        cache, sizes = self.cache, self.trace.sizes
+        if cache.queue and d.queue:
+            head, first = next(iter(cache.queue)), d.queue[0]
+            done = int(min((now - cache.head_start) * cache.bw, sizes[head]))
+            if gives_way(demand.get(head), sizes[head], done, demand.get(first), sizes[first], cache.bw):
+                cache.demote(head, now)
         # As mountd: copies in the policy's order, one at a time; what waits is decided again
         # next round.
         for name in d.queue:
