@@ -127,10 +127,11 @@ Algorithm
    started for a moderate demand can keep a dataset read much faster waiting for most of its
    copy time.  With ``left`` the seconds the running copy still needs, ``t`` the waiting
    dataset's copy time and ``done`` the bytes copied so far, the running copy is cancelled
-   when ``min(r_waiting * left, after) > r_running * t + WASTE * done``: the waiting dataset's
-   reads over ``left`` would come from the SSD instead of scratch (but no more than ``after``,
-   what its run is expected to read once its copy is done: a scan read once at a high rate is
-   over before its copy would be), at the price of the running one's reads over ``t`` and of
+   when ``min(r_waiting * left, expected) > r_running * t + WASTE * done``: the waiting
+   dataset's reads over ``left`` would come from the SSD instead of scratch (but no more than
+   ``expected``, what :func:`choose` expects it to serve from the cache once copied: for one
+   not admitted, what its run is expected to read after its copy, so a scan read once at a
+   high rate, over before its copy would be, gains nothing), at the price of the running one's reads over ``t`` and of
    its bytes copied again (counted ``WASTE`` = 2 times: a copy read from
    scratch twice is traffic no reader gets, and cancelling is a bet on rates measured now).
    This is Smith's rule (most reads per second of copy first) with a price on the work thrown
@@ -291,6 +292,9 @@ class Decision:
     budget: int
     reasons: Mapping[str, str] = field(default_factory=dict)  # why each held dataset is held
     value: Mapping[str, float] = field(default_factory=dict)  # value used this round
+    # candidates: bytes each is expected to serve from the cache once copied (within the
+    # horizon; for one not admitted, no more than its run is expected to read after the copy)
+    expected: Mapping[str, float] = field(default_factory=dict)
     queue: tuple[str, ...] = ()  # the promotions, in the order to copy them (most wanted first)
 
 
@@ -431,23 +435,30 @@ def choose(
     gains: dict[str, float] = {}  # candidates: bytes they would serve from the cache within the horizon
     # ... and of those, no more than the run going on is expected to read once copied
     spare_gains: dict[str, float] = {}
+    expected: dict[str, float] = {}  # ... the one or the other, as admitted or not
     long_here = runs_are_long(demand, sizes)
     for name in eligible:
         d = demand.get(name)
         size = sizes[name]
+        values[name] = 0.0
         if d is None:  # no demand: worth nothing (cached or pinned)
-            values[name] = 0.0
-        elif name in cached:
-            values[name] = d.held_rate(params.held_floor) * horizon * (1 + params.hysteresis)
-            if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping
-                values[name] += size
-        elif d.estimate > params.min_rate and d.idle <= 0:
+            continue
+        if d.estimate > params.min_rate and d.idle <= 0:  # being read now: what a copy serves
             copy_time = size / bw if bw > 0 else 0.0
-            gains[name] = d.predicted(copy_time, horizon)
-            spare_gains[name] = min(gains[name], max(d.after_copy(copy_time), 0.0))
-            values[name] = gains[name] - params.copy_charge * size if admitted(d, size, copy_time, long_here) else 0.0
-        else:
-            values[name] = 0.0
+            gain = d.predicted(copy_time, horizon)
+            within_run = min(gain, max(d.after_copy(copy_time), 0.0))
+            admit = admitted(d, size, copy_time, long_here)
+            if admit:
+                values[name] = gain - params.copy_charge * size
+            if name not in cached:
+                gains[name], spare_gains[name] = gain, within_run
+                expected[name] = gain if admit else within_run
+        if name in cached:
+            as_held = d.held_rate(params.held_floor) * horizon * (1 + params.hysteresis)
+            if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping
+                as_held += size
+            # never worth less than it would be as a candidate: it has its copy
+            values[name] = max(as_held, values[name])
 
     def density(name: str) -> float:
         s = sizes[name]
@@ -511,6 +522,7 @@ def choose(
         reasons=reasons,
         value=values,
         queue=tuple(n for n in hold if n not in cached_set),
+        expected=expected,
     )
     if decision.promote or decision.demote:
         log.debug(
@@ -524,16 +536,23 @@ def choose(
 
 
 def gives_way(
-    running: Demand | None, running_size: int, done: int, waiting: Demand | None, waiting_size: int, copy_rate: float
+    running: Demand | None,
+    running_size: int,
+    done: int,
+    waiting: Demand | None,
+    waiting_size: int,
+    expected: float,
+    copy_rate: float,
 ) -> bool:
     """Whether the copy running (``done`` of ``running_size`` bytes copied, at ``copy_rate``
-    bytes/s) should be cancelled so that ``waiting`` is copied first (see the module docstring,
-    step 8).  No measured copy rate, no demand for the waiting dataset: no."""
+    bytes/s) should be cancelled so that ``waiting`` is copied first; ``expected`` is what the
+    waiting one is expected to serve from the cache once copied (``Decision.expected``; see
+    the module docstring, step 8).  No measured copy rate, no demand for the waiting dataset:
+    no."""
     if copy_rate <= 0 or waiting is None or waiting.estimate <= 0:
         return False
     keep = running.estimate if running is not None else 0.0
-    # r_waiting * left, but no more than its run is expected to read once copied, > r_running *
-    # t + WASTE * done; all times copy_rate (no rounding can make a tie, or the comparison the
-    # other way round, come out true)
-    gain = min(waiting.estimate * max(running_size - done, 0), waiting.after_copy(waiting_size / copy_rate) * copy_rate)
+    # min(r_waiting * left, expected) > r_running * t + WASTE * done, all times copy_rate (no
+    # rounding can make a tie, or the comparison the other way round, come out true)
+    gain = min(waiting.estimate * max(running_size - done, 0), expected * copy_rate)
     return gain > keep * waiting_size + WASTE * done * copy_rate

@@ -291,10 +291,15 @@ def test_a_run_winding_down_gives_its_place_up() -> None:
     slowing = replace(steady, recent_rate=0.6 * rate)
     d = choose(demand={"old": slowing, "new": new}, params=params, **common)
     assert d.hold == {"new"} and d.demote == {"old"}
-    assert d.value["old"] == pytest.approx(0.6 * rate * 1200 * 1.4 + size)
-    lull = replace(steady, recent_rate=0.0)  # no reads in the newest part of the window
+    # ... but never below what it would be worth as a candidate (read now, its run is long)
+    held = 0.6 * rate * 1200 * 1.4 + size
+    assert held < rate * 1200 - size / 2 and d.value["old"] == pytest.approx(rate * 1200 - size / 2)
+    stopped = replace(slowing, idle=60.0)  # not read for a minute: no candidate value
+    d = choose(demand={"old": stopped, "new": new}, params=params, **common)
+    assert d.hold == {"new"} and d.value["old"] == pytest.approx(0.6 * rate * 1200 * 1.4)
+    lull = replace(steady, recent_rate=0.0, idle=200.0)  # no reads in the newest part of the window
     d = choose(demand={"old": lull, "new": new}, params=params, **common)
-    assert d.value["old"] == pytest.approx(0.5 * rate * 1200 * 1.4 + size)
+    assert d.value["old"] == pytest.approx(0.5 * rate * 1200 * 1.4)
     # held_floor=1 values an incumbent at its window rate, however its reads slow down
     flat = replace(params, held_floor=1.0)
     assert choose(demand={"old": slowing, "new": new}, params=flat, **common).hold == {"old"}
@@ -355,41 +360,59 @@ def test_a_copy_gives_way_to_a_dataset_read_much_faster() -> None:
     big, small = 100 * GiB, 10 * GiB
     slow = Demand(rate=100 * MiB, recent_rate=100 * MiB, age=600)
     fast = Demand(rate=400 * MiB, recent_rate=400 * MiB, age=600)
+    lots = 1000 * GiB  # what the waiting one is expected to serve once copied: not a limit here
     # just started: the fast one's reads over the 200 s the big copy needs are worth far more
     # than the slow one's over the 20 s the small copy takes
-    assert gives_way(slow, big, 0, fast, small, bw)
+    assert gives_way(slow, big, 0, fast, small, lots, bw)
     # with 10 s to go, or after 50 GiB copied (worth twice that): no
-    assert not gives_way(slow, big, big - 5 * GiB, fast, small, bw)
-    assert not gives_way(slow, big, 50 * GiB, fast, small, bw)
+    assert not gives_way(slow, big, big - 5 * GiB, fast, small, lots, bw)
+    assert not gives_way(slow, big, 50 * GiB, fast, small, lots, bw)
     # the other way round, a slow large dataset never stops a fast small one's copy
-    assert not gives_way(fast, small, 0, slow, big, bw)
+    assert not gives_way(fast, small, 0, slow, big, lots, bw)
     # no measured copy rate, nothing known of the waiting one's reads: no
-    assert not gives_way(slow, big, 0, fast, small, 0.0)
-    assert not gives_way(slow, big, 0, None, small, bw)
-    assert not gives_way(slow, big, 0, Demand(), small, bw)
+    assert not gives_way(slow, big, 0, fast, small, lots, 0.0)
+    assert not gives_way(slow, big, 0, None, small, lots, bw)
+    assert not gives_way(slow, big, 0, Demand(), small, lots, bw)
     # a running copy with no demand left gives way to anything read
-    assert gives_way(None, big, 0, slow, small, bw)
-    # a run that began 10 s ago (a scan, as far as anyone knows) is not expected to last
-    # beyond its copy: nothing to gain
-    assert not gives_way(slow, big, 0, replace(fast, age=10), small, bw)
-    assert gives_way(slow, big, 0, replace(fast, age=10, last_run_bytes=50 * small), small, bw)  # its runs are long
+    assert gives_way(None, big, 0, slow, small, lots, bw)
+    # a run not expected to read much once copied (a scan, say) gains little by going first
+    assert not gives_way(slow, big, 0, fast, small, 1 * GiB, bw)
+
+
+def test_choose_says_what_each_candidate_is_expected_to_serve() -> None:
+    """Decision.expected, the bound gives_way puts on a waiting dataset's gain: an admitted
+    candidate's bytes over the horizon after its copy; one not admitted (spare space) no more
+    than its run is expected to read once copied."""
+    size = 10 * GiB
+    params = PolicyParams(horizon=1200, copy_bandwidth=size / 100)
+    rate = size / 50
+    demand = {
+        "long": Demand(rate=rate, recent_rate=rate, age=20, last_run_bytes=5 * size),  # admitted
+        "young": Demand(rate=rate, recent_rate=rate, age=120),  # 0.4 sizes after its copy: spare
+    }
+    sizes = {"long": size, "young": size}
+    d = choose(demand=demand, sizes=sizes, capacity=4 * size, free=4 * size, cached={}, now=1e5, params=params)
+    assert d.reasons == {"long": "value", "young": "spare"}
+    assert d.expected["long"] == pytest.approx(rate * (1200 - 100))
+    assert d.expected["young"] == pytest.approx(rate * 120 - rate * 100)  # rate * age, less the copy time
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     st.floats(1e6, 2e9), st.floats(1e6, 2e9), st.integers(GiB, 300 * GiB), st.integers(GiB, 300 * GiB),
-    st.floats(0, 1), st.floats(1e8, 2e9), st.floats(0, 1e5), st.floats(0, 1e5),
+    st.floats(0, 1), st.floats(1e8, 2e9), st.floats(0, 1e14), st.floats(0, 1e14),
 )  # fmt: skip
 def test_a_copy_that_took_over_never_gives_way_back(
-    ra: float, rb: float, sa: int, sb: int, f: float, bw: float, age_a: float, age_b: float
+    ra: float, rb: float, sa: int, sb: int, f: float, bw: float, ea: float, eb: float
 ) -> None:
     """Under constant rates: if a's copy gave way to b's, then b's, once started, never gives
-    way to a's (copied again from its start), so copies do not go back and forth."""
-    a, b = Demand(rate=ra, recent_rate=ra, age=age_a), Demand(rate=rb, recent_rate=rb, age=age_b)
+    way to a's (copied again from its start), whatever either is expected to serve, so copies
+    do not go back and forth."""
+    a, b = Demand(rate=ra, recent_rate=ra), Demand(rate=rb, recent_rate=rb)
     done = int(f * sa)
-    if gives_way(a, sa, done, b, sb, bw):
+    if gives_way(a, sa, done, b, sb, eb, bw):
         for done_b in (0, sb // 3, sb - 1):
-            assert not gives_way(b, sb, done_b, a, sa, bw)
+            assert not gives_way(b, sb, done_b, a, sa, ea, bw)
     assert WASTE >= 1  # a cancelled copy costs at least the bytes it read
 
 

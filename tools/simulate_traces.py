@@ -276,7 +276,7 @@ class OursPolicy(SimPolicy):
         if cache.queue and d.queue:
             head, first = next(iter(cache.queue)), d.queue[0]
             done = int(min((now - cache.head_start) * cache.bw, sizes[head]))
-            if gives_way(demand.get(head), sizes[head], done, demand.get(first), sizes[first], cache.bw):
+            if gives_way(demand.get(head), sizes[head], done, demand.get(first), sizes[first], d.expected[first], cache.bw):
                 cache.demote(head, now)
         # As mountd: copies in the policy's order, one at a time; what waits is decided again
         # next round.
