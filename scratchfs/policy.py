@@ -39,7 +39,10 @@ Algorithm
      within a fraction of the window, instead of holding it for as long as its past reads stay
      in the window, while a short lull (a job ending, the next one not yet started) costs an
      incumbent at most half its value.  A candidate is valued at the higher of its rates, so
-     a rise is seen at once; under constant demand the two are the same rate.
+     a rise is seen at once; under constant demand the two are the same rate.  An incumbent
+     is never worth less than it would be as a candidate (it has its copy): otherwise one
+     valued at a held rate below its window rate could lose its place to a dataset that then
+     loses it back, for ever, under unchanging demand.
    * not cached (candidate): ``value = r * max(H - size / copy_bandwidth, 0) - copy_charge *
      size``: the bytes it would serve from the SSD once copied (reads during the copy still go
      to scratch) minus a share (``copy_charge``, 0.5) of the bytes the copy itself reads from
@@ -112,15 +115,17 @@ Algorithm
    the cache to admitted datasets and keeps every idle incumbent while there is room.
 
 7. **Hysteresis / no flapping.**  The same steps are run with incumbents only; the set with
-   candidates replaces it only if its total value is strictly higher.  Because a candidate's
-   value is at most ``demand * H`` while an incumbent's is at least ``demand * H * (1 +
-   hysteresis)`` (under constant demand ``r_held = r``), a change under constant demand
-   strictly raises the held demand ``sum(demand * H)``; with finitely many sets, constant
-   demand therefore converges and never cycles.  Incumbents also do not pay the copy charge
-   a candidate pays, and one being read is worth its size more, which is what keeps two
-   datasets of similar demand from trading places.  Spare space changes nothing here: a loan
-   is only ever taken back by a dataset being read (``r > 0``) from one that is not
-   (``r = 0``), so under constant demand a loan given back is never asked for again.
+   candidates replaces it only if its total value is strictly higher.  Each dataset is worth
+   at least as much as an incumbent as it would be as a candidate, so the new set's total
+   value, counted with every member as an incumbent, is strictly higher than the old set's:
+   under constant demand that total rises with every change, and with finitely many sets it
+   converges and never cycles.  Hysteresis adds a margin: under constant demand
+   (``r_held = r``) a candidate is worth at most ``r * H``, an incumbent ``r * H * (1 +
+   hysteresis)``.  Incumbents also do not pay the copy charge a candidate pays, and one being
+   read is worth its size more, which is what keeps two datasets of similar demand from
+   trading places.  Spare space changes nothing here: a loan is only ever taken back by a
+   dataset being read (``r > 0``) from one that is not (``r = 0``), so under constant demand a
+   loan given back is never asked for again.
 
 8. **A copy gives way** (:func:`gives_way`, called by mountd and the simulator with the copy
    that is running and the first of ``queue``).  Copies run one at a time, so a large copy
@@ -131,14 +136,15 @@ Algorithm
    dataset's reads over ``left`` would come from the SSD instead of scratch (but no more than
    ``expected``, what :func:`choose` expects it to serve from the cache once copied: for one
    not admitted, what its run is expected to read after its copy, so a scan read once at a
-   high rate, over before its copy would be, gains nothing), at the price of the running one's reads over ``t`` and of
-   its bytes copied again (counted ``WASTE`` = 2 times: a copy read from
-   scratch twice is traffic no reader gets, and cancelling is a bet on rates measured now).
-   This is Smith's rule (most reads per second of copy first) with a price on the work thrown
-   away.  Under constant rates it cannot go back and forth: the copy that took over never gives
-   way to the one it replaced, since that would need ``r_running * t_waiting >= r_waiting *
-   left``, the opposite of what let it start.  Copies an admin asked for (pins, prefetches)
-   never give way.
+   high rate, over before its copy would be, gains nothing), at the price of the running
+   one's reads over ``t`` and of its bytes copied again (counted ``WASTE`` = 2 times: a copy
+   read from scratch twice is traffic no reader gets, and cancelling is a bet on rates
+   measured now).  This is Smith's rule (most reads per second of copy first) with a price on
+   the work thrown away.  Under constant rates it cannot go back and forth: the copy that took
+   over never gives way to the one it replaced, since that would need ``r_running * t_waiting
+   > r_waiting * left``, the opposite of what let it start.  mountd starts the waiting one
+   next, before the cancelled one (which the policy's order may put first again).  Copies an
+   admin asked for (pins, prefetches) never give way.
 
 Datasets not in ``sizes`` (their image went away) are never held.
 """
