@@ -504,7 +504,7 @@ class Daemon:
             self.given_way_to = None
         waiting.sort(key=lambda m: (not m.prefetch, m.name != self.given_way_to))
         if waiting and running >= self.s.max_copies and not waiting[0].prefetch:
-            self._give_way(d, demand, waiting[0], now)
+            self._give_way(d, demand, waiting[0])
         for m in waiting:
             if running >= self.s.max_copies:
                 break
@@ -521,7 +521,7 @@ class Daemon:
             return False
         return m.prefetch or now - self.evicted_at.get(m.name, -math.inf) >= self.s.window
 
-    def _give_way(self, d: Decision, demand: Mapping[str, Demand], first: Managed, now: float) -> None:
+    def _give_way(self, d: Decision, demand: Mapping[str, Demand], first: Managed) -> None:
         """Cancel one running copy that *first* should go before (:func:`gives_way`); copies
         an admin asked for (pins, prefetches) are never cancelled."""
         for m in self.managed.values():
@@ -529,8 +529,8 @@ class Daemon:
             if job is None or job.cancel.is_set() or m.prefetch or job.why == "pinned" or job.progress.phase != "copying":
                 continue
             done = job.progress.done
-            rate = done / (now - job.started) if now > job.started else 0.0
-            if gives_way(demand.get(m.name), m.size, done, demand.get(first.name), first.size, d.expected.get(first.name, 0.0), rate):
+            if gives_way(demand.get(m.name), m.size, done, demand.get(first.name), first.size, d.expected.get(first.name, 0.0),
+                         job.progress.rate()):  # fmt: skip
                 log.info("cancelling the copy of %s (%s of %s done): %s is read faster and is copied first",
                          m.name, format_size(done), format_size(m.size), first.name)  # fmt: skip
                 job.cancel.set()

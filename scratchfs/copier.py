@@ -104,14 +104,17 @@ class Progress:
         self.phase = "queued"  # queued, copying, verifying, done, failed
         self.started = time.monotonic()
 
+    def rate(self) -> float:
+        """Bytes/s copied since the job was created."""
+        return self.done / max(time.monotonic() - self.started, 1e-9)
+
     def as_dict(self) -> dict[str, Any]:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
         return {
             "phase": self.phase,
             "bytes_done": self.done,
             "bytes_total": self.total,
             "fraction": (self.done / self.total) if self.total else 0.0,
-            "rate": self.done / elapsed,
+            "rate": self.rate(),
         }
 
 

@@ -208,19 +208,28 @@ def test_trace_needs_header(tmp_path: Path) -> None:
         read_trace(p)
 
 
-def _promotions(trace: Trace, cfg: sim.SimConfig, spare: bool) -> dict[str, list[float]]:
-    pol = sim.OursPolicy(trace, cfg)
-    pol.params = sim.PolicyParams(horizon=2 * cfg.window, copy_bandwidth=cfg.copy_bandwidth, min_residency=0, spare=spare)
-    times: dict[str, list[float]] = {}
+def _copy_starts(pol: sim.SimPolicy) -> list[tuple[str, float]]:
+    """The copies *pol* starts, as (dataset, time), in order, filled in as it is replayed."""
+    starts: list[tuple[str, float]] = []
     promote = pol.cache.promote
 
     def record(name: str, now: float) -> None:
         if name not in pol.cache:
-            times.setdefault(name, []).append(now)
+            starts.append((name, now))
         promote(name, now)
 
     pol.cache.promote = record  # type: ignore[method-assign]
+    return starts
+
+
+def _promotions(trace: Trace, cfg: sim.SimConfig, spare: bool) -> dict[str, list[float]]:
+    pol = sim.OursPolicy(trace, cfg)
+    pol.params = sim.PolicyParams(horizon=2 * cfg.window, copy_bandwidth=cfg.copy_bandwidth, min_residency=0, spare=spare)
+    starts = _copy_starts(pol)
     sim.replay(trace, pol)
+    times: dict[str, list[float]] = {}
+    for name, now in starts:
+        times.setdefault(name, []).append(now)
     return times
 
 
@@ -259,23 +268,17 @@ def test_ours_starts_one_copy_at_a_time_as_mountd() -> None:
     cfg = sim.SimConfig(capacity=10 * size, copy_bandwidth=size / 15, window=60, interval=2, min_residency=0)
     pol = sim.OursPolicy(trace, cfg)
     longest = 0
-    started: list[str] = []
+    starts = _copy_starts(pol)
     round_ = pol.round
-    promote = pol.cache.promote
-
-    def record(name: str, now: float) -> None:
-        if name not in pol.cache:
-            started.append(name)
-        promote(name, now)
 
     def watched(now: float) -> None:
         nonlocal longest
         round_(now)
         longest = max(longest, len(pol.cache.queue))
 
-    pol.cache.promote = record  # type: ignore[method-assign]
     pol.round = watched  # type: ignore[method-assign]
     r = sim.replay(trace, pol)
+    started = [name for name, _ in starts]
     assert longest == 1
     assert len(started) >= 3 and "d" not in started  # three copies of 15 s each came after d stopped
     assert r.hit_bytes > 0
@@ -291,25 +294,21 @@ def test_ours_reacts_to_first_reads_and_finished_copies_between_rounds() -> None
     trace = Trace({"a": size, "b": size}, events)
     cfg = sim.SimConfig(capacity=10 * size, copy_bandwidth=size / 15, window=60, interval=10, min_residency=0)
     pol = sim.OursPolicy(trace, cfg)
-    starts: dict[str, float] = {}
-    promote = pol.cache.promote
+    starts = _copy_starts(pol)
     rounds: list[float] = []
     round_ = pol.round
-
-    def record(name: str, now: float) -> None:
-        if name not in pol.cache:
-            starts.setdefault(name, now)
-        promote(name, now)
 
     def watched(now: float) -> None:
         rounds.append(now)
         round_(now)
 
-    pol.cache.promote = record  # type: ignore[method-assign]
     pol.round = watched  # type: ignore[method-assign]
     sim.replay(trace, pol)
+    firsts: dict[str, float] = {}
+    for name, now in starts:
+        firsts.setdefault(name, now)
     assert rounds[:2] == [0.0, 0.0]  # the round at 0, then the first read of a wakes it again
-    first, second = sorted(starts.values())
+    first, second = sorted(firsts.values())
     assert second == pytest.approx(first + 15)  # when the first copy ended, not at the next round (20 s)
 
 
@@ -324,15 +323,7 @@ def test_ours_lets_a_dataset_read_much_faster_go_before_a_long_copy() -> None:
     trace = Trace({"big": big, "small": small}, events)
     cfg = sim.SimConfig(capacity=10 * big, copy_bandwidth=10, window=600, interval=2, min_residency=0)
     pol = sim.OursPolicy(trace, cfg)
-    started: list[tuple[str, float]] = []
-    promote = pol.cache.promote
-
-    def record(name: str, now: float) -> None:
-        if name not in pol.cache:
-            started.append((name, now))
-        promote(name, now)
-
-    pol.cache.promote = record  # type: ignore[method-assign]
+    started = _copy_starts(pol)
     r = sim.replay(trace, pol)
     assert [n for n, _ in started] == ["big", "small", "big"]
     (_, t_big), (_, t_small), (_, t_again) = started

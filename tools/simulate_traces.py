@@ -180,12 +180,18 @@ class CacheModel:
             self.head_start = now
         self.queue[name] = now
 
+    def copied(self, now: float) -> int:
+        """Bytes the copy at the head of the queue has copied by *now* (0: none running)."""
+        if not self.queue:
+            return 0
+        return int(min(self.sizes[next(iter(self.queue))], (now - self.head_start) * self.bw))
+
     def demote(self, name: str, now: float) -> None:
         if name in self.ready:
             del self.ready[name]
         elif name in self.queue:
             if next(iter(self.queue)) == name:
-                self.bytes_copied += int(min(self.sizes[name], (now - self.head_start) * self.bw))
+                self.bytes_copied += self.copied(now)
                 self.head_start = now
             del self.queue[name]
         else:
@@ -275,8 +281,7 @@ class OursPolicy(SimPolicy):
         cache, sizes = self.cache, self.trace.sizes
         if cache.queue and d.queue:
             head, first = next(iter(cache.queue)), d.queue[0]
-            done = int(min((now - cache.head_start) * cache.bw, sizes[head]))
-            if gives_way(demand.get(head), sizes[head], done, demand.get(first), sizes[first], d.expected[first], cache.bw):
+            if gives_way(demand.get(head), sizes[head], cache.copied(now), demand.get(first), sizes[first], d.expected[first], cache.bw):
                 cache.demote(head, now)
         # As mountd: copies in the policy's order, one at a time; what waits is decided again
         # next round.
