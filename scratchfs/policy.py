@@ -30,19 +30,18 @@ Algorithm
    the window (so a rise is seen within a fraction of the window).  Value is the bytes
    expected to be read over a fixed ``horizon`` ``H`` (mountd: four windows):
 
-   * cached (incumbent): ``value = r_held * H * (1 + hysteresis)``, plus its ``size`` while
-     it is being read now (``idle == 0``): demoting a dataset in the middle of a run gives up
-     a copy that run may well want back, and getting it back reads its size from scratch
-     again.
+   * cached (incumbent): ``value = r_held * H * (1 + hysteresis)``, plus its ``size`` while it
+     is being read now (``idle == 0``): demoting a dataset in the middle of a run gives up a
+     copy that run may well want back, and getting it back reads its size from scratch again.
      ``r_held`` is the rate over the newest part of the window, but not below ``held_floor``
-     (0.5) times the rate over the window: a run that is winding down gives its place up
-     within a fraction of the window, instead of holding it for as long as its past reads stay
-     in the window, while a short lull (a job ending, the next one not yet started) costs an
-     incumbent at most half its value.  A candidate is valued at the higher of its rates, so
-     a rise is seen at once; under constant demand the two are the same rate.  An incumbent
-     is never worth less than it would be as a candidate (it has its copy): otherwise one
-     valued at a held rate below its window rate could lose its place to a dataset that then
-     loses it back, for ever, under unchanging demand.
+     (0.5) times the rate over the window: a run that is winding down gives its place up within
+     a fraction of the window, instead of holding it for as long as its past reads stay in the
+     window, while a short lull (a job ending, the next one not yet started) costs an incumbent
+     at most half its value.  A candidate is valued at the higher of its rates, so a rise is
+     seen at once; under constant demand the two are the same rate.  An incumbent is never
+     worth less than it would be as a candidate (it has its copy): otherwise one valued at a
+     held rate below its window rate could lose its place to a dataset that then loses it back,
+     for ever, under unchanging demand.
    * not cached (candidate): ``value = r * max(H - size / copy_bandwidth, 0) - copy_charge *
      size``: the bytes it would serve from the SSD once copied (reads during the copy still go
      to scratch) minus a share (``copy_charge``, 0.5) of the bytes the copy itself reads from
@@ -104,15 +103,15 @@ Algorithm
    (H - copy_time), remaining - r * copy_time)``), so of two runs at one rate the one that
    began longer ago comes first.  An idle incumbent whose last run paid for a copy (read at
    least its size) keeps its place while reads of it are still in the window; once they have
-   left it, it comes after the datasets being read now.  Of those, the ones whose last run
-   read the most per byte of image keep their places longest: a dataset read many times over
-   in its last run is the likeliest to be read again, where one promoted last may have been
-   read once.  One whose last run did not pay (or
-   that was never seen in a run) holds its space on loan only: it is demoted when a dataset
-   being read wants the space, the newest promoted loans kept longest.  Nothing held for value,
-   pinned or within ``min_residency`` is ever demoted for spare space.  This trades copy
-   traffic for hits where the SSD would otherwise hold data nobody reads; ``spare=False`` keeps
-   the cache to admitted datasets and keeps every idle incumbent while there is room.
+   left it, it comes after the datasets being read now.  Of those, the ones whose last run read
+   the most per byte of image keep their places longest: a dataset read many times over in its
+   last run is the likeliest to be read again, where one promoted last may have been read once.
+   One whose last run did not pay (or that was never seen in a run) holds its space on loan
+   only: it is demoted when a dataset being read wants the space, the newest promoted loans
+   kept longest.  Nothing held for value, pinned or within ``min_residency`` is ever demoted
+   for spare space.  This trades copy traffic for hits where the SSD would otherwise hold data
+   nobody reads; ``spare=False`` keeps the cache to admitted datasets and keeps every idle
+   incumbent while there is room.
 
 7. **Hysteresis / no flapping.**  The same steps are run with incumbents only; the set with
    candidates replaces it only if its total value is strictly higher.  Each dataset is worth
