@@ -30,9 +30,12 @@ Algorithm
    the window (so a rise is seen within a fraction of the window).  Value is the bytes
    expected to be read over a fixed ``horizon`` ``H`` (mountd: four windows):
 
-   * cached (incumbent): ``value = r_held * H * (1 + hysteresis)``, plus its ``size`` while it
-     is being read now (``idle == 0``): demoting a dataset in the middle of a run gives up a
-     copy that run may well want back, and getting it back reads its size from scratch again.
+   * cached (incumbent): ``value = r_held * H * (1 + hysteresis)``, plus, while it is being
+     read now (``idle == 0``), its ``size`` but no more than its run is expected to read from
+     now on (``remaining``, below): demoting a dataset in the middle of a run gives up a copy
+     that run may well want back, and getting it back reads its size from scratch again; a run
+     expected to read less than that would rather read the rest from scratch, so that is all
+     the demotion can cost it beyond the reads valued at its rate.
      ``r_held`` is the rate over the newest part of the window, but not below ``held_floor``
      (0.5) times the rate over the window: a run that is winding down gives its place up within
      a fraction of the window, instead of holding it for as long as its past reads stay in the
@@ -121,7 +124,7 @@ Algorithm
    converges and never cycles.  Hysteresis adds a margin: under constant demand
    (``r_held = r``) a candidate is worth at most ``r * H``, an incumbent ``r * H * (1 +
    hysteresis)``.  Incumbents also do not pay the copy charge a candidate pays, and one being
-   read is worth its size more, which is what keeps two datasets of similar demand from
+   read is worth up to its size more, which is what keeps two datasets of similar demand from
    trading places.  Spare space changes nothing here: a loan is only ever taken back by a
    dataset being read (``r > 0``) from one that is not (``r = 0``), so under constant demand a
    loan given back is never asked for again.
@@ -461,7 +464,7 @@ def choose(
         if name in cached:
             as_held = d.held_rate(params.held_floor) * horizon * (1 + params.hysteresis)
             if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping
-                as_held += size
+                as_held += min(size, d.remaining())
             # never worth less than it would be as a candidate: it has its copy
             values[name] = max(as_held, values[name])
 

@@ -309,7 +309,8 @@ def test_a_run_winding_down_gives_its_place_up() -> None:
 
 def test_an_incumbent_in_the_middle_of_a_run_is_worth_its_copy() -> None:
     """Demoting a dataset being read gives up a copy its run may want back: it is worth its size
-    more than one whose reads stopped, and a challenger must beat that as well."""
+    more than one whose reads stopped (no more than its run is expected to read from now on),
+    and a challenger must beat that as well."""
     params = PolicyParams(horizon=1200, copy_bandwidth=0, hysteresis=0.2, copy_charge=0.5)
     size = 10 * GiB
     sizes = {"old": size, "new": size}
@@ -328,6 +329,15 @@ def test_an_incumbent_in_the_middle_of_a_run_is_worth_its_copy() -> None:
     # charged its whole size, the challenger no longer beats even the stopped incumbent
     full = replace(params, copy_charge=1.0)
     assert choose(demand={"old": stopped, "new": new}, **{**common, "params": full}).hold == {"old"}
+    # A run that began 50 s ago is expected to read 5 GB more (as long again): less than the
+    # size, so that is what its copy is worth beyond its rate.  A challenger at 1.3 x (156e9 -
+    # size / 2) beats that, but not the incumbent of a long run.
+    faster = Demand(rate=1.3 * rate, age=5000)
+    short = replace(reading, age=50)
+    d = choose(demand={"old": short, "new": faster}, **common)
+    assert d.value["old"] == pytest.approx(rate * 1200 * 1.2 + rate * 50)
+    assert d.hold == {"new"} and d.demote == {"old"}
+    assert choose(demand={"old": reading, "new": faster}, **common).hold == {"old"}
 
 
 def test_idle_incumbent_kept_while_space_is_not_wanted() -> None:
