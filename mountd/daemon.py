@@ -115,6 +115,16 @@ class CopyJob:
     logged: float = 0.0  # trio time of the last progress log line
 
 
+@dataclass(frozen=True)
+class Reclaimable:
+    """The copy of a demoted dataset, left on the SSD until its space is needed."""
+
+    file: str
+    checksum: str
+    identity: Identity  # of the backing image it is a copy of
+    stat: tuple[int, int]  # (size, mtime_ns) of the file when it was left
+
+
 @dataclass
 class Managed:
     """mountd's view of one dataset."""
@@ -158,6 +168,11 @@ class Daemon:
         self.given_way_to: str | None = None  # a copy was cancelled for this one: it starts next
         self._graveyard: list[tuple[Dataset, list[str], bool]] = []  # (dataset, files, idle last pass)
         self._to_delete: list[str] = []
+        # Copies of demoted datasets, by dataset, oldest demotion first: deleted only when their
+        # space is needed (make_room), served again at once if wanted before that (revive).
+        self.reclaimable: dict[str, Reclaimable] = {}
+        self._demoted: list[tuple[Managed, str, str]] = []  # (dataset, file, checksum) gone idle
+        self._room_lock = trio.Lock()
         self._save_lock = trio.Lock()
         self._wake_policy = trio.Event()
         self._last_scratch_read: dict[str, float] = {}  # trio time of each dataset's last scratch read
@@ -352,6 +367,7 @@ class Daemon:
                 m.backing_gone = True
             return
         log.info("dataset %s removed (%s is gone)", m.name, m.backing)
+        self.drop_reclaimable(m.name)
         if m.job is not None:
             m.job.cancel.set()
         self.ns.remove(m.name)
@@ -390,6 +406,7 @@ class Daemon:
         log.warning("backing image of %s changed (%s); serving the new one from the next open", name, sn.path)
         if m.job is not None:
             m.job.cancel.set()
+        self.drop_reclaimable(name)
         stale = [m.cache_file] if m.cache_file else []
         new = self._add(name, img, SCRATCH, backing=sn.path, identity=sn.identity, size=sn.identity.size)
         new.failures = 0
@@ -402,6 +419,7 @@ class Daemon:
             try:
                 await self._scan_once()
                 self._reap()
+                self._keep_demoted()
                 await self._delete_pending()
             except Exception:
                 log.exception("image scan failed; retrying")
@@ -459,10 +477,12 @@ class Daemon:
         return (set(self.s.pinned) | self.ctl_pins) - self.ctl_unpins
 
     def _measure_cache(self) -> tuple[int, int]:
+        """The capacity, and the free bytes of the cache filesystem beyond the reserve
+        (negative when something filled the reserve)."""
         st = os.statvfs(self.s.cachedir)
         total = st.f_blocks * st.f_frsize
         free = st.f_bavail * st.f_frsize - self.s.reserve.resolve(total)
-        return self.s.capacity.resolve(total), max(0, free)
+        return self.s.capacity.resolve(total), free
 
     async def policy_round(self) -> Decision:
         now = trio.current_time()
@@ -470,7 +490,10 @@ class Daemon:
         # The read path counts decompressed bytes served; copies and the cache cost image
         # bytes: scale by each image's compression ratio where its manifest tells it.
         demand = demand_from_snapshot(snap, {n: m.size / m.logical for n, m in self.managed.items() if m.logical})
-        self.capacity_now, self.free_now = self._measure_cache()
+        await self.make_room(0)  # the disk filled up or the capacity shrank: kept copies go first
+        self.capacity_now, free = self._measure_cache()
+        self.free_now = max(0, free)
+        kept = {n for n in self.reclaimable if n in self.managed}
         sizes = {n: m.size for n, m in self.managed.items() if not m.adopting}
         cached = {
             n: (m.promoted_at if m.promoted_at is not None else now)
@@ -482,7 +505,8 @@ class Daemon:
         params = PolicyParams(
             horizon=HORIZON_WINDOWS * self.s.window, min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth
         )
-        d = choose(demand=demand, sizes=sizes, capacity=self.capacity_now, free=self.free_now, cached=cached,
+        d = choose(demand=demand, sizes=sizes, capacity=self.capacity_now, cached=cached, reclaimable=kept,
+                   free=max(0, free + sum(self.managed[n].size for n in kept)),
                    pinned=forced, never_cache=self.s.never_cache, now=now, params=params)  # fmt: skip
         self.last_decision = d
         for name in sorted(d.demote):
@@ -494,6 +518,10 @@ class Daemon:
                 m.job.cancel.set()
             elif m.cache_file is not None:
                 await self.demote(m, why=d.reasons.get(name, "policy"))
+        # Wanted again while its copy is still on the SSD: served from it at once, nothing copied.
+        for name in d.queue:
+            if (m := self.managed.get(name)) is not None and name in self.reclaimable and m.job is None:
+                await self.revive(m)
         running = sum(1 for m in self.managed.values() if m.job is not None)
         # Prefetches asked for by an admin first, then the policy's promotions in its order.
         prefetch = sorted(n for n, m in self.managed.items() if m.prefetch and m.cache_file is None)
@@ -567,7 +595,7 @@ class Daemon:
         try:
             result = await trio.to_thread.run_sync(
                 lambda: copy_image(src, tmp, final, bandwidth=self.s.copy_bandwidth, cancel=job.cancel,
-                                   progress=job.progress))  # fmt: skip
+                                   progress=job.progress, room=self._room_for_copy))  # fmt: skip
         except CopyCancelled:
             log.info("copy of %s cancelled", m.name)
         except CopyError as e:
@@ -634,8 +662,9 @@ class Daemon:
             warmed.update((id(i), off + WARM_BYTES) for i, off in todo)
             positions = self._ops.read_positions(m.ds) if self._ops is not None else []
 
-    async def demote(self, m: Managed, why: str = "policy") -> bool:
-        """Move *m*'s readers back to its backing image; the copy is deleted once idle."""
+    async def demote(self, m: Managed, why: str = "policy", keep: bool = True) -> bool:
+        """Move *m*'s readers back to its backing image.  Once no read uses the copy, it is kept
+        on the SSD, reclaimable (see make_room), or with *keep* false deleted."""
         if m.cache_file is None:
             return False
         if m.backing is None or m.backing_gone:
@@ -662,10 +691,13 @@ class Daemon:
         if self.managed.get(m.name) is not m or m.cache_file is None:
             img.close()
             return False
-        file = m.cache_file
+        file, checksum = m.cache_file, m.checksum or ""
 
-        def on_idle(_old: Image) -> None:
-            self._to_delete.append(file)  # deleted by the watcher loop, off this call path
+        def on_idle(_old: Image) -> None:  # any thread: settled by the watcher loop
+            if keep:
+                self._demoted.append((m, file, checksum))
+            else:
+                self._to_delete.append(file)
 
         m.ds.swap(img, SCRATCH, on_idle)
         m.cache_file, m.checksum, m.promoted_at = None, None, None
@@ -673,6 +705,75 @@ class Daemon:
         log.info("demoted %s (%s): now served from %s", m.name, why, m.backing)
         self._wake_policy.set()
         return True
+
+    # ================================================================== reclaimable copies
+    def _keep_demoted(self) -> None:
+        """Copies of demoted datasets no read uses any more stay on the SSD, reclaimable, unless
+        the dataset changed, went away or was copied again meanwhile."""
+        while self._demoted:
+            m, file, checksum = self._demoted.pop(0)
+            c = self.store.copies.get(file)
+            try:
+                st = os.stat(self.s.cachedir / file)
+            except OSError:
+                st = None
+            if (self.managed.get(m.name) is not m or m.cache_file is not None or m.job is not None or c is None
+                    or c.identity != m.identity or st is None or m.name in self.reclaimable):  # fmt: skip
+                self._to_delete.append(file)
+                continue
+            self.reclaimable[m.name] = Reclaimable(file, checksum, c.identity, (st.st_size, st.st_mtime_ns))
+            log.info("kept the copy of %s (%s) until its space is needed", m.name, self.s.cachedir / file)
+
+    def drop_reclaimable(self, name: str) -> None:
+        """Delete the kept copy of *name*, if any (by the watcher loop)."""
+        r = self.reclaimable.pop(name, None)
+        if r is not None:
+            self._to_delete.append(r.file)
+
+    async def make_room(self, need: int) -> int:
+        """Delete kept copies, oldest demoted first, until *need* more bytes fit in the cache:
+        in the free space beyond the reserve and within the capacity.  Returns how many bytes fit
+        without deleting more (not less than *need*: with no kept copy left, a copy that finds
+        the disk full fails as it would have)."""
+        if not self.reclaimable and need == 0:
+            return 0
+        async with self._room_lock:
+            deleted = False
+            while True:
+                capacity, free = self._measure_cache()
+                used = await trio.to_thread.run_sync(self.store.used_bytes)
+                fits = min(free, capacity - used)
+                if fits >= need or not self.reclaimable:
+                    break
+                name = next(iter(self.reclaimable))
+                r = self.reclaimable.pop(name)
+                await trio.to_thread.run_sync(self.store.delete, r.file)
+                log.info("deleted the kept copy of %s (%s): its space is needed", name, self.s.cachedir / r.file)
+                deleted = True
+            if deleted:
+                await self._save()
+            return max(fits, need)
+
+    def _room_for_copy(self, need: int) -> int:
+        """copy_image's *room*, in its worker thread."""
+        return trio.from_thread.run(self.make_room, need)
+
+    async def revive(self, m: Managed) -> bool:
+        """Serve *m* from its kept copy again, if the copy and the dataset are as they were."""
+        r = self.reclaimable.pop(m.name)
+        try:
+            st = os.stat(self.s.cachedir / r.file)
+            same = (st.st_size, st.st_mtime_ns) == r.stat
+        except OSError:
+            same = False
+        if not same or m.identity != r.identity or m.cache_file is not None or m.job is not None:
+            log.warning("not reusing the kept copy %s of %s: it or the dataset changed", r.file, m.name)
+            self._to_delete.append(r.file)
+            return False
+        log.info("promoting %s again from its kept copy %s (nothing to copy)", m.name, self.s.cachedir / r.file)
+        m.promoted_at = trio.current_time()
+        await self._switch_to_cache(m, r.file, r.checksum)
+        return m.cache_file == r.file
 
     async def _adopt_all(self) -> None:
         """Adopt cached copies left by an earlier run: verified, and only of unchanged images."""

@@ -74,6 +74,8 @@ async def control(d: Daemon, op: str, name: str) -> str:
             return f"{name} is being copied already"
         if m.backing_gone:
             raise NotFoundError(f"{name}: backing image is gone")
+        if name in d.reclaimable and await d.revive(m):
+            return f"{name} served from its kept copy again"
         m.retry_at = 0.0
         m.prefetch = True
         d.start_copy(m, why="prefetch")
@@ -87,13 +89,16 @@ async def control(d: Daemon, op: str, name: str) -> str:
         m.job.cancel.set()
         return f"copy of {name} cancelled"
     if m.cache_file is None:
+        if name in d.reclaimable:
+            d.drop_reclaimable(name)
+            return f"kept copy of {name} deleted"
         return f"{name} is not cached"
     if m.backing_gone:
         d.ns.remove(name)
         del d.managed[name]
         d.retire(m.ds, [m.cache_file])
         return f"{name} removed (its backing image is gone)"
-    if not await d.demote(m, why="evict"):
+    if not await d.demote(m, why="evict", keep=False):
         raise ScratchfsError(f"could not demote {name} (see the daemon log)")
     return f"{name} demoted"
 
@@ -117,6 +122,7 @@ def status(d: Daemon) -> dict[str, Any]:
             "backing": str(m.backing) if m.backing else None,
             "backing_gone": m.backing_gone,
             "cache_file": str(d.s.cachedir / m.cache_file) if m.cache_file else None,
+            "kept_copy": str(d.s.cachedir / r.file) if (r := d.reclaimable.get(name)) else None,
             "rate": ds.rate if ds else 0.0,
             "bytes_scratch": scratch_b,
             "bytes_cache": cache_b,
@@ -142,6 +148,7 @@ def status(d: Daemon) -> dict[str, Any]:
             "free": d.free_now,
             "budget": d.last_decision.budget if d.last_decision else None,
             "used": used,
+            "reclaimable": sum(m.size for n, m in d.managed.items() if n in d.reclaimable),
         },
         "datasets": out,
         "refused": [{"name": n, "images": [str(p) for p in ps]} for n, ps in sorted(d.clashes.items())],

@@ -231,8 +231,14 @@ def copy_image(
     cancel: threading.Event | None = None,
     progress: Progress | None = None,
     verify_threads: int | None = 1,
+    room: Callable[[int], int] | None = None,
 ) -> CopyResult:
-    """Copy *src* to *tmp*, verify, link to *dst* (see the module docstring). Blocking."""
+    """Copy *src* to *tmp*, verify, link to *dst* (see the module docstring). Blocking.
+
+    *room*, if given, is called before bytes are written beyond what it last allowed, with the
+    number of bytes about to be written: it makes room for them (mountd deletes reclaimable
+    copies) and returns how many bytes may be written before it is asked again.
+    """
     cancel = cancel or threading.Event()
     progress = progress or Progress()
     src, tmp, dst = Path(src), Path(tmp), Path(dst)
@@ -258,12 +264,16 @@ def copy_image(
         in_piece = 0
         view = memoryview(bytearray(read_size(bandwidth)))
         pos = 0
+        allowed = 0  # bytes that may be written before room is asked again
         while True:
             if cancel.is_set():
                 raise CopyCancelled("copy cancelled")
             n = os.readv(fin, [view])
             if n == 0:
                 break
+            if room is not None and n > allowed:
+                allowed = room(n)
+            allowed -= n
             chunk = view[:n]
             piece.update(chunk)
             in_piece += n

@@ -12,8 +12,10 @@ Algorithm
    where ``free`` is the real free space of the cache filesystem minus the reserve, measured
    this round.  Cached images (copies in progress included, counted at full size) are already
    on the disk, so they are inside ``bytes cached + free``; anything else that fills the disk
-   shrinks ``free`` and hence the budget, which can force demotions.  Sizes are never rounded:
-   the chosen set's total size is ``<= budget`` exactly.
+   shrinks ``free`` and hence the budget, which can force demotions.  Copies of demoted
+   datasets that are still on the disk (``reclaimable``: mountd deletes them only when their
+   space is needed) count as free.  Sizes are never rounded: the chosen set's total size is
+   ``<= budget`` exactly.
 
 2. **Eligible datasets**: known size, not in ``never_cache`` (never_cache beats a pin), and not
    larger than the budget.
@@ -50,6 +52,8 @@ Algorithm
      to scratch) minus a share (``copy_charge``, 0.5) of the bytes the copy itself reads from
      scratch.  The share is a tuning figure, measured with ``tools/simulate_traces.py``: the
      full size (1) leaves copies of large hot images later than the reads they would serve.
+     A candidate whose copy is still on the disk (``reclaimable``) is served from it again at
+     once: no copy time, no copy charge.
 
    **Admission.**  A candidate is given that value only if its current run is expected to be
    long, by one of three rules:
@@ -156,7 +160,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -423,11 +427,14 @@ def choose(
     never_cache: Iterable[str] = (),
     now: float,
     params: PolicyParams,
+    reclaimable: Collection[str] = (),
 ) -> Decision:
     """The set of datasets to hold in the cache (see the module docstring).
 
     ``cached`` maps each dataset now cached or being copied to the time it was promoted;
-    ``free`` is the cache filesystem's free bytes minus the reserve, measured this round.
+    ``free`` is the cache filesystem's free bytes minus the reserve, measured this round, plus
+    the bytes of the ``reclaimable`` copies: demoted datasets' copies still on the disk, which
+    serve again without a copy.
     """
     never = set(never_cache)
     pins = set(pinned)
@@ -452,12 +459,13 @@ def choose(
         if d is None:  # no demand: worth nothing (cached or pinned)
             continue
         if d.estimate > params.min_rate and d.idle <= 0:  # being read now: what a copy serves
-            copy_time = size / bw if bw > 0 else 0.0
+            copied = name in reclaimable  # its copy is still on the disk: nothing to copy
+            copy_time = size / bw if bw > 0 and not copied else 0.0
             gain = d.predicted(copy_time, horizon)
             within_run = min(gain, max(d.after_copy(copy_time), 0.0))
             admit = admitted(d, size, copy_time, long_here)
             if admit:
-                values[name] = gain - params.copy_charge * size
+                values[name] = gain - (0.0 if copied else params.copy_charge * size)
             if name not in cached:
                 gains[name], spare_gains[name] = gain, within_run
                 expected[name] = gain if admit else within_run

@@ -116,6 +116,8 @@ def format_status(st: dict[str, Any]) -> str:
         ))  # fmt: skip
         if d.get("backing_gone"):
             notes.append(f"{d['name']}: backing image {d.get('backing')} is gone; served from the cached copy")
+        if d.get("kept_copy"):
+            notes.append(f"{d['name']}: its copy {d['kept_copy']} is kept until its space is needed")
         if d.get("last_error"):
             notes.append(f"{d['name']}: last copy failed ({d['copy_failures']}x): {d['last_error']}")
     for r in st.get("refused", []):
@@ -126,6 +128,8 @@ def format_status(st: dict[str, Any]) -> str:
     head = f"{st.get('mountdir')}: {len(st.get('datasets', []))} datasets; cache {st.get('cachedir')}"
     if c.get("budget") is not None:
         head += f": {format_size(c.get('used') or 0)} used of {format_size(c['budget'])} budget"
+        if c.get("reclaimable"):
+            head += f", {format_size(c['reclaimable'])} kept reclaimable"
     return "\n".join([head, *lines, *notes])
 
 

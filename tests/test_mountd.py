@@ -716,3 +716,60 @@ def test_a_long_copy_gives_way_to_a_dataset_read_much_faster(top: Path) -> None:
         assert md.dataset("big")["copy"] is None  # type: ignore[index]
         assert not [n for n in os.listdir(md.cache) if n.endswith(".part")]  # the partial copy is gone
         assert path.read_bytes() == small
+
+
+def test_a_demoted_copy_is_kept_until_its_space_is_needed(top: Path) -> None:
+    """A dataset the policy demotes keeps its copy on the SSD: wanted again, it is served from
+    that copy at once, with nothing copied; a copy that needs the space deletes it first, and
+    our files never take more than the capacity.  Copies are limited to 1 MiB/s, so the copy of
+    b (12 MiB) needs the space of a's kept copy only in its last second or so."""
+    a, b = payload(3 * MiB, 31), payload(12 * MiB, 32)
+    md = Mountd(top, copy_bandwidth="1M")
+    img_a = build_image(make_tree(top / "src-a", {"a.bin": a}), md.data / "a.sqfs")
+    img_b = build_image(make_tree(top / "src-b", {"b.bin": b}), md.data / "b.sqfs")
+    capacity = img_a.stat().st_size + img_b.stat().st_size - 64 * KiB  # a or b, not both
+    md.write_config(capacity=capacity)
+
+    def ds(st: dict[str, Any], name: str) -> dict[str, Any]:
+        return dict(next(d for d in st["datasets"] if d["name"] == name))
+
+    def used() -> int:
+        return sum((md.cache / n).stat().st_size for n in cache_files(md))
+
+    with running(md):
+        assert md.ctl_direct("pin", "a") == "a pinned"
+        file_a = Path(ds(md.wait_tier("a", "cache"), "a")["cache_file"])
+        inode = file_a.stat().st_ino
+        # b pinned instead: a no longer fits and is demoted by the policy; its copy stays
+        md.ctl_direct("unpin", "a")
+        md.ctl_direct("pin", "b")
+        st = md.wait(lambda s: ds(s, "a")["kept_copy"] is not None and ds(s, "b")["copy"] is not None, "a's copy kept, b copying")
+        assert ds(st, "a")["tier"] == "scratch" and ds(st, "a")["kept_copy"] == str(file_a) and file_a.exists()
+        assert st["cache"]["reclaimable"] == img_a.stat().st_size
+        assert f"its copy {file_a} is kept until its space is needed" in md.cli("status").stdout
+        assert (md.mnt / "a" / "a.bin").read_bytes() == a
+        # a wanted again before b's copy needs its space: served from the kept copy, not copied
+        md.ctl_direct("unpin", "b")
+        md.ctl_direct("pin", "a")
+        st = md.wait_tier("a", "cache")
+        assert ds(st, "a")["cache_file"] == str(file_a) and file_a.stat().st_ino == inode
+        log = md.log_text()
+        assert "promoting a again from its kept copy" in log
+        assert log.count(f"copying {img_a} ") == 1, log[-3000:]  # copied once, at the start
+        assert (md.mnt / "a" / "a.bin").read_bytes() == a
+        md.wait(lambda s: ds(s, "b")["copy"] is None, "b's copy cancelled (a and b do not fit)")
+        # b again: a is demoted and kept again, and deleted when b's copy needs the space
+        md.ctl_direct("unpin", "a")
+        md.ctl_direct("pin", "b")
+        biggest = 0
+
+        def b_cached() -> bool:
+            nonlocal biggest
+            biggest = max(biggest, used())
+            return ds(md.status(), "b")["tier"] == "cache"
+
+        wait_for(b_cached, "b copied", timeout=60, md=md)
+        assert f"deleted the kept copy of a ({file_a}): its space is needed" in md.log_text()
+        assert not file_a.exists() and ds(md.status(), "a")["kept_copy"] is None
+        assert biggest <= capacity and used() <= capacity, (biggest, used(), capacity)
+        assert (md.mnt / "a" / "a.bin").read_bytes() == a and (md.mnt / "b" / "b.bin").read_bytes() == b

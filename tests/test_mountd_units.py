@@ -52,14 +52,14 @@ def test_dataset_names_keep_dots_and_clashes_are_refused() -> None:
 STATUS = {
     "mountdir": "/mnt/data",
     "cachedir": "/ssd",
-    "cache": {"capacity": 1000, "free": 500, "budget": 900, "used": 300},
+    "cache": {"capacity": 1000, "free": 500, "budget": 900, "used": 300, "reclaimable": 150},
     "datasets": [
         {"name": 'we"ird\\name', "tier": "cache", "size": 300, "rate": 12.5, "bytes_scratch": 10, "bytes_cache": 30,
          "hit_ratio": 0.75, "pinned": True, "backing_gone": True, "backing": "/scratch/x.sqfs",
          "last_promotion": 1700000000.0, "last_demotion": None, "copy": None, "copy_failures": 0, "last_error": None},
         {"name": "b", "tier": "scratch", "size": 200, "rate": 0.0, "bytes_scratch": 0, "bytes_cache": 0,
          "hit_ratio": None, "pinned": False, "backing_gone": False, "backing": "/scratch/b.sqfs",
-         "last_promotion": None, "last_demotion": None, "copy_failures": 2, "last_error": "boom",
+         "kept_copy": "/ssd/b.sqfs", "last_promotion": None, "last_demotion": None, "copy_failures": 2, "last_error": "boom",
          "copy": {"phase": "copying", "bytes_done": 50, "bytes_total": 200, "fraction": 0.25, "rate": 1.0}},
     ],
     "refused": [{"name": "c", "images": ["/s/c.sqfs", "/t/c.sqfs"]}],
@@ -79,6 +79,7 @@ def test_metrics_text_carries_the_status_figures() -> None:
     assert 'scratchfs_mountd_dataset_copy_failures_total{dataset="b"} 2' in lines
     assert not any(line.startswith("scratchfs_mountd_dataset_hit_ratio{dataset=\"b\"}") for line in lines)
     assert "scratchfs_mountd_cache_budget_bytes 900" in lines
+    assert "scratchfs_mountd_cache_reclaimable_bytes 150" in lines
     # every sample line is NAME{labels} VALUE, every metric has HELP and TYPE
     names = {line.split("{")[0].split(" ")[0] for line in lines if not line.startswith("#")}
     for n in names:
@@ -90,6 +91,7 @@ def test_status_text_says_backing_gone_failures_and_refusals() -> None:
     assert "backing image /scratch/x.sqfs is gone" in out
     assert "last copy failed (2x): boom" in out
     assert "c: refused" in out and "copying 25%" in out
+    assert "b: its copy /ssd/b.sqfs is kept until its space is needed" in out and "150 B kept reclaimable" in out
 
 
 def _ident(n: int = 1) -> Identity:

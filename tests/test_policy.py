@@ -340,6 +340,20 @@ def test_an_incumbent_in_the_middle_of_a_run_is_worth_its_copy() -> None:
     assert choose(demand={"old": reading, "new": faster}, **common).hold == {"old"}
 
 
+def test_a_kept_copy_is_served_again_without_a_copy_charge() -> None:
+    """A candidate whose copy is still on the disk (reclaimable) needs no copy: no copy time,
+    no copy charge; its bytes count in ``free``."""
+    size = 10 * GiB
+    params = PolicyParams(horizon=1200, copy_bandwidth=100e6, copy_charge=0.5)
+    d_new = Demand(rate=100e6, age=5000)
+    common = dict(sizes={"x": size}, capacity=size, free=size, cached={}, now=1e4, params=params)
+    copied = choose(demand={"x": d_new}, **common)
+    kept = choose(demand={"x": d_new}, reclaimable={"x"}, **common)
+    assert copied.value["x"] == pytest.approx(100e6 * (1200 - size / 100e6) - size / 2)
+    assert kept.value["x"] == pytest.approx(100e6 * 1200)
+    assert kept.hold == {"x"} and kept.queue == ("x",)
+
+
 def test_idle_incumbent_kept_while_space_is_not_wanted() -> None:
     params = PolicyParams()
     d = choose(demand={}, sizes={"a": GiB}, capacity=10 * GiB, free=9 * GiB, cached={"a": 0.0}, now=1e6, params=params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -107,6 +108,36 @@ def test_cancelled_copy_counts_partial_bytes() -> None:
     cache.demote("a", 4.0)  # 40 bytes copied so far
     cache.advance(100.0)  # b starts at 4, done at 14
     assert cache.bytes_copied == 140 and "b" in cache.ready and cache.used == 100
+
+
+def test_a_kept_copy_serves_again_until_a_copy_needs_its_space() -> None:
+    """As mountd: a demoted image's copy stays on the disk; promoted again it is ready at once,
+    nothing copied; a running copy drops kept copies, oldest demoted first, only once the bytes
+    it has written need their space."""
+    cache = sim.CacheModel({"a": 100, "b": 100, "c": 200}, 10.0, capacity=300, keep=True)
+    for name in ("a", "b"):
+        cache.promote(name, 0.0)
+    cache.advance(20.0)
+    cache.demote("a", 20.0)
+    cache.promote("a", 21.0)  # wanted back: its copy is there
+    assert "a" in cache.ready and cache.bytes_copied == 200 and cache.copies == 2
+    cache.demote("a", 22.0)
+    cache.demote("b", 23.0)
+    cache.promote("c", 30.0)  # 200 bytes at 10 B/s into a disk of 300 holding a and b (kept)
+    cache.advance(39.0)  # 90 written: a and b still fit beside them
+    assert list(cache.reclaimable) == ["a", "b"]
+    cache.advance(41.0)  # 110 written: a (demoted first) made room
+    assert list(cache.reclaimable) == ["b"]
+    cache.promote("b", 42.0)  # b back from its kept copy, c still copying
+    assert "b" in cache.ready and cache.copies == 3
+    cache.advance(math.inf)
+    assert "c" in cache.ready and cache.bytes_copied == 400 and cache.used == 300
+    plain = sim.CacheModel({"a": 100}, 10.0, capacity=300)  # LRU and scratch_manager delete at once
+    plain.promote("a", 0.0)
+    plain.advance(10.0)
+    plain.demote("a", 10.0)
+    plain.promote("a", 11.0)
+    assert not plain.reclaimable and plain.copies == 2
 
 
 def test_scratch_manager_floor_can_overshoot() -> None:

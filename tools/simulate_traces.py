@@ -120,11 +120,19 @@ class SimConfig:
 
 
 class CacheModel:
-    """Images held or being copied, one serial copier at a fixed bandwidth."""
+    """Images held or being copied, one serial copier at a fixed bandwidth.
 
-    def __init__(self, sizes: dict[str, int], bandwidth: float) -> None:
+    With ``keep`` (mountd's behaviour), a demoted image's copy stays on the disk, reclaimable,
+    until the copy running needs its space (oldest demoted first): promoted again before that,
+    it is served at once, with nothing copied.
+    """
+
+    def __init__(self, sizes: dict[str, int], bandwidth: float, capacity: int = 0, keep: bool = False) -> None:
         self.sizes = sizes
         self.bw = bandwidth
+        self.capacity = capacity
+        self.keep = keep
+        self.reclaimable: OrderedDict[str, float] = OrderedDict()  # name → time demoted
         self.ready: dict[str, float] = {}  # name → time promoted (copy queued)
         self.queue: OrderedDict[str, float] = OrderedDict()  # name → time promoted
         self.head_start = 0.0  # when the copy at the head of the queue started
@@ -159,11 +167,22 @@ class CacheModel:
         while self.queue:
             done = self.next_done()
             if done > now:
-                return
+                break
             name = next(iter(self.queue))
             self.ready[name] = self.queue.pop(name)
             self.bytes_copied += self.sizes[name]
             self.head_start = done
+        self._reclaim(now)
+
+    def _reclaim(self, now: float) -> None:
+        """Drop reclaimable copies, oldest first, while the bytes on the disk (held copies, the
+        running copy so far, reclaimable copies) exceed the capacity."""
+        if not self.reclaimable:
+            return
+        on_disk = sum(self.sizes[n] for n in (*self.ready, *self.reclaimable)) + self.copied(now)
+        while self.reclaimable and on_disk > self.capacity:
+            name, _ = self.reclaimable.popitem(last=False)
+            on_disk -= self.sizes[name]
 
     def promote(self, name: str, now: float) -> None:
         if name in self:
@@ -171,14 +190,18 @@ class CacheModel:
         size = self.sizes[name]
         self.used += size
         self.peak = max(self.peak, self.used)
+        if self.reclaimable.pop(name, None) is not None:
+            self.ready[name] = now  # its copy is still on the disk
+            return
         self.copies += 1
         if self.bw <= 0:
             self.ready[name] = now
             self.bytes_copied += size
-            return
-        if not self.queue:
-            self.head_start = now
-        self.queue[name] = now
+        else:
+            if not self.queue:
+                self.head_start = now
+            self.queue[name] = now
+        self._reclaim(now)
 
     def copied(self, now: float) -> int:
         """Bytes the copy at the head of the queue has copied by *now* (0: none running)."""
@@ -189,6 +212,8 @@ class CacheModel:
     def demote(self, name: str, now: float) -> None:
         if name in self.ready:
             del self.ready[name]
+            if self.keep:
+                self.reclaimable[name] = now
         elif name in self.queue:
             if next(iter(self.queue)) == name:
                 self.bytes_copied += self.copied(now)
@@ -241,6 +266,7 @@ class OursPolicy(SimPolicy):
 
     def __init__(self, trace: Trace, cfg: SimConfig) -> None:
         super().__init__(trace, cfg)
+        self.cache = CacheModel(trace.sizes, cfg.copy_bandwidth, cfg.capacity, keep=True)  # as mountd
         self.stats = ThroughputStats(cfg.window, buckets=60)
         self.params = PolicyParams(
             horizon=HORIZON_WINDOWS * cfg.window,
@@ -275,20 +301,27 @@ class OursPolicy(SimPolicy):
             cached=self.cache.held(),
             now=now,
             params=self.params,
+            reclaimable=self.cache.reclaimable,
         )
         self.drop_unwanted(d.hold, now)
-        # As mountd: the copy running gives way to the first waiting one if that serves more.
         cache, sizes = self.cache, self.trace.sizes
-        if cache.queue and d.queue:
-            head, first = next(iter(cache.queue)), d.queue[0]
+        # As mountd: what is wanted again while its copy is still on the disk is served from it
+        # at once; the rest waits for the copier.
+        for name in d.queue:
+            if name in cache.reclaimable:
+                cache.promote(name, now)
+        queue = [n for n in d.queue if n not in cache]
+        # As mountd: the copy running gives way to the first waiting one if that serves more.
+        if cache.queue and queue:
+            head, first = next(iter(cache.queue)), queue[0]
             if gives_way(demand.get(head), sizes[head], cache.copied(now), demand.get(first), sizes[first], d.expected[first], cache.bw):
                 cache.demote(head, now)
         # As mountd: copies in the policy's order, one at a time; what waits is decided again
         # next round.
-        for name in d.queue:
-            if self.cache.queue:
+        for name in queue:
+            if cache.queue:
                 break
-            self.cache.promote(name, now)
+            cache.promote(name, now)
 
 
 class LruPolicy(SimPolicy):
