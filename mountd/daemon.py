@@ -493,6 +493,8 @@ class Daemon:
         await self.make_room(0)  # the disk filled up or the capacity shrank: kept copies go first
         self.capacity_now, free = self._measure_cache()
         self.free_now = max(0, free)
+        for name in [n for n in self.reclaimable if n in self.s.never_cache]:
+            self.drop_reclaimable(name)  # never to be cached again: its copy is of no use
         kept = {n for n in self.reclaimable if n in self.managed}
         sizes = {n: m.size for n, m in self.managed.items() if not m.adopting}
         cached = {

@@ -773,3 +773,37 @@ def test_a_demoted_copy_is_kept_until_its_space_is_needed(top: Path) -> None:
         assert not file_a.exists() and ds(md.status(), "a")["kept_copy"] is None
         assert biggest <= capacity and used() <= capacity, (biggest, used(), capacity)
         assert (md.mnt / "a" / "a.bin").read_bytes() == a and (md.mnt / "b" / "b.bin").read_bytes() == b
+
+
+def test_kept_copies_go_first_when_the_disk_fills_up(top: Path) -> None:
+    """The cache directory is a 16 MiB tmpfs.  Once something else fills it past the reserve,
+    the next policy round deletes the kept copy (ours), and nothing else."""
+    md = Mountd(top, copy_bandwidth="1M", reserve="1M")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(md.cache)], check=True)
+    try:
+        img_a = build_image(make_tree(top / "src-a", {"a.bin": payload(4 * MiB, 41)}), md.data / "a.sqfs")
+        img_b = build_image(make_tree(top / "src-b", {"b.bin": payload(4 * MiB, 42)}), md.data / "b.sqfs")
+        md.write_config(capacity=img_a.stat().st_size + img_b.stat().st_size - 64 * KiB)  # a or b, not both
+        with running(md):
+            md.ctl_direct("pin", "a")
+            md.wait_tier("a", "cache")
+            md.ctl_direct("unpin", "a")
+            md.ctl_direct("pin", "b")  # a demoted, its copy kept
+            md.wait(lambda s: any(d["name"] == "a" and d["kept_copy"] for d in s["datasets"]), "a's copy kept")
+            md.ctl_direct("unpin", "b")
+            assert md.ctl_direct("evict", "b") in ("copy of b cancelled", "b demoted")  # no copy running now
+            kept = cache_files(md)
+            assert kept == {"a.sqfs"}, kept
+            filler = md.cache / "admins-file"
+            with open(filler, "wb") as f:  # fill the disk: the reserve is gone
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * MiB)
+                        f.flush()
+            size = filler.stat().st_size
+            wait_for(lambda: "deleted the kept copy of a" in md.log_text(), "the kept copy deleted", md=md)
+            assert cache_files(md) == {"admins-file"} and filler.stat().st_size == size
+            assert md.dataset("a")["kept_copy"] is None  # type: ignore[index]
+    finally:
+        md.stop()
+        unmount(md.cache)
