@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 RETRY_BASE = 5.0  # seconds before the first retry of a failed copy; doubles up to RETRY_MAX
 RETRY_MAX = 600.0
+#: While kept copies remain, a copy asks for room again after writing this many bytes.
+ROOM_STEP = 64 << 20
 PROGRESS_EVERY = 30.0  # seconds between log lines about a running copy
 WARM_PASSES = 3  # a demotion warms the backing image at most this many times (see Daemon._warm)
 
@@ -736,7 +738,8 @@ class Daemon:
         """Delete kept copies, oldest demoted first, until *need* more bytes fit in the cache:
         in the free space beyond the reserve and within the capacity.  Returns how many bytes fit
         without deleting more (not less than *need*: with no kept copy left, a copy that finds
-        the disk full fails as it would have)."""
+        the disk full fails as it would have; no more than ``ROOM_STEP`` while kept copies
+        remain)."""
         if not self.reclaimable and need == 0:
             return 0
         async with self._room_lock:
@@ -754,7 +757,9 @@ class Daemon:
                 deleted = True
             if deleted:
                 await self._save()
-            return max(fits, need)
+            # While kept copies remain, asked again every ROOM_STEP: another copy (a prefetch
+            # runs beside the policy's) may be writing into the same headroom.
+            return max(need, min(fits, ROOM_STEP) if self.reclaimable else fits)
 
     def _room_for_copy(self, need: int) -> int:
         """copy_image's *room*, in its worker thread."""
