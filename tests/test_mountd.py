@@ -114,10 +114,7 @@ class Mountd:
         return dict(request(str(self.sock), {"op": "status"})["status"])
 
     def dataset(self, name: str) -> dict[str, Any] | None:
-        for d in self.status()["datasets"]:
-            if d["name"] == name:
-                return dict(d)
-        return None
+        return entry(self.status(), name)
 
     def cli(self, *args: str, user: str | None = None, groups: str | None = None) -> subprocess.CompletedProcess[str]:
         cmd = script("scratchfs") + list(args) + ["--socket", str(self.sock)]
@@ -165,6 +162,11 @@ class Mountd:
             self.pid = None
         if is_mounted(self.mnt):
             unmount(self.mnt)
+
+
+def entry(status: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The entry of dataset *name* in a status reply (None: not served)."""
+    return next((dict(d) for d in status["datasets"] if d["name"] == name), None)
 
 
 def _alive(pid: int) -> bool:
@@ -563,7 +565,7 @@ def test_restart_adopts_verified_copies_and_touches_nothing_else(top: Path) -> N
     log_before = len(md.log_text())
     with running(md):
         md.wait_tier("a", "cache")
-        md.wait(lambda s: next(d for d in s["datasets"] if d["name"] == "b")["tier"] == "scratch"
+        md.wait(lambda s: entry(s, "b")["tier"] == "scratch"  # type: ignore[index]
                 and not files["b"].exists(), "damaged copy of b refused and deleted")  # fmt: skip
         assert files["a"].exists()
         assert not (md.cache / ".a.99999.1.part").exists()
@@ -698,7 +700,7 @@ def test_a_long_copy_gives_way_to_a_dataset_read_much_faster(top: Path) -> None:
     build_image(make_tree(top / "src-small", {"small.bin": small}), md.data / "small.sqfs")
     with running(md):
         assert (md.mnt / "big" / "big.bin").read_bytes() == big
-        md.wait(lambda s: next(d for d in s["datasets"] if d["name"] == "big")["copy"] is not None, "big being copied")
+        md.wait(lambda s: entry(s, "big")["copy"] is not None, "big being copied")  # type: ignore[index]
         path = md.mnt / "small" / "small.bin"
 
         def read_small_until_big_gives_way() -> bool:
@@ -731,7 +733,9 @@ def test_a_demoted_copy_is_kept_until_its_space_is_needed(top: Path) -> None:
     md.write_config(capacity=capacity)
 
     def ds(st: dict[str, Any], name: str) -> dict[str, Any]:
-        return dict(next(d for d in st["datasets"] if d["name"] == name))
+        d = entry(st, name)
+        assert d is not None, f"{name} is not served"
+        return d
 
     def used() -> int:
         return sum((md.cache / n).stat().st_size for n in cache_files(md))
@@ -789,7 +793,7 @@ def test_kept_copies_go_first_when_the_disk_fills_up(top: Path) -> None:
             md.wait_tier("a", "cache")
             md.ctl_direct("unpin", "a")
             md.ctl_direct("pin", "b")  # a demoted, its copy kept
-            md.wait(lambda s: any(d["name"] == "a" and d["kept_copy"] for d in s["datasets"]), "a's copy kept")
+            md.wait(lambda s: entry(s, "a")["kept_copy"], "a's copy kept")  # type: ignore[index]
             md.ctl_direct("unpin", "b")
             assert md.ctl_direct("evict", "b") in ("copy of b cancelled", "b demoted")  # no copy running now
             # (the cancelled copy's temp file, or b's copy, goes a moment later)
