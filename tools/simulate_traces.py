@@ -232,11 +232,12 @@ class SimPolicy:
     """A policy under simulation: sees every read, and gets a round every interval."""
 
     name = "?"
+    keeps_copies = False  # demoted copies stay until their space is needed (CacheModel's keep)
 
     def __init__(self, trace: Trace, cfg: SimConfig) -> None:
         self.trace = trace
         self.cfg = cfg
-        self.cache = CacheModel(trace.sizes, cfg.copy_bandwidth)
+        self.cache = CacheModel(trace.sizes, cfg.copy_bandwidth, cfg.capacity, keep=self.keeps_copies)
 
     def on_read(self, ev: Event, hit: bool) -> None:
         pass
@@ -263,10 +264,10 @@ class SimPolicy:
 
 class OursPolicy(SimPolicy):
     name = "ours"
+    keeps_copies = True  # as mountd
 
     def __init__(self, trace: Trace, cfg: SimConfig) -> None:
         super().__init__(trace, cfg)
-        self.cache = CacheModel(trace.sizes, cfg.copy_bandwidth, cfg.capacity, keep=True)  # as mountd
         self.stats = ThroughputStats(cfg.window, buckets=60)
         self.params = PolicyParams(
             horizon=HORIZON_WINDOWS * cfg.window,
