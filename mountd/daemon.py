@@ -510,7 +510,7 @@ class Daemon:
             horizon=HORIZON_WINDOWS * self.s.window, min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth
         )
         d = choose(demand=demand, sizes=sizes, capacity=self.capacity_now, cached=cached, reclaimable=kept,
-                   free=max(0, free + sum(self.managed[n].size for n in kept)),
+                   free=max(0, free + self.reclaimable_bytes()),
                    pinned=forced, never_cache=self.s.never_cache, now=now, params=params)  # fmt: skip
         self.last_decision = d
         for name in sorted(d.demote):
@@ -727,6 +727,10 @@ class Daemon:
                 continue
             self.reclaimable[m.name] = Reclaimable(file, checksum, c.identity, (st.st_size, st.st_mtime_ns))
             log.info("kept the copy of %s (%s) until its space is needed", m.name, self.s.cachedir / file)
+
+    def reclaimable_bytes(self) -> int:
+        """Bytes of the kept copies (of datasets still served)."""
+        return sum(m.size for n, m in self.managed.items() if n in self.reclaimable)
 
     def drop_reclaimable(self, name: str) -> None:
         """Delete the kept copy of *name*, if any (by the watcher loop)."""

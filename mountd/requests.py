@@ -148,7 +148,7 @@ def status(d: Daemon) -> dict[str, Any]:
             "free": d.free_now,
             "budget": d.last_decision.budget if d.last_decision else None,
             "used": used,
-            "reclaimable": sum(m.size for n, m in d.managed.items() if n in d.reclaimable),
+            "reclaimable": d.reclaimable_bytes(),
         },
         "datasets": out,
         "refused": [{"name": n, "images": [str(p) for p in ps]} for n, ps in sorted(d.clashes.items())],
