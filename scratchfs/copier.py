@@ -11,7 +11,12 @@ the manifest says). The source must not change while copying
 linked to its final name (never over an existing file) and the directory fsynced.
 
 On any failure or cancellation the temp file is removed and :class:`CopyError` raised; the
-caller retries with backoff and keeps serving from the source meanwhile.
+caller retries with backoff and keeps serving from the source meanwhile.  A caller that passes
+a :class:`Partial` keeps a cancelled copy instead: the temp file stays, the Partial holds how
+far it got (bytes and the hashes of what was read), and a later call with the same Partial
+goes on from there if the source and the temp file are as they were (else it starts over).
+The checks are the same as for a copy made in one go: the digest of everything read, in both
+calls, against the whole temp file read back from the disk.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +106,13 @@ class Progress:
     def __init__(self, total: int = 0) -> None:
         self.total = total
         self.done = 0
+        self.resumed = 0  # bytes a cancelled copy had done when this one went on from it
         self.phase = "queued"  # queued, copying, verifying, done, failed
         self.started = time.monotonic()
 
     def rate(self) -> float:
         """Bytes/s copied since the job was created."""
-        return self.done / max(time.monotonic() - self.started, 1e-9)
+        return (self.done - self.resumed) / max(time.monotonic() - self.started, 1e-9)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +122,26 @@ class Progress:
             "fraction": (self.done / self.total) if self.total else 0.0,
             "rate": self.rate(),
         }
+
+
+@dataclass
+class Partial:
+    """How far a cancelled copy got: its temp file holds the first ``pos`` bytes of the source
+    as it was (``identity``); ``digests`` and ``piece`` hash what was read (see copy_image)."""
+
+    identity: Identity | None = None
+    pos: int = 0
+    digests: list[bytes] = field(default_factory=list)
+    piece: Any = None  # hash of the bytes read since the last whole CHUNK (pos % CHUNK of them)
+
+    def resumable(self, ident: Identity, tmp: Path) -> bool:
+        """Whether a copy of the source now known as *ident* can go on from here."""
+        if self.identity != ident or self.piece is None or self.pos <= 0:
+            return False
+        try:
+            return os.stat(tmp).st_size == self.pos
+        except OSError:
+            return False
 
 
 @dataclass(frozen=True)
@@ -232,12 +258,16 @@ def copy_image(
     progress: Progress | None = None,
     verify_threads: int | None = 1,
     room: Callable[[int], int] | None = None,
+    partial: Partial | None = None,
 ) -> CopyResult:
     """Copy *src* to *tmp*, verify, link to *dst* (see the module docstring). Blocking.
 
     *room*, if given, is called before bytes are written beyond what it last allowed, with the
     number of bytes about to be written: it makes room for them (mountd deletes reclaimable
     copies) and returns how many bytes may be written before it is asked again.
+
+    *partial*, if given, makes a cancelled copy resumable: on :class:`CopyCancelled` the temp
+    file is left (the caller deletes it, or calls again with the same *partial* to go on).
     """
     cancel = cancel or threading.Event()
     progress = progress or Progress()
@@ -251,24 +281,40 @@ def copy_image(
     manifest = None
     with contextlib.suppress(ScratchfsError, OSError):
         manifest = read_manifest(src)
+    resume = partial is not None and partial.resumable(ident, tmp)
     fin = fout = -1
+    pos = 0
+    copying = False
     try:
         fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-        fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        if resume:
+            assert partial is not None
+            fout = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+            pos, digests, piece = partial.pos, partial.digests, partial.piece
+            os.lseek(fin, pos, os.SEEK_SET)
+            os.lseek(fout, pos, os.SEEK_SET)
+            log.info("going on with the copy of %s at %d of %d bytes", src, pos, ident.size)
+        else:
+            if partial is not None:  # nothing to go on from: start over
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            digests, piece = [], new_hash()
+        in_piece = pos % CHUNK
+        progress.done = progress.resumed = pos
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(fin, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         throttle = Throttle(bandwidth, cancel)
         writeback = Writeback(fout)
-        digests: list[bytes] = []
-        piece = new_hash()
-        in_piece = 0
+        writeback.started = writeback.done = pos
         view = memoryview(bytearray(read_size(bandwidth)))
-        pos = 0
         allowed = 0  # bytes that may be written before room is asked again
+        copying = True  # pos, digests and piece agree with what the temp file holds
         while True:
             if cancel.is_set():
                 raise CopyCancelled("copy cancelled")
-            n = os.readv(fin, [view])
+            # never past the end of a CHUNK piece (a resumed copy may not start on a read boundary)
+            n = os.readv(fin, [view if in_piece + len(view) <= CHUNK else view[: CHUNK - in_piece]])
             if n == 0:
                 break
             if room is not None and n > allowed:
@@ -287,6 +333,7 @@ def copy_image(
             progress.done = pos
             writeback(pos)
             throttle(n)
+        copying = False
         if in_piece or not digests:
             digests.append(piece.digest())
         checksum = tree_digest(digests)
@@ -335,6 +382,11 @@ def copy_image(
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        if isinstance(e, CopyCancelled) and partial is not None and copying and pos > 0:
+            partial.identity, partial.pos, partial.digests, partial.piece = ident, pos, digests, piece
+            raise  # the temp file stays, to go on from
+        if partial is not None:
+            partial.pos = 0
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError):

@@ -26,6 +26,7 @@ from scratchfs.copier import (
     CopyCancelled,
     CopyError,
     Identity,
+    Partial,
     Progress,
     Throttle,
     Writeback,
@@ -266,6 +267,78 @@ def test_a_limited_copy_reads_in_small_pieces_and_hashes_the_same(tmp_path: Path
     assert res.checksum == full.checksum == image_checksum(image)
     assert (out / "paced.sqfs").read_bytes() == image.read_bytes()
 
+
+
+class CancelAt(Steps):
+    """Cancels the copy once it has copied *at* bytes (checked before its next read)."""
+
+    def __init__(self, cancel: threading.Event, at: int) -> None:
+        self.cancel, self.at = cancel, at
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def done(self) -> int:
+        return self._done
+
+    @done.setter
+    def done(self, v: int) -> None:
+        Steps.done.fset(self, v)  # type: ignore[attr-defined]
+        if v >= self.at:
+            self.cancel.set()
+
+
+def test_a_cancelled_copy_goes_on_from_where_it_stopped(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(19 * 1024 * 1024 + 5))  # three 8 MiB hash pieces
+    image = tmp_path / "img.sqfs"
+    subprocess.run(["mksquashfs", str(src), str(image), "-quiet", "-no-progress", "-noD"], check=True)
+    size = image.stat().st_size
+    out = tmp_path / "cache"
+    out.mkdir()
+    tmp, part = out / ".t.part", Partial()
+    # Paced (512 KiB reads), cancelled 5.5 MiB in: the rest is read 1 MiB at a time from an
+    # offset that is no multiple of 1 MiB, across the 8 MiB piece boundaries.
+    cancel = threading.Event()
+    with pytest.raises(CopyCancelled):
+        copy_image(image, tmp, out / "img.sqfs", bandwidth=100e6, cancel=cancel, progress=CancelAt(cancel, 5632 << 10),
+                   partial=part)  # fmt: skip
+    assert part.pos == 5632 << 10 and tmp.stat().st_size == part.pos
+    assert tmp.read_bytes() == image.read_bytes()[: part.pos]
+    rest = Steps()
+    res = copy_image(image, tmp, out / "img.sqfs", progress=rest, partial=part)
+    assert rest.resumed == rest.steps[0] == 5632 << 10 and sum(rest.steps[1:]) == size - rest.resumed  # nothing read twice
+    assert 512 << 10 in rest.steps[1:]  # up to the 8 MiB piece boundary, then 1 MiB reads
+    assert res.checksum == image_checksum(image) and (out / "img.sqfs").read_bytes() == image.read_bytes()
+    assert not tmp.exists()
+
+    # A source changed since (mtime): started over, nothing of the old temp file kept.
+    cancel = threading.Event()
+    with pytest.raises(CopyCancelled):
+        copy_image(image, tmp, out / "b.sqfs", cancel=cancel, progress=CancelAt(cancel, 3 << 20), partial=part)
+    os.utime(image, ns=(1, 1))
+    again = Steps()
+    res = copy_image(image, tmp, out / "b.sqfs", progress=again, partial=part)
+    assert again.resumed == 0 and sum(again.steps) == size and res.checksum == image_checksum(image)
+
+    # The temp file damaged while it waited: the copy is refused, the temp file removed.
+    cancel = threading.Event()
+    with pytest.raises(CopyCancelled):
+        copy_image(image, tmp, out / "c.sqfs", cancel=cancel, progress=CancelAt(cancel, 3 << 20), partial=part)
+    with open(tmp, "r+b") as f:
+        f.seek(1 << 20)
+        b = f.read(1)
+        f.seek(1 << 20)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(CopyError, match="verification failed"):
+        copy_image(image, tmp, out / "c.sqfs", partial=part)
+    assert sorted(os.listdir(out)) == ["b.sqfs", "img.sqfs"] and part.pos == 0
+
+    # Without a Partial a cancelled copy leaves nothing.
+    cancel = threading.Event()
+    with pytest.raises(CopyCancelled):
+        copy_image(image, tmp, out / "d.sqfs", cancel=cancel, progress=CancelAt(cancel, 3 << 20))
+    assert sorted(os.listdir(out)) == ["b.sqfs", "img.sqfs"]
 
 def test_writeback_keeps_a_copy_out_of_the_page_cache() -> None:
     """What a copy wrote is written back and dropped piece by piece, not left dirty in memory
