@@ -36,7 +36,16 @@ from typing import Any
 import trio
 
 from scratchfs import metrics
-from scratchfs.copier import CopyCancelled, CopyError, CopyResult, Identity, Progress, copy_image, verify_copy
+from scratchfs.copier import (
+    CopyCancelled,
+    CopyError,
+    CopyResult,
+    Identity,
+    Partial,
+    Progress,
+    copy_image,
+    verify_copy,
+)
 from scratchfs.errors import ScratchfsError
 from scratchfs.image.manifest import read_manifest
 from scratchfs.namespace import Namespace
@@ -115,16 +124,19 @@ class CopyJob:
     started: float = 0.0  # trio time
     why: str = "policy"
     logged: float = 0.0  # trio time of the last progress log line
+    keep_partial: bool = True  # cancelled, what it copied stays to go on from (not when evicted)
 
 
 @dataclass(frozen=True)
 class Reclaimable:
-    """The copy of a demoted dataset, left on the SSD until its space is needed."""
+    """The copy of a demoted dataset, or the temp file of a cancelled copy (``partial``), left
+    on the SSD until its space is needed."""
 
     file: str
-    checksum: str
+    checksum: str  # "" for a partial copy
     identity: Identity  # of the backing image it is a copy of
     stat: tuple[int, int]  # (size, mtime_ns) of the file when it was left
+    partial: Partial | None = None  # a cancelled copy, to go on from (see copy_image)
 
 
 @dataclass
@@ -236,6 +248,8 @@ class Daemon:
                 nursery.start_soon(self._adopt_all)
         finally:
             self._cancel_all_copies()
+            for name in [n for n, r in self.reclaimable.items() if r.partial is not None]:
+                self.store.delete(self.reclaimable.pop(name).file)  # cannot be gone on from after a restart
             with trio.CancelScope(shield=True):
                 await self._save()
             if self._trace is not None:
@@ -497,7 +511,7 @@ class Daemon:
         self.free_now = max(0, free)
         for name in [n for n in self.reclaimable if n in self.s.never_cache]:
             self.drop_reclaimable(name)  # never to be cached again: its copy is of no use
-        kept = {n for n in self.reclaimable if n in self.managed}
+        kept = {n for n in self.managed if self.has_kept_copy(n)}
         sizes = {n: m.size for n, m in self.managed.items() if not m.adopting}
         cached = {
             n: (m.promoted_at if m.promoted_at is not None else now)
@@ -524,7 +538,7 @@ class Daemon:
                 await self.demote(m, why=d.reasons.get(name, "policy"))
         # Wanted again while its copy is still on the SSD: served from it at once, nothing copied.
         for name in d.queue:
-            if (m := self.managed.get(name)) is not None and name in self.reclaimable and m.job is None:
+            if (m := self.managed.get(name)) is not None and self.has_kept_copy(name) and m.job is None:
                 await self.revive(m)
         running = sum(1 for m in self.managed.values() if m.job is not None)
         # Prefetches asked for by an admin first, then the policy's promotions in its order.
@@ -591,17 +605,28 @@ class Daemon:
     async def _copy_and_switch(self, m: Managed, job: CopyJob) -> None:
         src, ident = m.backing, m.identity
         assert src is not None and ident is not None
-        tmp = self.store.new_temp(m.name)
-        await self._save()
         final = self.store.final_path(m.name)
+        kept = self.reclaimable.get(m.name)
+        if kept is not None and kept.partial is not None:  # a cancelled copy to go on from
+            del self.reclaimable[m.name]
+            tmp, partial = self.s.cachedir / kept.file, kept.partial
+        else:
+            tmp, partial = self.store.new_temp(m.name), Partial()
+            await self._save()
         log.info("copying %s to %s (%s)", src, final, job.why)
         result: CopyResult | None = None
+        left: Reclaimable | None = None
         try:
             result = await trio.to_thread.run_sync(
                 lambda: copy_image(src, tmp, final, bandwidth=self.s.copy_bandwidth, cancel=job.cancel,
-                                   progress=job.progress, room=self._room_for_copy))  # fmt: skip
+                                   progress=job.progress, room=self._room_for_copy, partial=partial))  # fmt: skip
         except CopyCancelled:
-            log.info("copy of %s cancelled", m.name)
+            if (left := self._partial_to_keep(m, job, tmp, partial)) is not None:
+                self.reclaimable[m.name] = left
+                log.info("copy of %s cancelled; the %s copied stay in %s until their space is needed",
+                         m.name, format_size(partial.pos), tmp)  # fmt: skip
+            else:
+                log.info("copy of %s cancelled", m.name)
         except CopyError as e:
             m.failures += 1
             delay = min(RETRY_MAX, RETRY_BASE * 2 ** (m.failures - 1))
@@ -609,7 +634,11 @@ class Daemon:
             m.last_error = str(e)
             log.warning("copy of %s failed (%s); serving from scratch, retrying in %.0f s", m.name, e, delay)
         finally:
-            self.store.forget_temp(tmp)
+            if left is None and os.path.lexists(tmp):  # a cancelled copy's, of no use
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.store.delete, tmp.name)
+            elif left is None:
+                self.store.forget_temp(tmp)
         if result is None:
             if m.cache_file is None:
                 m.promoted_at = None
@@ -623,6 +652,19 @@ class Daemon:
             await self._delete_pending()
             return
         await self._switch_to_cache(m, final.name, result.checksum)
+
+    def _partial_to_keep(self, m: Managed, job: CopyJob, tmp: Path, partial: Partial) -> Reclaimable | None:
+        """What a cancelled copy wrote, to keep if it is of use: something was copied, the
+        dataset and its image are the same, it was not evicted, and mountd is not stopping."""
+        if (partial.pos <= 0 or partial.identity is None or not self.live or not job.keep_partial
+                or self.managed.get(m.name) is not m or m.backing_gone or partial.identity != m.identity
+                or m.name in self.s.never_cache):  # fmt: skip
+            return None
+        try:
+            st = os.stat(tmp)
+        except OSError:
+            return None
+        return Reclaimable(tmp.name, "", partial.identity, (st.st_size, st.st_mtime_ns), partial)
 
     async def _switch_to_cache(self, m: Managed, file: str, checksum: str) -> None:
         try:
@@ -729,8 +771,13 @@ class Daemon:
             log.info("kept the copy of %s (%s) until its space is needed", m.name, self.s.cachedir / file)
 
     def reclaimable_bytes(self) -> int:
-        """Bytes of the kept copies (of datasets still served)."""
-        return sum(m.size for n, m in self.managed.items() if n in self.reclaimable)
+        """Bytes of the kept copies and cancelled copies' temp files (of datasets still served)."""
+        return sum(r.stat[0] for n, r in self.reclaimable.items() if n in self.managed)
+
+    def has_kept_copy(self, name: str) -> bool:
+        """Whether *name* has a whole copy kept, to be served from again at once."""
+        r = self.reclaimable.get(name)
+        return r is not None and r.partial is None
 
     def drop_reclaimable(self, name: str) -> None:
         """Delete the kept copy of *name*, if any (by the watcher loop)."""

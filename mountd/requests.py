@@ -74,7 +74,7 @@ async def control(d: Daemon, op: str, name: str) -> str:
             return f"{name} is being copied already"
         if m.backing_gone:
             raise NotFoundError(f"{name}: backing image is gone")
-        if name in d.reclaimable and await d.revive(m):
+        if d.has_kept_copy(name) and await d.revive(m):
             return f"{name} served from its kept copy again"
         m.retry_at = 0.0
         m.prefetch = True
@@ -86,6 +86,7 @@ async def control(d: Daemon, op: str, name: str) -> str:
     d.evicted_at[name] = trio.current_time()  # not promoted again by the policy for a window
     m.prefetch = False
     if m.job is not None:
+        m.job.keep_partial = False
         m.job.cancel.set()
         return f"copy of {name} cancelled"
     if m.cache_file is None:
@@ -122,7 +123,9 @@ def status(d: Daemon) -> dict[str, Any]:
             "backing": str(m.backing) if m.backing else None,
             "backing_gone": m.backing_gone,
             "cache_file": str(d.s.cachedir / m.cache_file) if m.cache_file else None,
-            "kept_copy": str(d.s.cachedir / r.file) if (r := d.reclaimable.get(name)) else None,
+            "kept_copy": str(d.s.cachedir / r.file) if (r := d.reclaimable.get(name)) and not r.partial else None,
+            # a cancelled copy's temp file, to go on from: {"file", "bytes_done"}
+            "partial_copy": {"file": str(d.s.cachedir / r.file), "bytes_done": r.stat[0]} if r and r.partial else None,
             "rate": ds.rate if ds else 0.0,
             "bytes_scratch": scratch_b,
             "bytes_cache": cache_b,

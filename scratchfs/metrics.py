@@ -79,7 +79,7 @@ def render(status: Mapping[str, Any]) -> str:
         ("budget", "Bytes the policy may hold in the cache this round."),
         ("capacity", "Configured cache capacity."),
         ("free", "Free bytes of the cache filesystem minus the reserve."),
-        ("reclaimable", "Bytes of demoted datasets' copies kept until their space is needed."),
+        ("reclaimable", "Bytes of demoted datasets' copies and of cancelled copies kept until their space is needed."),
     ):
         if key in cache and cache[key] is not None:
             name = f"{PREFIX}_cache_{key}_bytes"

@@ -118,6 +118,9 @@ def format_status(st: dict[str, Any]) -> str:
             notes.append(f"{d['name']}: backing image {d.get('backing')} is gone; served from the cached copy")
         if d.get("kept_copy"):
             notes.append(f"{d['name']}: its copy {d['kept_copy']} is kept until its space is needed")
+        if part := d.get("partial_copy"):
+            notes.append(f"{d['name']}: its cancelled copy {part['file']} ({format_size(part['bytes_done'])} of "
+                         f"{format_size(d['size'])}) is kept until its space is needed; the next copy goes on from it")
         if d.get("last_error"):
             notes.append(f"{d['name']}: last copy failed ({d['copy_failures']}x): {d['last_error']}")
     for r in st.get("refused", []):

@@ -56,6 +56,7 @@ STATUS = {
     "cache": {"capacity": 1000, "free": 500, "budget": 900, "used": 300, "reclaimable": 150},
     "datasets": [
         {"name": 'we"ird\\name', "tier": "cache", "size": 300, "rate": 12.5, "bytes_scratch": 10, "bytes_cache": 30,
+         "partial_copy": {"file": "/ssd/.x.1.part", "bytes_done": 120},
          "hit_ratio": 0.75, "pinned": True, "backing_gone": True, "backing": "/scratch/x.sqfs",
          "last_promotion": 1700000000.0, "last_demotion": None, "copy": None, "copy_failures": 0, "last_error": None},
         {"name": "b", "tier": "scratch", "size": 200, "rate": 0.0, "bytes_scratch": 0, "bytes_cache": 0,
@@ -93,6 +94,7 @@ def test_status_text_says_backing_gone_failures_and_refusals() -> None:
     assert "last copy failed (2x): boom" in out
     assert "c: refused" in out and "copying 25%" in out
     assert "b: its copy /ssd/b.sqfs is kept until its space is needed" in out and "150 B kept reclaimable" in out
+    assert "its cancelled copy /ssd/.x.1.part (120 B of 300 B) is kept until its space is needed" in out
 
 
 def _ident(n: int = 1) -> Identity:
