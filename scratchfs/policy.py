@@ -143,10 +143,11 @@ Algorithm
    ``expected``, what :func:`choose` expects it to serve from the cache once copied: for one
    not admitted, what its run is expected to read after its copy, so a scan read once at a
    high rate, over before its copy would be, gains nothing), at the price of the running
-   one's reads over ``t`` and of its bytes copied again (counted ``WASTE`` = 2 times: a copy
-   read from scratch twice is traffic no reader gets, and cancelling is a bet on rates
-   measured now).  This is Smith's rule (most reads per second of copy first) with a price on
-   the work thrown away.  Under constant rates it cannot go back and forth: the copy that took
+   one's reads over ``t`` and of its bytes copied so far (counted ``WASTE`` = 2 times: mountd
+   keeps them and its next copy of that dataset goes on from them, but only until a copy needs
+   their space, and then they are read from scratch twice, traffic no reader gets; and
+   cancelling is a bet on rates measured now).  This is Smith's rule (most reads per second
+   of copy first) with a price on the work put at risk.  Under constant rates it cannot go back and forth: the copy that took
    over never gives way to the one it replaced, since that would need ``r_running * t_waiting
    > r_waiting * left``, the opposite of what let it start.  mountd starts the waiting one
    next, before the cancelled one (which the policy's order may put first again).  Copies an

@@ -123,8 +123,9 @@ class CacheModel:
     """Images held or being copied, one serial copier at a fixed bandwidth.
 
     With ``keep`` (mountd's behaviour), a demoted image's copy stays on the disk, reclaimable,
-    until the copy running needs its space (oldest demoted first): promoted again before that,
-    it is served at once, with nothing copied.
+    until the copy running needs its space (oldest left first): promoted again before that, it
+    is served at once, with nothing copied.  So does what a cancelled copy wrote: the next copy
+    of that image goes on from it.
     """
 
     def __init__(self, sizes: dict[str, int], bandwidth: float, capacity: int = 0, keep: bool = False) -> None:
@@ -132,15 +133,22 @@ class CacheModel:
         self.bw = bandwidth
         self.capacity = capacity
         self.keep = keep
-        self.reclaimable: OrderedDict[str, float] = OrderedDict()  # name → time demoted
+        self.kept: OrderedDict[str, int] = OrderedDict()  # name → bytes left on the disk, oldest first
+        self.partial: set[str] = set()  # ... of those, cancelled copies (the rest: whole copies)
         self.ready: dict[str, float] = {}  # name → time promoted (copy queued)
         self.queue: OrderedDict[str, float] = OrderedDict()  # name → time promoted
         self.head_start = 0.0  # when the copy at the head of the queue started
+        self.head_done = 0  # bytes of it on the disk then (going on from a cancelled copy)
         self.used = 0
         self.peak = 0
         self.bytes_copied = 0
         self.copies = 0
         self.drops = 0
+
+    @property
+    def reclaimable(self) -> list[str]:
+        """Demoted images whose whole copy is still on the disk."""
+        return [n for n in self.kept if n not in self.partial]
 
     def held(self) -> dict[str, float]:
         return {**self.ready, **self.queue}
@@ -152,7 +160,7 @@ class CacheModel:
         """When the copier would be free, given the queue as it stands."""
         if not self.queue:
             return now
-        t = self.head_start
+        t = self.head_start - self.head_done / self.bw
         for name in self.queue:
             t += self.sizes[name] / self.bw
         return max(t, now)
@@ -161,7 +169,15 @@ class CacheModel:
         """When the copy at the head of the queue ends (inf: none running)."""
         if not self.queue:
             return math.inf
-        return self.head_start + self.sizes[next(iter(self.queue))] / self.bw
+        return self.head_start + (self.sizes[next(iter(self.queue))] - self.head_done) / self.bw
+
+    def _start_head(self, now: float) -> None:
+        """The copy at the head of the queue starts now, from a cancelled copy if one is left."""
+        self.head_start, self.head_done = now, 0
+        head = next(iter(self.queue), None)
+        if head in self.partial:
+            self.partial.discard(head)
+            self.head_done = self.kept.pop(head)
 
     def advance(self, now: float) -> None:
         while self.queue:
@@ -170,19 +186,20 @@ class CacheModel:
                 break
             name = next(iter(self.queue))
             self.ready[name] = self.queue.pop(name)
-            self.bytes_copied += self.sizes[name]
-            self.head_start = done
+            self.bytes_copied += self.sizes[name] - self.head_done
+            self._start_head(done)
         self._reclaim(now)
 
     def _reclaim(self, now: float) -> None:
-        """Drop reclaimable copies, oldest first, while the bytes on the disk (held copies, the
-        running copy so far, reclaimable copies) exceed the capacity."""
-        if not self.reclaimable:
+        """Drop what is kept, oldest first, while the bytes on the disk (held copies, the
+        running copy so far, what is kept) exceed the capacity."""
+        if not self.kept:
             return
-        on_disk = sum(self.sizes[n] for n in (*self.ready, *self.reclaimable)) + self.copied(now)
-        while self.reclaimable and on_disk > self.capacity:
-            name, _ = self.reclaimable.popitem(last=False)
-            on_disk -= self.sizes[name]
+        on_disk = sum(self.sizes[n] for n in self.ready) + sum(self.kept.values()) + self.copied(now)
+        while self.kept and on_disk > self.capacity:
+            name, nbytes = self.kept.popitem(last=False)
+            self.partial.discard(name)
+            on_disk -= nbytes
 
     def promote(self, name: str, now: float) -> None:
         if name in self:
@@ -190,7 +207,8 @@ class CacheModel:
         size = self.sizes[name]
         self.used += size
         self.peak = max(self.peak, self.used)
-        if self.reclaimable.pop(name, None) is not None:
+        if name in self.kept and name not in self.partial:
+            del self.kept[name]
             self.ready[name] = now  # its copy is still on the disk
             return
         self.copies += 1
@@ -198,27 +216,33 @@ class CacheModel:
             self.ready[name] = now
             self.bytes_copied += size
         else:
-            if not self.queue:
-                self.head_start = now
             self.queue[name] = now
+            if len(self.queue) == 1:
+                self._start_head(now)
         self._reclaim(now)
 
     def copied(self, now: float) -> int:
-        """Bytes the copy at the head of the queue has copied by *now* (0: none running)."""
+        """Bytes the copy at the head of the queue has on the disk by *now* (0: none running)."""
         if not self.queue:
             return 0
-        return int(min(self.sizes[next(iter(self.queue))], (now - self.head_start) * self.bw))
+        return int(min(self.sizes[next(iter(self.queue))], self.head_done + (now - self.head_start) * self.bw))
 
     def demote(self, name: str, now: float) -> None:
         if name in self.ready:
             del self.ready[name]
             if self.keep:
-                self.reclaimable[name] = now
+                self.kept[name] = self.sizes[name]
         elif name in self.queue:
             if next(iter(self.queue)) == name:
-                self.bytes_copied += self.copied(now)
-                self.head_start = now
-            del self.queue[name]
+                done = self.copied(now)
+                self.bytes_copied += done - self.head_done
+                del self.queue[name]
+                if self.keep and done > 0:
+                    self.kept[name] = done
+                    self.partial.add(name)
+                self._start_head(now)
+            else:
+                del self.queue[name]
         else:
             return
         self.used -= self.sizes[name]
