@@ -372,15 +372,19 @@ class Daemon:
         self.clashes = clashes
         for name, m in list(self.managed.items()):
             if name not in seen:
-                self._backing_missing(m)
+                await self._backing_missing(m)
         for name, sn in seen.items():
             await self._seen(name, sn)
 
-    def _backing_missing(self, m: Managed) -> None:
+    async def _backing_missing(self, m: Managed) -> None:
         if m.ds.tier == CACHE and m.cache_file is not None:
             if not m.backing_gone:
                 log.warning("backing image of %s (%s) is gone; serving it from the cached copy", m.name, m.backing)
                 m.backing_gone = True
+            return
+        if self.has_kept_copy(m.name) and m.job is None and await self.revive(m):
+            log.warning("backing image of %s (%s) is gone; serving it from its kept copy", m.name, m.backing)
+            m.backing_gone = True
             return
         log.info("dataset %s removed (%s is gone)", m.name, m.backing)
         self.drop_reclaimable(m.name)

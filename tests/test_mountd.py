@@ -504,6 +504,33 @@ def test_backing_image_deleted_while_cached(top: Path) -> None:
     assert sum(e.nbytes for e in tr.events) == served["bytes_scratch"] + served["bytes_cache"]  # type: ignore[index]
 
 
+
+def test_a_purged_dataset_with_a_kept_copy_is_served_from_it(top: Path) -> None:
+    """A demoted dataset whose copy is still kept on the SSD and whose backing image is then
+    purged is served from that copy (not dropped), as a cached one would be."""
+    a, b = payload(3 * MiB, 51), payload(12 * MiB, 52)
+    md = Mountd(top, copy_bandwidth="1M")
+    img_a = build_image(make_tree(top / "src-a", {"a.bin": a}), md.data / "a.sqfs")
+    img_b = build_image(make_tree(top / "src-b", {"b.bin": b}), md.data / "b.sqfs")
+    md.write_config(capacity=img_a.stat().st_size + img_b.stat().st_size - 64 * KiB)  # a or b, not both
+    with running(md):
+        md.ctl_direct("pin", "a")
+        md.wait_tier("a", "cache")
+        md.ctl_direct("unpin", "a")
+        md.ctl_direct("pin", "b")  # a demoted, its copy kept while b's copy (12 s) runs
+        kept = md.wait(lambda s: entry(s, "a")["kept_copy"], "a's copy kept")  # type: ignore[index]
+        with open(md.mnt / "a" / "a.bin", "rb", buffering=0) as held:
+            img_a.unlink()  # the scratch purge
+            st = md.wait(lambda s: entry(s, "a")["backing_gone"], "a's backing reported gone")  # type: ignore[index]
+            d = entry(st, "a")
+            assert d is not None and d["tier"] == "cache" and d["cache_file"] == entry(kept, "a")["kept_copy"], d  # type: ignore[index]
+            os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert held.read() == a  # a file open before the purge reads on, from the copy
+        assert "serving it from its kept copy" in md.log_text()
+        drop_pages(md.mnt / "a" / "a.bin")
+        assert (md.mnt / "a" / "a.bin").read_bytes() == a
+        assert (md.mnt / "b" / "b.bin").read_bytes() == b
+
 def test_backing_image_replaced(top: Path) -> None:
     md = Mountd(top)
     old, new = payload(1 * MiB, 6), payload(1 * MiB + 4096, 7)
