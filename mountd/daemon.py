@@ -790,8 +790,9 @@ class Daemon:
             self._to_delete.append(r.file)
 
     async def make_room(self, need: int) -> int:
-        """Delete kept copies, oldest demoted first, until *need* more bytes fit in the cache:
-        in the free space beyond the reserve and within the capacity.  Returns how many bytes fit
+        """Delete kept copies (and cancelled copies' temp files), oldest left first, until *need*
+        more bytes fit in the cache: in the free space beyond the reserve and within the
+        capacity.  Returns how many bytes fit
         without deleting more (not less than *need*: with no kept copy left, a copy that finds
         the disk full fails as it would have; no more than ``ROOM_STEP`` while kept copies
         remain)."""
@@ -808,7 +809,8 @@ class Daemon:
                 name = next(iter(self.reclaimable))
                 r = self.reclaimable.pop(name)
                 await trio.to_thread.run_sync(self.store.delete, r.file)
-                log.info("deleted the kept copy of %s (%s): its space is needed", name, self.s.cachedir / r.file)
+                log.info("deleted the %s of %s (%s): its space is needed",
+                         "cancelled copy" if r.partial else "kept copy", name, self.s.cachedir / r.file)  # fmt: skip
                 deleted = True
             if deleted:
                 await self._save()
