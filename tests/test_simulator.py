@@ -165,6 +165,7 @@ def test_a_cancelled_copy_goes_on_from_its_bytes_until_their_space_is_needed() -
     cache.promote("b", 40.0)  # from zero again
     assert cache.next_done() == 50.0
 
+
 def test_scratch_manager_floor_can_overshoot() -> None:
     """Its weights are floored to 1/1000 of the capacity, so picks can exceed the capacity."""
     cap = 1_000_000
@@ -172,6 +173,9 @@ def test_scratch_manager_floor_can_overshoot() -> None:
     names = ["a", "b", "c"]
     picked = sim._floor_knapsack(names, [1.0, 1.0, 1.0], dict.fromkeys(names, size), cap)
     assert sorted(picked) == names and 3 * size > cap
+    # rounded up (--exact-scratch-manager's sm_exact), they weigh 334 units: two fit, not three
+    exact = sim._floor_knapsack(names, [1.0, 1.0, 1.0], dict.fromkeys(names, size), cap, round_up=True)
+    assert len(exact) == 2 and 2 * size <= cap
 
 
 def _reference_floor_knapsack(names: list[str], values: list[float], sizes: dict[str, int], capacity: int) -> list[str]:
