@@ -32,7 +32,7 @@ read-only FUSE passthrough behind one first-come-first-served link of that bandw
 
 Needs root (loop device, cgroups, drop_caches), mksquashfs. Medians of interleaved rounds.
 
-    python tools/bench_mountd.py [--size-mb 192] [--rounds 3] [--switches 10] [--ssd disk|ram]
+    python tools/bench_mountd.py [--size-mb 192] [--rounds 9] [--switches 10] [--ssd disk|ram]
                                  [--emulator blkio|link] [--parts abc] [--trace-switches]
 """
 
@@ -308,7 +308,7 @@ def _terminated(signum: int, frame: object) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--size-mb", type=int, default=192, help="size of the hot dataset's file")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds of (a), the median of which is shown")
     ap.add_argument("--switches", type=int, default=10, help="promotions (and as many demotions) in (b)")
     ap.add_argument("--scratch-bw", type=int, default=100, help="emulated scratch read bandwidth, MiB/s")
     ap.add_argument("--ssd", choices=("disk", "ram"), default="disk",
@@ -378,7 +378,7 @@ def main() -> int:
             print(f"    mountd before promotion (scratch) {b:8.1f} MB/s")
             print(f"    mountd after promotion (cache)    {a:8.1f} MB/s   x{a / b:.2f} vs before")
             print(f"    scratchfs mount of the cached copy {d:7.1f} MB/s")
-            print(f"    ratio after / direct              {a / d:8.2f}   (target >= 0.9)")
+            print(f"    ratio after / direct              {a / d:8.3f}   (target >= 0.9)")
 
         # (b) ------------------------------------------------------------------------------
         def stalls(throttled: bool, pace: float | None = None) -> None:
