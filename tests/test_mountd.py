@@ -530,6 +530,12 @@ def test_a_purged_dataset_with_a_kept_copy_is_served_from_it(top: Path) -> None:
         drop_pages(md.mnt / "a" / "a.bin")
         assert (md.mnt / "a" / "a.bin").read_bytes() == a
         assert (md.mnt / "b" / "b.bin").read_bytes() == b
+        # a (its only copy now) holds the space: b's copy is cancelled and what it wrote kept...
+        part = md.wait(lambda s: entry(s, "b")["partial_copy"], "b's cancelled copy kept")  # type: ignore[index]
+        assert Path(entry(part, "b")["partial_copy"]["file"]).exists()  # type: ignore[index]
+    # ... until mountd stops: it could not be gone on from after a restart
+    assert not [n for n in os.listdir(md.cache) if n.endswith(".part")], os.listdir(md.cache)
+    assert (md.cache / Path(entry(kept, "a")["kept_copy"]).name).exists()  # type: ignore[index]
 
 def test_backing_image_replaced(top: Path) -> None:
     md = Mountd(top)
