@@ -132,9 +132,6 @@ class CacheStore:
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ changes
-    def forget_temp(self, path: str | os.PathLike[str]) -> None:
-        self.temps.discard(Path(path).name)
-
     def add(self, copy: CachedCopy) -> None:
         self.copies[copy.file] = copy
 

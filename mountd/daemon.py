@@ -638,11 +638,9 @@ class Daemon:
             m.last_error = str(e)
             log.warning("copy of %s failed (%s); serving from scratch, retrying in %.0f s", m.name, e, delay)
         finally:
-            if left is None and os.path.lexists(tmp):  # a cancelled copy's, of no use
+            if left is None:  # gone already, unless a cancelled copy left it (of no use)
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.store.delete, tmp.name)
-            elif left is None:
-                self.store.forget_temp(tmp)
         if result is None:
             if m.cache_file is None:
                 m.promoted_at = None
