@@ -318,6 +318,7 @@ class OursPolicy(SimPolicy):
     def round(self, now: float) -> None:
         snap = self.stats.snapshot(now)
         demand = demand_from_snapshot(snap, self.scale)
+        kept = set(self.cache.reclaimable)
         d = choose(
             demand=demand,
             sizes=self.trace.sizes,
@@ -326,14 +327,14 @@ class OursPolicy(SimPolicy):
             cached=self.cache.held(),
             now=now,
             params=self.params,
-            reclaimable=self.cache.reclaimable,
+            reclaimable=kept,
         )
         self.drop_unwanted(d.hold, now)
         cache, sizes = self.cache, self.trace.sizes
         # As mountd: what is wanted again while its copy is still on the disk is served from it
         # at once; the rest waits for the copier.
         for name in d.queue:
-            if name in cache.reclaimable:
+            if name in kept:
                 cache.promote(name, now)
         queue = [n for n in d.queue if n not in cache]
         # As mountd: the copy running gives way to the first waiting one if that serves more.
