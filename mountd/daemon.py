@@ -13,7 +13,7 @@ file system work goes to worker threads):
 * the policy loop: :func:`scratchfs.policy.choose` every ``policy_interval``, then copies
   started (one at a time) and demotions done;
 * copies (:func:`scratchfs.copier.copy_image` in a worker thread) and switches
-  (:meth:`scratchfs.tiers.Dataset.swap`);
+  (:meth:`scratchfs.tiers.Dataset.swap`), in :mod:`mountd.mover`;
 * the control socket.
 
 Invariant: ``Managed`` records and the namespace are only changed on the trio thread, between
@@ -26,26 +26,16 @@ import contextlib
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from scratchfs import metrics
-from scratchfs.copier import (
-    CopyCancelled,
-    CopyError,
-    CopyResult,
-    Identity,
-    Partial,
-    Progress,
-    copy_image,
-    verify_copy,
-)
+from scratchfs.copier import Identity
 from scratchfs.errors import ScratchfsError
 from scratchfs.image.manifest import read_manifest
 from scratchfs.namespace import Namespace
@@ -58,26 +48,23 @@ from scratchfs.policy import (
     demand_from_snapshot,
     gives_way,
 )
-from scratchfs.squashfs import Image, Inode, SquashfsError
+from scratchfs.squashfs import Image, SquashfsError
 from scratchfs.stats import CACHE, SCRATCH, ThroughputStats
-from scratchfs.tiers import WARM_BYTES, Dataset, warm_copy
+from scratchfs.tiers import Dataset
 from scratchfs.units import format_size
 
 from . import requests
-from .cachestore import CachedCopy, CacheStore
-from .config import RESTART_KEYS, Share
+from .cachestore import CacheStore
+from .config import RESTART_KEYS
 from .control import ControlServer, Peer
+from .mover import Mover
 from .recorder import TraceRecorder
+from .records import Managed, Reclaimable, Settings
 from .watcher import Seen, scan
 
 log = logging.getLogger(__name__)
 
-RETRY_BASE = 5.0  # seconds before the first retry of a failed copy; doubles up to RETRY_MAX
-RETRY_MAX = 600.0
-#: While kept copies remain, a copy asks for room again after writing this many bytes.
-ROOM_STEP = 64 << 20
 PROGRESS_EVERY = 30.0  # seconds between log lines about a running copy
-WARM_PASSES = 3  # a demotion warms the backing image at most this many times (see Daemon._warm)
 
 #: Config key → Settings field, where they differ.
 _SETTING_OF = {"datadir": "datadirs", "control_group": "control_gid"}
@@ -90,80 +77,7 @@ def _shown(value: object) -> str:
     return "default" if value is None else str(value)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What the daemon runs with (built from the configuration file and the flags)."""
-
-    datadirs: tuple[Path, ...]
-    cachedir: Path
-    mountdir: Path
-    capacity: Share = Share(percent=80.0)
-    reserve: Share = Share(nbytes=0)
-    window: float = 600.0
-    min_residency: float = 0.0
-    copy_bandwidth: float = 0.0  # bytes/s, 0 = unlimited
-    pinned: frozenset[str] = frozenset()
-    never_cache: frozenset[str] = frozenset()
-    allow_other: bool = False
-    control_socket: Path = Path("/run/scratchfs/mountd.sock")
-    control_gid: int | None = None
-    metrics_file: Path | None = None
-    block_cache: int = 64 << 20  # bytes of decoded blocks per image
-    threads: int | None = None
-    scan_interval: float = 2.0
-    policy_interval: float = 2.0
-    sample_interval: float = 1.0
-    max_copies: int = 1
-    debug: bool = False
-
-
-@dataclass
-class CopyJob:
-    progress: Progress
-    cancel: threading.Event = field(default_factory=threading.Event)
-    started: float = 0.0  # trio time
-    why: str = "policy"
-    logged: float = 0.0  # trio time of the last progress log line
-    keep_partial: bool = True  # cancelled, what it copied stays to go on from (not when evicted)
-
-
-@dataclass(frozen=True)
-class Reclaimable:
-    """The copy of a demoted dataset, or the temp file of a cancelled copy (``partial``), left
-    on the SSD until its space is needed."""
-
-    file: str
-    checksum: str  # "" for a partial copy
-    identity: Identity  # of the backing image it is a copy of
-    stat: tuple[int, int]  # (size, mtime_ns) of the file when it was left
-    partial: Partial | None = None  # a cancelled copy, to go on from (see copy_image)
-
-
-@dataclass
-class Managed:
-    """mountd's view of one dataset."""
-
-    name: str
-    ds: Dataset
-    backing: Path | None
-    identity: Identity | None  # of the backing image served
-    size: int
-    cache_file: str | None = None  # copy in use (tier cache)
-    checksum: str | None = None
-    backing_gone: bool = False
-    promoted_at: float | None = None  # trio time of the promotion decision (policy input)
-    last_promotion: float | None = None  # wall clock
-    last_demotion: float | None = None
-    job: CopyJob | None = None
-    failures: int = 0
-    retry_at: float = 0.0
-    last_error: str | None = None
-    adopting: bool = False
-    prefetch: bool = False  # asked for by `ctl prefetch`: copied (and retried) regardless of demand
-    logical: int = 0  # bytes of the files in the image, from its manifest (0: unknown)
-
-
-class Daemon:
+class Daemon(Mover):
     def __init__(self, settings: Settings, *, reload: Callable[[], Settings] | None = None,
                  record_trace: str | None = None, on_ready: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.s = settings
@@ -268,25 +182,6 @@ class Daemon:
             if m.job is not None:
                 m.job.cancel.set()
 
-    def _prepare_cache(self) -> None:
-        """Blocking: load the record of our files, remove leftover temp files."""
-        self.s.cachedir.mkdir(parents=True, exist_ok=True)
-        self.store.load()
-        self.store.remove_temps()
-        for file in list(self.store.copies):
-            if not (self.s.cachedir / file).exists():
-                log.warning("cached copy %s is gone; forgetting it", self.s.cachedir / file)
-                del self.store.copies[file]
-        self.store.save()
-
-    async def _save(self) -> None:
-        doc = self.store.document()
-        async with self._save_lock:
-            try:
-                await trio.to_thread.run_sync(self.store.write, doc)
-            except (OSError, ScratchfsError) as e:
-                log.error("cannot save %s: %s", self.store.path, e)
-
     async def reload(self) -> None:
         if self._reload_fn is None:
             return
@@ -305,9 +200,6 @@ class Daemon:
         self._wake_policy.set()
 
     # ================================================================== datasets
-    def _open_image(self, path: Path) -> Image:
-        return Image.open(path, cache_size=self.s.block_cache)
-
     def _add(self, name: str, img: Image, tier: str, **kw: Any) -> Managed:
         ds = self.ns.add(name, img, tier)
         ds.on_read = self._on_read
@@ -351,17 +243,6 @@ class Daemon:
                 ds.image.close()
                 self._to_delete.extend(files)
         self._graveyard = keep
-
-    async def _delete_pending(self) -> None:
-        if not self._to_delete:
-            return
-        files, self._to_delete = self._to_delete, []
-        for f in files:
-            if any(m.cache_file == f for m in self.managed.values()):
-                continue  # back in use (cannot happen today; be safe)
-            await trio.to_thread.run_sync(self.store.delete, f)
-            log.info("deleted cached copy %s", self.s.cachedir / f)
-        await self._save()
 
     async def _scan_once(self) -> None:
         seen, clashes = await trio.to_thread.run_sync(scan, list(self.s.datadirs))
@@ -496,14 +377,6 @@ class Daemon:
     def pins(self) -> set[str]:
         return (set(self.s.pinned) | self.ctl_pins) - self.ctl_unpins
 
-    def _measure_cache(self) -> tuple[int, int]:
-        """The capacity, and the free bytes of the cache filesystem beyond the reserve
-        (negative when something filled the reserve)."""
-        st = os.statvfs(self.s.cachedir)
-        total = st.f_blocks * st.f_frsize
-        free = st.f_bavail * st.f_frsize - self.s.reserve.resolve(total)
-        return self.s.capacity.resolve(total), free
-
     async def policy_round(self) -> Decision:
         now = trio.current_time()
         snap = self.stats.snapshot(now)
@@ -587,307 +460,6 @@ class Daemon:
                 self.given_way_to = first.name
                 return
 
-    # ================================================================== copies and switches
-    def start_copy(self, m: Managed, why: str) -> None:
-        assert self._nursery is not None
-        if m.backing is None or m.backing_gone:
-            return
-        m.job = CopyJob(Progress(m.size), started=trio.current_time(), why=why, logged=trio.current_time())
-        m.promoted_at = m.job.started
-        self._nursery.start_soon(self._copy, m, m.job)
-
-    async def _copy(self, m: Managed, job: CopyJob) -> None:
-        # m.job stays set until the switch is done, so no policy round starts a second copy
-        # while the finished one is being opened and switched to.
-        try:
-            await self._copy_and_switch(m, job)
-        finally:
-            if m.job is job:
-                m.job = None
-            self._wake_policy.set()  # the copier is free: the next copy need not wait a round
-
-    async def _copy_and_switch(self, m: Managed, job: CopyJob) -> None:
-        src, ident = m.backing, m.identity
-        assert src is not None and ident is not None
-        final = self.store.final_path(m.name)
-        kept = self.reclaimable.get(m.name)
-        if kept is not None and kept.partial is not None:  # a cancelled copy to go on from
-            del self.reclaimable[m.name]
-            tmp, partial = self.s.cachedir / kept.file, kept.partial
-        else:
-            tmp, partial = self.store.new_temp(m.name), Partial()
-            await self._save()
-        log.info("copying %s to %s (%s)", src, final, job.why)
-        result: CopyResult | None = None
-        left: Reclaimable | None = None
-        try:
-            result = await trio.to_thread.run_sync(
-                lambda: copy_image(src, tmp, final, bandwidth=self.s.copy_bandwidth, cancel=job.cancel,
-                                   progress=job.progress, room=self._room_for_copy, partial=partial))  # fmt: skip
-        except CopyCancelled:
-            if (left := self._partial_to_keep(m, job, tmp, partial)) is not None:
-                self.reclaimable[m.name] = left
-                log.info("copy of %s cancelled; the %s copied stay in %s until their space is needed",
-                         m.name, format_size(partial.pos), tmp)  # fmt: skip
-            else:
-                log.info("copy of %s cancelled", m.name)
-        except CopyError as e:
-            m.failures += 1
-            delay = min(RETRY_MAX, RETRY_BASE * 2 ** (m.failures - 1))
-            m.retry_at = trio.current_time() + delay
-            m.last_error = str(e)
-            log.warning("copy of %s failed (%s); serving from scratch, retrying in %.0f s", m.name, e, delay)
-        finally:
-            if left is None:  # gone already, unless a cancelled copy left it (of no use)
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self.store.delete, tmp.name)
-        if result is None:
-            if m.cache_file is None:
-                m.promoted_at = None
-            await self._save()
-            return
-        self.store.add(CachedCopy(final.name, m.name, str(src), result.identity, result.checksum, time.time()))
-        await self._save()
-        if self.managed.get(m.name) is not m or result.identity != m.identity or job.cancel.is_set():
-            log.info("dropping the copy of %s: the dataset changed or the copy is no longer wanted", m.name)
-            self._to_delete.append(final.name)
-            await self._delete_pending()
-            return
-        await self._switch_to_cache(m, final.name, result.checksum)
-
-    def _partial_to_keep(self, m: Managed, job: CopyJob, tmp: Path, partial: Partial) -> Reclaimable | None:
-        """What a cancelled copy wrote, to keep if it is of use: something was copied, the
-        dataset and its image are the same, it was not evicted, and mountd is not stopping."""
-        if (partial.pos <= 0 or partial.identity is None or not self.live or not job.keep_partial
-                or self.managed.get(m.name) is not m or m.backing_gone or partial.identity != m.identity
-                or m.name in self.s.never_cache):  # fmt: skip
-            return None
-        try:
-            st = os.stat(tmp)
-        except OSError:
-            return None
-        return Reclaimable(tmp.name, "", partial.identity, (st.st_size, st.st_mtime_ns), partial)
-
-    async def _switch_to_cache(self, m: Managed, file: str, checksum: str) -> None:
-        try:
-            img = await trio.to_thread.run_sync(self._open_image, self.s.cachedir / file)
-        except (SquashfsError, OSError) as e:
-            log.error("cannot open the cached copy %s: %s", file, e)
-            self._to_delete.append(file)
-            await self._delete_pending()
-            return
-        if self.managed.get(m.name) is not m:
-            img.close()
-            self._to_delete.append(file)
-            await self._delete_pending()
-            return
-        previous = m.cache_file  # (None unless two copies raced; then the older one goes once idle)
-
-        def on_idle(_old: Image) -> None:
-            if previous is not None:
-                self._to_delete.append(previous)
-
-        m.ds.swap(img, CACHE, on_idle)
-        m.cache_file, m.checksum = file, checksum
-        m.last_promotion = time.time()
-        m.failures, m.last_error, m.prefetch = 0, None, False
-        if m.promoted_at is None:
-            m.promoted_at = trio.current_time()
-        log.info("promoted %s: now served from %s", m.name, self.s.cachedir / file)
-
-    async def _warm(self, m: Managed, img: Image, positions: list[tuple[Inode, int]]) -> None:
-        """Decode into *img* the next bytes of each file of *m* being read, before readers
-        switch to it; again (up to WARM_PASSES times) for files whose reader has meanwhile
-        read past half of what was warmed for it: warming from slow scratch can take longer
-        than a fast reader needs to read WARM_BYTES, and a reader that overtook the warmed
-        bytes would wait for cold scratch right after the switch."""
-        warmed: dict[int, int] = {}  # id(inode) → end of the bytes warmed for it
-        for _ in range(WARM_PASSES):
-            todo = [(i, off) for i, off in positions if off + WARM_BYTES // 2 > warmed.get(id(i), -1)]
-            if not todo:
-                return
-            await trio.to_thread.run_sync(warm_copy, img, todo)
-            warmed.update((id(i), off + WARM_BYTES) for i, off in todo)
-            positions = self._ops.read_positions(m.ds) if self._ops is not None else []
-
-    async def demote(self, m: Managed, why: str = "policy", keep: bool = True) -> bool:
-        """Move *m*'s readers back to its backing image.  Once no read uses the copy, it is kept
-        on the SSD, reclaimable (see make_room), or with *keep* false deleted."""
-        if m.cache_file is None:
-            return False
-        if m.backing is None or m.backing_gone:
-            log.warning("cannot demote %s: its backing image is gone", m.name)
-            return False
-        backing, ident = m.backing, m.identity
-        # Files being read go on reading from scratch: their next blocks are read there first
-        # (make before break), so that they do not wait for cold scratch after the switch.
-        positions = self._ops.read_positions(m.ds) if self._ops is not None else []
-
-        def open_backing() -> Image | None:
-            if Identity.of(backing) != ident:
-                return None  # replaced: the watcher serves the new image in a new slot
-            return self._open_image(backing)
-
-        try:
-            img = await trio.to_thread.run_sync(open_backing)
-        except (SquashfsError, OSError) as e:
-            log.warning("cannot demote %s: backing image unreadable: %s", m.name, e)
-            return False
-        if img is None:
-            return False
-        await self._warm(m, img, positions)
-        if self.managed.get(m.name) is not m or m.cache_file is None:
-            img.close()
-            return False
-        file, checksum = m.cache_file, m.checksum or ""
-
-        def on_idle(_old: Image) -> None:  # any thread: settled by the watcher loop
-            if keep:
-                self._demoted.append((m, file, checksum))
-            else:
-                self._to_delete.append(file)
-
-        m.ds.swap(img, SCRATCH, on_idle)
-        m.cache_file, m.checksum, m.promoted_at = None, None, None
-        m.last_demotion = time.time()
-        log.info("demoted %s (%s): now served from %s", m.name, why, m.backing)
-        self._wake_policy.set()
-        return True
-
-    # ================================================================== reclaimable copies
-    def _keep_demoted(self) -> None:
-        """Copies of demoted datasets no read uses any more stay on the SSD, reclaimable, unless
-        the dataset changed, went away or was copied again meanwhile."""
-        while self._demoted:
-            m, file, checksum = self._demoted.pop(0)
-            c = self.store.copies.get(file)
-            try:
-                st = os.stat(self.s.cachedir / file)
-            except OSError:
-                st = None
-            if (self.managed.get(m.name) is not m or m.cache_file is not None or m.job is not None or c is None
-                    or c.identity != m.identity or st is None or m.name in self.reclaimable):  # fmt: skip
-                self._to_delete.append(file)
-                continue
-            self.reclaimable[m.name] = Reclaimable(file, checksum, c.identity, (st.st_size, st.st_mtime_ns))
-            log.info("kept the copy of %s (%s) until its space is needed", m.name, self.s.cachedir / file)
-
-    def reclaimable_bytes(self) -> int:
-        """Bytes of the kept copies and cancelled copies' temp files (of datasets still served)."""
-        return sum(r.stat[0] for n, r in self.reclaimable.items() if n in self.managed)
-
-    def has_kept_copy(self, name: str) -> bool:
-        """Whether *name* has a whole copy kept, to be served from again at once."""
-        r = self.reclaimable.get(name)
-        return r is not None and r.partial is None
-
-    def drop_reclaimable(self, name: str) -> None:
-        """Delete the kept copy of *name*, if any (by the watcher loop)."""
-        r = self.reclaimable.pop(name, None)
-        if r is not None:
-            self._to_delete.append(r.file)
-
-    async def make_room(self, need: int) -> int:
-        """Delete kept copies (and cancelled copies' temp files), oldest left first, until *need*
-        more bytes fit in the cache: in the free space beyond the reserve and within the
-        capacity.  Returns how many bytes fit
-        without deleting more (not less than *need*: with no kept copy left, a copy that finds
-        the disk full fails as it would have; no more than ``ROOM_STEP`` while kept copies
-        remain)."""
-        if not self.reclaimable and need == 0:
-            return 0
-        async with self._room_lock:
-            deleted = False
-            while True:
-                capacity, free = self._measure_cache()
-                used = await trio.to_thread.run_sync(self.store.used_bytes)
-                fits = min(free, capacity - used)
-                if fits >= need or not self.reclaimable:
-                    break
-                name = next(iter(self.reclaimable))
-                r = self.reclaimable.pop(name)
-                await trio.to_thread.run_sync(self.store.delete, r.file)
-                log.info("deleted the %s of %s (%s): its space is needed",
-                         "cancelled copy" if r.partial else "kept copy", name, self.s.cachedir / r.file)  # fmt: skip
-                deleted = True
-            if deleted:
-                await self._save()
-            # While kept copies remain, asked again every ROOM_STEP: another copy (a prefetch
-            # runs beside the policy's) may be writing into the same headroom.
-            return max(need, min(fits, ROOM_STEP) if self.reclaimable else fits)
-
-    def _room_for_copy(self, need: int) -> int:
-        """copy_image's *room*, in its worker thread."""
-        return trio.from_thread.run(self.make_room, need)
-
-    async def revive(self, m: Managed) -> bool:
-        """Serve *m* from its kept copy again, if the copy and the dataset are as they were."""
-        r = self.reclaimable.pop(m.name)
-        try:
-            st = os.stat(self.s.cachedir / r.file)
-            same = (st.st_size, st.st_mtime_ns) == r.stat
-        except OSError:
-            same = False
-        if not same or m.identity != r.identity or m.cache_file is not None or m.job is not None:
-            log.warning("not reusing the kept copy %s of %s: it or the dataset changed", r.file, m.name)
-            self._to_delete.append(r.file)
-            return False
-        log.info("promoting %s again from its kept copy %s (nothing to copy)", m.name, self.s.cachedir / r.file)
-        m.promoted_at = trio.current_time()
-        await self._switch_to_cache(m, r.file, r.checksum)
-        return m.cache_file == r.file
-
-    async def _adopt_all(self) -> None:
-        """Adopt cached copies left by an earlier run: verified, and only of unchanged images."""
-        for c in list(self.store.copies.values()):
-            m = self.managed.get(c.dataset)
-            if m is not None and m.cache_file is not None:
-                continue
-            if m is not None and m.identity != c.identity:
-                log.info("cached copy %s is stale (its image changed); deleting it", c.file)
-                self._to_delete.append(c.file)
-                continue
-            if m is None and c.dataset in self.clashes:
-                continue
-            path = self.s.cachedir / c.file
-            if m is not None:
-                m.adopting = True  # kept out of policy rounds until adopted or refused
-            try:
-                ok = await trio.to_thread.run_sync(verify_copy, path, c.checksum)
-                if not ok:
-                    log.warning("cached copy %s does not verify; deleting it", path)
-                    self._to_delete.append(c.file)
-                    continue
-                await self._adopt(c, path)
-            finally:
-                if m is not None:
-                    m.adopting = False
-        await self._delete_pending()
-
-    async def _adopt(self, c: CachedCopy, path: Path) -> None:
-        """Serve a verified copy: as the cached tier of its dataset, or alone if its backing is gone."""
-        m = self.managed.get(c.dataset)
-        if m is None:
-            if Path(c.backing).exists():
-                return  # appeared meanwhile (or unreadable): left to the next scans
-            try:
-                img = await trio.to_thread.run_sync(self._open_image, path)
-            except (SquashfsError, OSError) as e:
-                log.warning("cannot open cached copy %s: %s", path, e)
-                self._to_delete.append(c.file)
-                return
-            m = self._add(c.dataset, img, CACHE, backing=Path(c.backing), identity=c.identity,
-                          size=c.identity.size, cache_file=c.file, checksum=c.checksum,
-                          backing_gone=True)  # fmt: skip
-            m.promoted_at = trio.current_time()
-            m.last_promotion = time.time()
-            log.warning("adopted %s for %s; its backing image %s is gone", c.file, c.dataset, c.backing)
-            return
-        if m.identity != c.identity or m.cache_file is not None or m.job is not None:
-            return
-        m.promoted_at = trio.current_time()
-        await self._switch_to_cache(m, c.file, c.checksum)
-        log.info("adopted cached copy %s for %s", c.file, c.dataset)
 
     # ================================================================== control (see requests.py)
     async def handle_request(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:

@@ -748,7 +748,7 @@ def test_a_long_copy_gives_way_to_a_dataset_read_much_faster(top: Path) -> None:
         log = md.log_text()
         after = log[log.index("cancelling the copy of big") :]
         assert "small is read faster and is copied first" in after.splitlines()[0]
-        copies = [line for line in after.splitlines() if "INFO mountd.daemon: copying" in line]
+        copies = [line for line in after.splitlines() if "INFO mountd.mover: copying" in line]
         assert copies and "small.sqfs" in copies[0], after  # the cancelled copy waits its turn
         part = md.dataset("big")["partial_copy"]  # type: ignore[index]
         if part is not None:  # (unless big's copy went on already)

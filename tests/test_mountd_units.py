@@ -430,7 +430,7 @@ def test_logical_bytes_come_from_the_manifest(tmp_path: Path) -> None:
 
 
 def test_a_demotion_warms_again_for_a_reader_that_overtook_the_warmed_bytes(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Daemon._warm decodes the next WARM_BYTES after each open file's position into the
+    """Mover._warm decodes the next WARM_BYTES after each open file's position into the
     backing image, and again from where the reader got to if, meanwhile, it read past half of
     them (a fast reader outrunning a warm from slow scratch); at most WARM_PASSES times.
 
@@ -439,18 +439,18 @@ def test_a_demotion_warms_again_for_a_reader_that_overtook_the_warmed_bytes(imag
     are real, and what was warmed is read back from the block cache without loading."""
     import trio
 
-    from mountd import daemon
+    from mountd import mover
     from scratchfs.squashfs import Image
     from scratchfs.tiers import WARM_BYTES
 
     calls: list[list[int]] = []
-    real = daemon.warm_copy
+    real = mover.warm_copy
 
     def recording(img: Image, positions: list[tuple[object, int]]) -> int:
         calls.append([off for _, off in positions])
         return real(img, positions)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(daemon, "warm_copy", recording)
+    monkeypatch.setattr(mover, "warm_copy", recording)
     img = Image.open(image)
     try:
         f = img.lookup(img.root, b"f")
@@ -460,13 +460,13 @@ def test_a_demotion_warms_again_for_a_reader_that_overtook_the_warmed_bytes(imag
             ops = type("Ops", (), {"read_positions": lambda self, ds: [(f, next(later, moves[-1]))]})()
             stand_in = type("M", (), {"_ops": ops})()
             calls.clear()
-            trio.run(daemon.Daemon._warm, stand_in, type("Managed", (), {"ds": None})(), img, [(f, 0)])
+            trio.run(mover.Mover._warm, stand_in, type("Managed", (), {"ds": None})(), img, [(f, 0)])
             return calls
 
         assert warm([WARM_BYTES // 4]) == [[0]]  # the reader kept well inside the warmed bytes
         assert warm([WARM_BYTES * 3 // 4, WARM_BYTES * 3 // 4]) == [[0], [WARM_BYTES * 3 // 4]]
         racing = [WARM_BYTES * k for k in range(1, 10)]
-        assert warm(racing) == [[0], [WARM_BYTES], [2 * WARM_BYTES]][: daemon.WARM_PASSES]
+        assert warm(racing) == [[0], [WARM_BYTES], [2 * WARM_BYTES]][: mover.WARM_PASSES]
         assert img.read_view(f, WARM_BYTES, WARM_BYTES // 2, load=False) is not None  # really decoded
     finally:
         img.close()
