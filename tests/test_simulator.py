@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from scratchfs.errors import UsageError
+from scratchfs.errors import ScratchfsError, UsageError
+from scratchfs.policy import PolicyParams
 from scratchfs.trace import Event, Trace, read_trace, write_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import sim_replay as model  # noqa: E402
 import simulate_traces as sim  # noqa: E402
 
 
@@ -38,7 +40,7 @@ def check_structure(report: dict, totals: dict[str, int] | None = None) -> None:
             assert r["drops"] <= r["copies"]
         for name in ("ours", "lru", "oracle"):  # exact-capacity policies never overshoot
             assert res[name]["peak"] <= tr["capacity"]
-        ok, failed = sim.check_targets([sim.Result(**{k: v for k, v in r.items() if k != "hit_ratio"}) for r in res.values()])
+        ok, failed = model.check_targets([model.Result(**{k: v for k, v in r.items() if k != "hit_ratio"}) for r in res.values()])
         assert tr["pass"] == ok and tr["failed"] == failed
 
 
@@ -79,29 +81,29 @@ def test_seed_sweep_runs_each_shape_at_each_seed_in_parallel_as_alone(capsys: py
     assert sum(" PASS" in line or " FAIL:" in line for line in lines) == 6
     assert sim.parse_seeds("0-2,1,5") == [0, 1, 2, 5]
     for bad in ("x", "3-1", "-1", ""):
-        with pytest.raises(sim.ScratchfsError):
+        with pytest.raises(ScratchfsError):
             sim.parse_seeds(bad)
 
 
-def _cfg(capacity: int, bw: float) -> sim.SimConfig:
-    return sim.SimConfig(capacity=capacity, copy_bandwidth=bw, window=60, interval=5, min_residency=0)
+def _cfg(capacity: int, bw: float) -> model.SimConfig:
+    return model.SimConfig(capacity=capacity, copy_bandwidth=bw, window=60, interval=5, min_residency=0)
 
 
 def test_lru_known_answer_instant_copies() -> None:
     trace = Trace({"a": 100, "b": 100}, [Event(0, "a", 10), Event(1, "a", 10), Event(2, "b", 10), Event(3, "a", 10)])
-    r = sim.replay(trace, sim.LruPolicy(trace, _cfg(100, 0)))
+    r = model.replay(trace, model.LruPolicy(trace, _cfg(100, 0)))
     # a@0 miss (copied), a@1 hit, b@2 miss (evicts a), a@3 miss (evicts b)
     assert (r.hit_bytes, r.total_bytes, r.copies, r.bytes_copied, r.drops) == (10, 40, 3, 300, 2)
 
 
 def test_copy_takes_time_and_reads_hit_scratch_meanwhile() -> None:
     trace = Trace({"a": 100}, [Event(0, "a", 1), Event(5, "a", 1), Event(9.9, "a", 1), Event(10, "a", 1)])
-    r = sim.replay(trace, sim.LruPolicy(trace, _cfg(1000, 10.0)))  # 100 bytes at 10 B/s: ready at t=10
+    r = model.replay(trace, model.LruPolicy(trace, _cfg(1000, 10.0)))  # 100 bytes at 10 B/s: ready at t=10
     assert r.hit_bytes == 1 and r.bytes_copied == 100
 
 
 def test_cancelled_copy_counts_partial_bytes() -> None:
-    cache = sim.CacheModel({"a": 100, "b": 100}, 10.0)
+    cache = model.CacheModel({"a": 100, "b": 100}, 10.0)
     cache.promote("a", 0.0)
     cache.promote("b", 0.0)
     cache.advance(4.0)
@@ -114,7 +116,7 @@ def test_a_kept_copy_serves_again_until_a_copy_needs_its_space() -> None:
     """As mountd: a demoted image's copy stays on the disk; promoted again it is ready at once,
     nothing copied; a running copy drops kept copies, oldest demoted first, only once the bytes
     it has written need their space."""
-    cache = sim.CacheModel({"a": 100, "b": 100, "c": 200}, 10.0, capacity=300, keep=True)
+    cache = model.CacheModel({"a": 100, "b": 100, "c": 200}, 10.0, capacity=300, keep=True)
     for name in ("a", "b"):
         cache.promote(name, 0.0)
     cache.advance(20.0)
@@ -132,7 +134,7 @@ def test_a_kept_copy_serves_again_until_a_copy_needs_its_space() -> None:
     assert "b" in cache.ready and cache.copies == 3
     cache.advance(math.inf)
     assert "c" in cache.ready and cache.bytes_copied == 400 and cache.used == 300
-    plain = sim.CacheModel({"a": 100}, 10.0, capacity=300)  # LRU and scratch_manager delete at once
+    plain = model.CacheModel({"a": 100}, 10.0, capacity=300)  # LRU and scratch_manager delete at once
     plain.promote("a", 0.0)
     plain.advance(10.0)
     plain.demote("a", 10.0)
@@ -144,7 +146,7 @@ def test_a_kept_copy_serves_again_until_a_copy_needs_its_space() -> None:
 def test_a_cancelled_copy_goes_on_from_its_bytes_until_their_space_is_needed() -> None:
     """As mountd: what a cancelled copy wrote stays on the disk (not a copy to serve from); the
     next copy of that image goes on from it, unless a copy needed its space meanwhile."""
-    cache = sim.CacheModel({"a": 100, "b": 100, "c": 150}, 10.0, capacity=250, keep=True)
+    cache = model.CacheModel({"a": 100, "b": 100, "c": 150}, 10.0, capacity=250, keep=True)
     cache.promote("a", 0.0)
     cache.advance(4.0)
     cache.demote("a", 4.0)  # 40 bytes written, kept
@@ -171,10 +173,10 @@ def test_scratch_manager_floor_can_overshoot() -> None:
     cap = 1_000_000
     size = 333_999  # floor(size * 1000 / cap) = 333: three weigh 999 units ≤ 1000, but 1,001,997 bytes
     names = ["a", "b", "c"]
-    picked = sim._floor_knapsack(names, [1.0, 1.0, 1.0], dict.fromkeys(names, size), cap)
+    picked = model._floor_knapsack(names, [1.0, 1.0, 1.0], dict.fromkeys(names, size), cap)
     assert sorted(picked) == names and 3 * size > cap
     # rounded up (--exact-scratch-manager's sm_exact), they weigh 334 units: two fit, not three
-    exact = sim._floor_knapsack(names, [1.0, 1.0, 1.0], dict.fromkeys(names, size), cap, round_up=True)
+    exact = model._floor_knapsack(names, [1.0, 1.0, 1.0], dict.fromkeys(names, size), cap, round_up=True)
     assert len(exact) == 2 and 2 * size <= cap
 
 
@@ -201,7 +203,7 @@ def test_scratch_manager_knapsack_matches_the_cell_by_cell_table() -> None:
         names = [f"n{i}" for i in range(rng.randint(0, 25))]
         sizes = {n: rng.choice([rng.randint(0, cap), rng.randint(0, cap // 50 + 1), cap // 3 + 1, 2 * cap]) for n in names}
         values = [rng.choice([float(1 << 20), 3.0, rng.uniform(0, 1e9)]) for _ in names]  # ties included
-        assert sim._floor_knapsack(names, values, sizes, cap) == _reference_floor_knapsack(names, values, sizes, cap)
+        assert model._floor_knapsack(names, values, sizes, cap) == _reference_floor_knapsack(names, values, sizes, cap)
 
 
 def test_recorded_logical_sizes_scale_ours() -> None:
@@ -209,15 +211,15 @@ def test_recorded_logical_sizes_scale_ours() -> None:
     events = [Event(float(t), "a", 4 * 100 // 10) for t in range(0, 200, 1)]  # 40 served bytes/s
     plain = Trace({"a": 1000}, events)
     packed = Trace({"a": 1000}, events, logical_sizes={"a": 4000, "gone": 5})
-    cfg = sim.SimConfig(capacity=10_000, copy_bandwidth=0, window=60, interval=5, min_residency=0)
-    assert sim.OursPolicy(plain, cfg).scale == {}
-    assert sim.OursPolicy(packed, cfg).scale == {"a": 0.25}
+    cfg = model.SimConfig(capacity=10_000, copy_bandwidth=0, window=60, interval=5, min_residency=0)
+    assert model.OursPolicy(plain, cfg).scale == {}
+    assert model.OursPolicy(packed, cfg).scale == {"a": 0.25}
     # 8000 served bytes = 8 image sizes unscaled, 2 scaled: both promote, the scaled one later
     first_hit = []
     for tr in (plain, packed):
-        pol = sim.OursPolicy(tr, cfg)
-        pol.params = sim.PolicyParams(horizon=120, copy_bandwidth=0, min_residency=0, spare=False)
-        r = sim.replay(tr, pol)
+        pol = model.OursPolicy(tr, cfg)
+        pol.params = PolicyParams(horizon=120, copy_bandwidth=0, min_residency=0, spare=False)
+        r = model.replay(tr, pol)
         first_hit.append(r.hit_bytes)
     assert first_hit[0] > first_hit[1] > 0
 
@@ -268,7 +270,7 @@ def test_trace_needs_header(tmp_path: Path) -> None:
         read_trace(p)
 
 
-def _copy_starts(pol: sim.SimPolicy) -> list[tuple[str, float]]:
+def _copy_starts(pol: model.SimPolicy) -> list[tuple[str, float]]:
     """The copies *pol* starts, as (dataset, time), in order, filled in as it is replayed."""
     starts: list[tuple[str, float]] = []
     promote = pol.cache.promote
@@ -282,11 +284,11 @@ def _copy_starts(pol: sim.SimPolicy) -> list[tuple[str, float]]:
     return starts
 
 
-def _promotions(trace: Trace, cfg: sim.SimConfig, spare: bool) -> dict[str, list[float]]:
-    pol = sim.OursPolicy(trace, cfg)
-    pol.params = sim.PolicyParams(horizon=2 * cfg.window, copy_bandwidth=cfg.copy_bandwidth, min_residency=0, spare=spare)
+def _promotions(trace: Trace, cfg: model.SimConfig, spare: bool) -> dict[str, list[float]]:
+    pol = model.OursPolicy(trace, cfg)
+    pol.params = PolicyParams(horizon=2 * cfg.window, copy_bandwidth=cfg.copy_bandwidth, min_residency=0, spare=spare)
     starts = _copy_starts(pol)
-    sim.replay(trace, pol)
+    model.replay(trace, pol)
     times: dict[str, list[float]] = {}
     for name, now in starts:
         times.setdefault(name, []).append(now)
@@ -306,7 +308,7 @@ def test_ours_end_to_end_scan_stays_rereads_promoted() -> None:
         events.append(Event(float(t), "loop", 5 * size // 300))
     events.sort(key=lambda e: e.t)
     trace = Trace({"scan": size, "loop": size}, events)
-    cfg = sim.SimConfig(capacity=10 * size, copy_bandwidth=0, window=60, interval=2, min_residency=0)
+    cfg = model.SimConfig(capacity=10 * size, copy_bandwidth=0, window=60, interval=2, min_residency=0)
     times = _promotions(trace, cfg, spare=False)
     assert "scan" not in times
     first, second = times["loop"][0], times["loop"][-1]
@@ -325,8 +327,8 @@ def test_ours_starts_one_copy_at_a_time_as_mountd() -> None:
     events += [Event(float(t), "d", 20 * size // 100) for t in range(0, 25)]  # admitted, but stops early
     events.sort(key=lambda e: (e.t, e.dataset))
     trace = Trace({"a": size, "b": size, "c": size, "d": size}, events)
-    cfg = sim.SimConfig(capacity=10 * size, copy_bandwidth=size / 15, window=60, interval=2, min_residency=0)
-    pol = sim.OursPolicy(trace, cfg)
+    cfg = model.SimConfig(capacity=10 * size, copy_bandwidth=size / 15, window=60, interval=2, min_residency=0)
+    pol = model.OursPolicy(trace, cfg)
     longest = 0
     starts = _copy_starts(pol)
     round_ = pol.round
@@ -337,7 +339,7 @@ def test_ours_starts_one_copy_at_a_time_as_mountd() -> None:
         longest = max(longest, len(pol.cache.queue))
 
     pol.round = watched  # type: ignore[method-assign]
-    r = sim.replay(trace, pol)
+    r = model.replay(trace, pol)
     started = [name for name, _ in starts]
     assert longest == 1
     assert len(started) >= 3 and "d" not in started  # three copies of 15 s each came after d stopped
@@ -352,8 +354,8 @@ def test_ours_reacts_to_first_reads_and_finished_copies_between_rounds() -> None
     events = [Event(float(t), n, 20 * size // 100) for t in range(0, 200) for n in ("a", "b")]
     events.sort(key=lambda e: (e.t, e.dataset))
     trace = Trace({"a": size, "b": size}, events)
-    cfg = sim.SimConfig(capacity=10 * size, copy_bandwidth=size / 15, window=60, interval=10, min_residency=0)
-    pol = sim.OursPolicy(trace, cfg)
+    cfg = model.SimConfig(capacity=10 * size, copy_bandwidth=size / 15, window=60, interval=10, min_residency=0)
+    pol = model.OursPolicy(trace, cfg)
     starts = _copy_starts(pol)
     rounds: list[float] = []
     round_ = pol.round
@@ -363,7 +365,7 @@ def test_ours_reacts_to_first_reads_and_finished_copies_between_rounds() -> None
         round_(now)
 
     pol.round = watched  # type: ignore[method-assign]
-    sim.replay(trace, pol)
+    model.replay(trace, pol)
     firsts: dict[str, float] = {}
     for name, now in starts:
         firsts.setdefault(name, now)
@@ -381,10 +383,10 @@ def test_ours_lets_a_dataset_read_much_faster_go_before_a_long_copy() -> None:
     events += [Event(t / 10, "small", 100) for t in range(700, 10000)]  # 1000/s from t=70; copies take 300 s and 30 s
     events.sort(key=lambda e: (e.t, e.dataset))
     trace = Trace({"big": big, "small": small}, events)
-    cfg = sim.SimConfig(capacity=10 * big, copy_bandwidth=10, window=600, interval=2, min_residency=0)
-    pol = sim.OursPolicy(trace, cfg)
+    cfg = model.SimConfig(capacity=10 * big, copy_bandwidth=10, window=600, interval=2, min_residency=0)
+    pol = model.OursPolicy(trace, cfg)
     started = _copy_starts(pol)
-    r = sim.replay(trace, pol)
+    r = model.replay(trace, pol)
     assert [n for n, _ in started] == ["big", "small", "big"]
     (_, t_big), (_, t_small), (_, t_again) = started
     assert t_small < t_big + big / 10  # before the big copy would have ended
