@@ -11,9 +11,9 @@ Errors: every handler is wrapped; a FUSEError passes, a known error becomes its 
 through ERRNO_TABLE, anything else is logged once with its traceback and becomes EIO. No
 exception can end pyfuse3's main loop.
 
-Requests stay on the trio thread while they are cheap (metadata, cached blocks). Decoding
-a block that is not cached runs in a worker thread (each with its own libsquashfs context);
-sequential readers get readahead into the shared block cache.
+Requests stay on the trio thread while they are cheap (metadata, cached blocks). Reads of
+file data are served by :class:`scratchfs.reading.Reader` (decoding in worker threads,
+readahead), which knows nothing of FUSE.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import logging
 import os
 import stat
 import threading
-import weakref
-from collections.abc import Callable, Coroutine, Hashable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from . import fusehook  # before pyfuse3, so that its request hook takes effect
@@ -36,12 +34,11 @@ import pyfuse3
 import trio
 
 from . import fuseloop
-from .decodepool import AHEAD, DEMAND, DecodePool
 from .namespace import Namespace
-from .squashfs import CorruptImageError, Image, ImageIOError, Inode, LibraryError, SquashfsError
+from .reading import Reader, ReadState
+from .squashfs import CorruptImageError, ImageIOError, Inode, LibraryError, SquashfsError
 from .squashfs.errors import NotSquashfsError, UnsupportedImageError
-from .squashfs.image import MODE_OF_TYPE, NO_FRAGMENT
-from .stats import CACHE
+from .squashfs.image import MODE_OF_TYPE
 from .tiers import Dataset
 
 log = logging.getLogger(__name__)
@@ -50,36 +47,6 @@ ROOT = pyfuse3.ROOT_INODE
 TIMEOUT = 24 * 3600.0  # images are immutable: let the kernel cache entries and attributes
 ATTR_CACHE_ENTRIES = 200_000  # built attributes kept for readdir/lookup/getattr (cleared when full)
 NS_TIMEOUT = 1.0  # the list of datasets of a namespace changes: entries of the root expire fast
-# Fragment blocks decoded ahead of a small-file reader, in the decode pool. On 2 cores it costs
-# more than it saves (the reader, the kernel and this thread fill both; the pool's Python work
-# contends for the GIL): cold small files were 13-18 % faster without it (gzip and zstd
-# images, medians of 4 interleaved runs). With more cores the pool decodes beside this thread.
-FRAGMENT_READAHEAD = 2 if (os.cpu_count() or 1) > 2 else 0
-# A read within this distance of where the handle's reads have got to continues a sequential
-# stream: the kernel sends a stream's requests several at a time, not always in order.
-SEQ_SLACK = 8 << 20
-# Readahead blocks decoded per pool job: fewer queue hand-offs and wake-ups per block. Cold
-# zstd reads, 6 interleaved runs each: one 256 MiB text file after another +7 %, two readers
-# at once +12 % (medians) with 4 against 1; gzip unchanged.
-AHEAD_BATCH = 4
-# Under mountd, loads of datasets on scratch go to a pool of their own with this many threads:
-# each load waits for scratch (a network filesystem: latency per request) before it decodes, and
-# the number of loads in flight is what hides that latency. The decode pool (one thread per core)
-# stays for the cache tier, where more threads than cores only contend. Through a 100 MiB/s
-# link with 0.5 ms latency (bench_mountd --emulator link), cold sequential reads on scratch
-# (2 cores): 79-93 MB/s in the decode pool's 2 threads, 114 MB/s in a scratch pool of 8, against
-# 124 MB/s for `scratchfs mount` of the image through the same link (its limit: ~131 MB/s).
-# One pool of 8 for both tiers did as well on scratch but cut reads of the cached copy to 0.72x.
-SCRATCH_IO_THREADS = 8
-# Reads of data stored as is at least this large are copied out of the image by a decode
-# worker, not on the FUSE thread: a 1 MiB pread there (page-cache copy, readahead of the image
-# file) took 1-2 ms during which no other request was served. Cold sequential reads of the
-# benchmark's files (half stored as is), 5 interleaved runs, two tries: zstd 457 -> 517 and
-# 450 -> 568 MB/s, gzip 354 -> 378 MB/s; two readers unchanged.
-RAW_POOL_MIN = 256 << 10
-# Ranges of a file each handle remembers as served, to find blocks that several reads served
-# together (see _note_served): enough for the kernel's requests answered out of order.
-SERVED_SPANS = 8
 # Before a demotion, mountd reads ahead on the scratch copy for at most this many open files
 # being read (furthest read first; see read_positions and tiers.warm_copy).
 WARM_FILES = 16
@@ -123,19 +90,7 @@ class _Node:
         self.dataset = dataset
         self.ref = ref
         self.lookups = 0
-        self.stream: _Handle | None = None  # read state of the file in no-open mode
-
-
-class _Handle:
-    __slots__ = ("dataset", "inode", "next_off", "ahead_until", "ahead_on", "served")
-
-    def __init__(self, dataset: Dataset, inode: Inode) -> None:
-        self.dataset = dataset
-        self.inode = inode
-        self.next_off = 0  # the end of the furthest read so far
-        self.served: list[list[int]] = []  # [start, end) ranges served in full, in order (see _note_served)
-        self.ahead_until = 0  # readahead was queued up to here ...
-        self.ahead_on: weakref.ref[Image] | None = None  # ... on this copy (not kept alive by it)
+        self.stream: ReadState | None = None  # read state of the file in no-open mode
 
 
 def _guard(fn: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
@@ -194,25 +149,19 @@ class Operations(pyfuse3.Operations):
             self._nodes = {ROOT: _Node(None, 0)}
             target.listeners.append(self._namespace_changed)
         self._nodes[ROOT].lookups = 1
-        self._handles: dict[int, _Handle] = {}
+        self._handles: dict[int, ReadState] = {}
         self._declined: set[str] = set()
         self._attr_cache: dict[tuple[int, int], pyfuse3.EntryAttributes] = {}
         self._next_fh = 1
-        self._pool = DecodePool(workers or max(2, os.cpu_count() or 2))
-        # Loads of datasets on scratch (mountd only; see SCRATCH_IO_THREADS).
-        self._io_pool = DecodePool(SCRATCH_IO_THREADS, name="scratch") if self.ns is not None else self._pool
-        self._raw_buf = bytearray(1 << 20)
-        self._readahead_bytes = readahead_bytes
-        self._reads_waiting = 0  # read requests being served right now (this one included)
+        # Datasets of a namespace (mountd) may be on slow scratch (see reading.SCRATCH_IO_THREADS).
+        self.reader = Reader(workers=workers, scratch=self.ns is not None, readahead_bytes=readahead_bytes)
         self._reported: set[tuple[str, str]] = set()
         self._bad_lock = threading.Lock()
         self.bad_files: set[tuple[str, int]] = set()
 
     # ---------------------------------------------------------------- plumbing
     def close(self) -> None:
-        self._pool.close(wait=True)
-        if self._io_pool is not self._pool:
-            self._io_pool.close(wait=True)
+        self.reader.close()
 
     def _report(self, op: str, args: tuple[Any, ...], exc: BaseException, unexpected: bool = False) -> None:
         """Log a failure once per (operation, error kind, object); repeats go to DEBUG."""
@@ -506,7 +455,7 @@ class Operations(pyfuse3.Operations):
             self._decline("open")
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(ds, n)
+        self._handles[fh] = ReadState(ds, n)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False, nonseekable=False)
 
     @_guard
@@ -514,122 +463,14 @@ class Operations(pyfuse3.Operations):
         h = self._stream(fh ^ fusehook.FH_INODE) if fh & fusehook.FH_INODE else self._handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        ds = h.dataset
-        n = h.inode
-        while True:
-            img = ds.begin()
-            nbytes = 0
-            self._reads_waiting += 1
-            try:
-                data = await self._read_from(h, ds, img, off, size)
-                if data is None:
-                    continue  # the dataset switched tiers while this read waited: start over
-                nbytes = len(data)
-            except SquashfsError as e:
-                with self._bad_lock:
-                    self.bad_files.add((ds.name, n.ino))
-                self._report("read", (f"{ds.name}:{n.ino}",), e)
-                raise pyfuse3.FUSEError(errno_for(e)) from None
-            finally:
-                self._reads_waiting -= 1
-                ds.end(img, nbytes)
-            break
-        if nbytes and n.block_words:  # (a small file's data is all in a fragment block)
-            self._drop_behind(h, img, n, off, off + nbytes)
-        self._ahead(h, ds, img, n, off, nbytes)
-        if n.frag_index != NO_FRAGMENT and off + size >= n.size:
-            # Small files are read in directory order, and mksquashfs packs their tails in
-            # that order: keep the next fragment blocks decoding ahead.
-            for idx in range(n.frag_index + 1, n.frag_index + 1 + FRAGMENT_READAHEAD):
-                load = img.fragment_load(idx)
-                if load is not None:
-                    self._start(ds, img, [load], AHEAD)
-        if off + nbytes > h.next_off:
-            h.next_off = off + nbytes
-        return data
-
-    @staticmethod
-    def _drop_behind(h: _Handle, img: Image, n: Inode, off: int, end: int) -> None:
-        """After a read of [*off*, *end*) was served: drop the blocks it completed.
-
-        A block is complete once reads have served every byte of it: the read alone, or with
-        the reads next to it (blocks larger than the kernel's requests, requests that do not
-        line up with blocks, requests answered out of order). See Image.drop_served.
-        """
-        lo, hi = _note_served(h.served, off, end)
-        bs = img.info.block_size
-        img.drop_served(n, max(lo, off - off % bs), min(hi, end + (-end) % bs))
-
-    async def _read_from(self, h: _Handle, ds: Dataset, img: Image, off: int, size: int) -> memoryview | bytes | None:
-        """The bytes of one read request from *img*; None if *ds* switched to another image
-        while the read waited for blocks (the caller starts over on the new one).
-
-        Cached blocks are served at once. Otherwise each block nobody is decoding yet is
-        handed to the decode pool as its own job (the blocks of one request decode on every
-        core), and blocks being decoded are awaited. On fast storage a lone one-block read is
-        decoded right here, and a small read of data stored as is is one pread: a thread hop
-        costs more (a pread that would wait for the disk does go to a thread; a large one goes
-        to a decode worker, see RAW_POOL_MIN). Not on scratch under
-        mountd: I/O that may take long must not stall every other request, and a read
-        waiting on scratch moves to the SSD copy the moment it is switched.
-        """
-        n = h.inode
-        inline = self.ns is None or ds.tier == CACHE
-        data: memoryview | bytes | None
-        span = img.raw_span(n, off, size) if inline else None
-        if span is not None:
-            # Incompressible data is stored as is: one pread into a buffer reused by every
-            # request (pyfuse3 copies the reply out before this thread runs another task).
-            pos, length = span
-            if length >= RAW_POOL_MIN:
-                return await self._read_raw_in_pool(img, pos, length)
-            if len(self._raw_buf) < length:
-                self._raw_buf = bytearray(length)
-            data = memoryview(self._raw_buf)[:length]
-            if img.read_raw_into(data, pos, cached_only=True):
-                return data
-            # Not in the page cache: the disk read waits in a worker thread, so that other
-            # requests (another reader, the kernel's readahead of this one) go on meanwhile.
-            data = memoryview(bytearray(length))
-            await trio.to_thread.run_sync(img.read_raw_into, data, pos)
-            return data
-        if (data := img.read_view(n, off, size, load=False)) is not None:
-            return data
-        loads = img.loads(n, off, size)
-        if inline and len(loads) == 1 and self._reads_waiting == 1 and img.cache.loading(loads[0][0]) is None:
-            return img.read_view(n, off, size, load=True)
-        futs = self._start(ds, img, loads, DEMAND)
-        self._ahead(h, ds, img, n, off, size)
-        if futs and not await self._wait(ds, img, futs):
-            return None
-        # Blocks whose load failed are loaded once more here, raising the error.
-        return img.read_view(n, off, size, load=True)
-
-    async def _read_raw_in_pool(self, img: Image, pos: int, length: int) -> bytes:
-        """*length* bytes stored as is at image offset *pos*, read by a decode worker (which
-        also allocates them: zeroing a 1 MiB bytearray here cost the FUSE thread ~9 % of its
-        time in a cold sequential read)."""
-        fut: Future[bytes] = Future()
-
-        def job() -> None:
-            try:
-                fut.set_result(img.read_raw(pos, length))
-            except BaseException as e:
-                fut.set_exception(e)
-
-        self._pool.submit(DEMAND, job, lambda: fut.set_exception(ImageIOError(f"{img.path}: unmounting")))
-        await _wait_futures([fut], trio.Event())
-        return fut.result()
-
-    async def _wait(self, ds: Dataset, img: Image, futs: list[Future[bytes]]) -> bool:
-        """Wait for *futs*; False if *ds* switched away from *img* before they were all done."""
-        ev = trio.Event()
-        ds.waiters.add(ev.set)
         try:
-            await _wait_futures(futs, ev)
-        finally:
-            ds.waiters.discard(ev.set)
-        return ds.image is img or all(f.done() for f in futs)
+            return await self.reader.read(h, off, size)
+        except SquashfsError as e:
+            ds, n = h.dataset, h.inode
+            with self._bad_lock:
+                self.bad_files.add((ds.name, n.ino))
+            self._report("read", (f"{ds.name}:{n.ino}",), e)
+            raise pyfuse3.FUSEError(errno_for(e)) from None
 
     def _decline(self, op: str) -> None:
         """Answer ENOSYS: the kernel's no-open mode for *op* (logged the first time)."""
@@ -638,12 +479,12 @@ class Operations(pyfuse3.Operations):
             log.info("no-open mode: the kernel stops sending %s and its release", op.upper())
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    def _stream(self, ino: int) -> _Handle:
+    def _stream(self, ino: int) -> ReadState:
         """The read state of file *ino* in no-open mode (kept until the kernel forgets it)."""
         node = self._node(ino)
         h = node.stream
         if h is None:
-            h = node.stream = _Handle(*self._file(ino))
+            h = node.stream = ReadState(*self._file(ino))
         return h
 
     def _file(self, ino: int) -> tuple[Dataset, Inode]:
@@ -652,62 +493,6 @@ class Operations(pyfuse3.Operations):
         if not n.is_file:
             raise pyfuse3.FUSEError(errno.EISDIR if n.is_dir else errno.EINVAL)
         return ds, n
-
-    def _start(
-        self, ds: Dataset, img: Image, loads: Sequence[tuple[Hashable, Callable[[], bytes]]], priority: int
-    ) -> list[Future[bytes]]:
-        """Claim and queue the loads nobody has started; futures of all that are not cached."""
-        futs: list[Future[bytes]] = []
-        cache = img.cache
-        if not ds.acquire(img):  # closed by a tier switch meanwhile (readahead after the read)
-            return futs
-        batch = AHEAD_BATCH if priority == AHEAD else 1
-        jobs: list[tuple[Hashable, Future[bytes], Callable[[], bytes]]] = []
-        try:
-            for key, load in loads:
-                claim = cache.begin_load(key)
-                if claim is None:
-                    continue
-                fut, mine = claim
-                futs.append(fut)
-                if mine:
-                    ds.acquire(img)  # held until the job ran (or was cancelled)
-                    jobs.append((key, fut, load))
-                    if len(jobs) >= batch:
-                        self._submit(priority, ds, img, jobs)
-                        jobs = []
-            if jobs:
-                self._submit(priority, ds, img, jobs)
-        finally:
-            ds.release(img)
-        return futs
-
-    def decoding(self) -> bool:
-        """Worker threads have decode or load jobs queued or running."""
-        return self._pool.busy() or self._io_pool.busy()
-
-    def _submit(
-        self, priority: int, ds: Dataset, img: Image, jobs: list[tuple[Hashable, Future[bytes], Callable[[], bytes]]]
-    ) -> None:
-        pool = self._pool if ds.tier_of(img) == CACHE else self._io_pool
-        pool.submit(
-            priority, functools.partial(_run_loads, ds, img, jobs), functools.partial(_cancel_loads, ds, img, jobs)
-        )
-
-    def _ahead(self, h: _Handle, ds: Dataset, img: Image, n: Inode, off: int, size: int) -> None:
-        """Readahead for a handle whose reads move forward through the file."""
-        if not h.next_off - SEQ_SLACK <= off <= h.next_off + SEQ_SLACK:
-            return
-        if h.ahead_on is None or h.ahead_on() is not img:  # queued on another copy (a switch): not here
-            h.ahead_on, h.ahead_until = weakref.ref(img), 0
-        start = max(off + size, h.ahead_until)
-        stop = min(off + size + self._readahead_bytes, n.size)
-        if stop - start < img.info.block_size and start < n.size and stop < n.size:
-            return  # less than a block more to queue: wait for the reader to move on
-        if stop > start:
-            h.ahead_until = stop
-            # Blocks stored as is are left to the kernel's readahead of the image file.
-            self._start(ds, img, img.loads(n, start, stop - start, skip_raw=True), AHEAD)
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
@@ -753,75 +538,6 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EROFS)
 
 
-def _note_served(spans: list[list[int]], off: int, end: int) -> tuple[int, int]:
-    """Add [*off*, *end*) to *spans* (disjoint ``[start, end)`` ranges in order, merged when
-    they touch); return the range it is now part of. At most SERVED_SPANS are kept: the one
-    farthest from this read goes first."""
-    i = 0
-    while i < len(spans) and spans[i][1] < off:
-        i += 1
-    j = i
-    while j < len(spans) and spans[j][0] <= end:
-        j += 1
-    if i < j:
-        lo, hi = min(off, spans[i][0]), max(end, spans[j - 1][1])
-    else:
-        lo, hi = off, end
-    spans[i:j] = [[lo, hi]]
-    if len(spans) > SERVED_SPANS:
-        del spans[0 if i >= len(spans) // 2 else -1]
-    return lo, hi
-
-
-async def _wait_futures(futs: list[Any], ev: trio.Event) -> None:
-    """Wait, without blocking the trio thread, until worker threads completed all *futs*
-    (or until someone else sets *ev*; it is set when they are all done).
-
-    Only the last completion wakes the trio thread (each wake-up costs a socket write and a
-    scheduling round).
-    """
-    pending = [f for f in futs if not f.done()]
-    if not pending:
-        return
-    token = trio.lowlevel.current_trio_token()
-    left = [len(pending)]
-    lock = threading.Lock()
-
-    def done(_f: Any) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            try:
-                token.run_sync_soon(ev.set)
-            except trio.RunFinishedError:
-                pass
-
-    for f in pending:
-        f.add_done_callback(done)
-    await ev.wait()
-
-
-def _run_loads(ds: Dataset, img: Image, jobs: list[tuple[Hashable, Future[bytes], Callable[[], bytes]]]) -> None:
-    """A pool job: run the claimed *jobs* in order, each releasing the image hold it took."""
-    for key, fut, load in jobs:
-        try:
-            img.cache.run_load(key, fut, load)
-        except Exception:  # the reader waiting for this block loads it again and reports the error
-            log.debug("decoding block %r of %s failed", key, img.path, exc_info=True)
-        finally:
-            ds.release(img)
-
-
-def _cancel_loads(ds: Dataset, img: Image, jobs: list[tuple[Hashable, Future[bytes], Callable[[], bytes]]]) -> None:
-    """A pool job that never ran: end its claims with an error and release the holds."""
-    for key, fut, _ in jobs:
-        try:
-            img.cache.end_load(key, fut, None, ImageIOError(f"{img.path}: unmounting"))
-        finally:
-            ds.release(img)
-
-
 def mount_options(fsname: str, allow_other: bool = False, debug: bool = False) -> set[str]:
     opts = set(pyfuse3.default_options) - {"default_permissions"}
     opts |= {"ro", "nosuid", "nodev", "default_permissions", f"fsname={fsname}", "subtype=scratchfs"}
@@ -863,7 +579,7 @@ async def serve(
         spin_us = int(os.environ.get(SPIN_ENV, "") or spin_us)
     except ValueError:
         log.warning("%s=%r is not a number of microseconds: using %d", SPIN_ENV, os.environ[SPIN_ENV], spin_us)
-    eager = fuseloop.EagerWait(pyfuse3, spin_us, busy=ops.decoding) if spin_us >= 0 else None
+    eager = fuseloop.EagerWait(pyfuse3, spin_us, busy=ops.reader.decoding) if spin_us >= 0 else None
     if eager is not None and not eager.install():
         eager = None
     unmounted = False

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from scratchfs import fuse_ops
+from scratchfs import reading
 from scratchfs.fuse_ops import ERRNO_TABLE, Operations, errno_for
 from scratchfs.squashfs import CorruptImageError, Image, ImageIOError, LibraryError, SquashfsError
 from scratchfs.tiers import Dataset
@@ -103,18 +103,18 @@ def test_blocks_wholly_served_leave_the_block_cache(ops: Operations) -> None:
 
 def test_served_ranges_merge_in_any_order_and_stay_few() -> None:
     spans: list[list[int]] = []
-    assert fuse_ops._note_served(spans, 20, 30) == (20, 30)
-    assert fuse_ops._note_served(spans, 0, 10) == (0, 10)
-    assert fuse_ops._note_served(spans, 40, 50) == (40, 50)
+    assert reading._note_served(spans, 20, 30) == (20, 30)
+    assert reading._note_served(spans, 0, 10) == (0, 10)
+    assert reading._note_served(spans, 40, 50) == (40, 50)
     assert spans == [[0, 10], [20, 30], [40, 50]]
-    assert fuse_ops._note_served(spans, 10, 20) == (0, 30)  # fills a gap: joins both sides
-    assert fuse_ops._note_served(spans, 25, 45) == (0, 50)  # overlaps
+    assert reading._note_served(spans, 10, 20) == (0, 30)  # fills a gap: joins both sides
+    assert reading._note_served(spans, 25, 45) == (0, 50)  # overlaps
     assert spans == [[0, 50]]
-    assert fuse_ops._note_served(spans, 5, 8) == (0, 50) and spans == [[0, 50]]  # inside
-    for k in range(1, fuse_ops.SERVED_SPANS + 3):
-        fuse_ops._note_served(spans, 100 * k, 100 * k + 10)
-    assert len(spans) == fuse_ops.SERVED_SPANS  # the lowest went first: reads move up
-    assert spans[0][0] > 0 and spans[-1] == [100 * (fuse_ops.SERVED_SPANS + 2), 100 * (fuse_ops.SERVED_SPANS + 2) + 10]
+    assert reading._note_served(spans, 5, 8) == (0, 50) and spans == [[0, 50]]  # inside
+    for k in range(1, reading.SERVED_SPANS + 3):
+        reading._note_served(spans, 100 * k, 100 * k + 10)
+    assert len(spans) == reading.SERVED_SPANS  # the lowest went first: reads move up
+    assert spans[0][0] > 0 and spans[-1] == [100 * (reading.SERVED_SPANS + 2), 100 * (reading.SERVED_SPANS + 2) + 10]
 
 
 def test_no_open_mode_reads_by_inode(ops: Operations) -> None:
@@ -428,14 +428,14 @@ def test_scratch_tier_loads_run_in_their_own_larger_pool(image: Path, tmp_path: 
         assert run(read_both) == [expect[block - 500 : block + 500]] * 2
         assert threads["s"] and all(t.startswith("scratch-") for t in threads["s"]), threads
         assert threads["c"] and all(t.startswith("sqfs-") for t in threads["c"]), threads
-        assert o._io_pool.workers == fuse_ops.SCRATCH_IO_THREADS and o._pool.workers == 2
+        assert o.reader._io_pool.workers == reading.SCRATCH_IO_THREADS and o.reader._pool.workers == 2
     finally:
         o.close()
         on_scratch.image.close()
         on_cache.image.close()
     single = Operations(Dataset("t", Image.open(image)), workers=2)
     try:
-        assert single._io_pool is single._pool
+        assert single.reader._io_pool is single.reader._pool
     finally:
         single.close()
         assert single.dataset is not None
@@ -458,22 +458,22 @@ def test_readahead_starts_again_on_the_copy_a_file_switched_to(image: Path, tmp_
     first = ds.image
     o = Operations(ns, readahead_bytes=200_000)
     started: list[tuple[Image, int]] = []
-    o._start = lambda _ds, img, loads, _prio: started.extend((img, key[1]) for key, _ in loads) or []  # type: ignore[method-assign,func-returns-value]
+    o.reader._start = lambda _ds, img, loads, _prio: started.extend((img, key[1]) for key, _ in loads) or []  # type: ignore[method-assign,func-returns-value]
     try:
         n = first.lookup(first.lookup(first.root, b"dir"), b"a.txt")
-        h = fuse_ops._Handle(ds, n)
+        h = reading.ReadState(ds, n)
         block = first.info.block_size
-        o._ahead(h, ds, first, n, 0, 1000)
+        o.reader._ahead(h, ds, first, n, 0, 1000)
         h.next_off = 1000
         assert started and {img for img, _ in started} == {first}
         ahead_first = h.ahead_until
         assert ahead_first > block
         started.clear()
-        o._ahead(h, ds, first, n, 1000, 1000)  # the same copy: nothing new to queue
+        o.reader._ahead(h, ds, first, n, 1000, 1000)  # the same copy: nothing new to queue
         assert not started
         second = Image.open(copy)
         ds.swap(second, "cache")
-        o._ahead(h, ds, second, n, 2000, 1000)
+        o.reader._ahead(h, ds, second, n, 2000, 1000)
         assert started and {img for img, _ in started} == {second}
         assert min(pos for _, pos in started) < ahead_first  # from the reader, not from the old mark
     finally:
@@ -571,7 +571,7 @@ async def _read_at_once(o: Operations, ino: int, offsets: Sequence[int], size: i
 def test_large_reads_of_raw_data_are_copied_by_decode_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read of at least RAW_POOL_MIN bytes stored as is is copied out of the image by a
     decode worker, cached in the page cache or not: the trio thread serves other requests."""
-    from scratchfs.fuse_ops import RAW_POOL_MIN
+    from scratchfs.reading import RAW_POOL_MIN
 
     out, content = _raw_image(tmp_path)
     img = Image.open(out)
