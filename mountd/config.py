@@ -63,6 +63,9 @@ DEFAULT_PATH = Path("/etc/scratchfs/mountd.toml")
 #: Keys a SIGHUP reload cannot change: they need a restart.  (The socket is bound, the FUSE
 #: mount and its worker threads exist, open images have their block caches, the throughput
 #: statistics were built for the window.)  Everything else applies from the next round.
+#: Configuration key → MountdConfig field, where they differ (control_group is also kept as named).
+FIELD_OF = {"datadir": "datadirs", "control_group": "control_gid"}
+
 RESTART_KEYS = frozenset({
     "datadir", "cachedir", "mountdir", "allow_other", "control_group", "control_socket", "threads",
     "block_cache", "window",
@@ -127,8 +130,7 @@ class MountdConfig:
 
     def restart_needed(self, new: MountdConfig) -> list[str]:
         """Keys whose change *new* brings that a reload cannot apply."""
-        fields = {"datadir": "datadirs", "control_group": "control_gid"}
-        return sorted(k for k in RESTART_KEYS if getattr(self, fields.get(k, k)) != getattr(new, fields.get(k, k)))
+        return sorted(k for k in RESTART_KEYS if getattr(self, FIELD_OF.get(k, k)) != getattr(new, FIELD_OF.get(k, k)))
 
 
 # -- value parsers: each raises UsageError with the message after "KEY: " ----------------------

@@ -55,7 +55,7 @@ from scratchfs.units import format_size
 
 from . import requests
 from .cachestore import CacheStore
-from .config import RESTART_KEYS
+from .config import FIELD_OF
 from .control import ControlServer, Peer
 from .mover import Mover
 from .recorder import TraceRecorder
@@ -65,10 +65,6 @@ from .watcher import Seen, scan
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 30.0  # seconds between log lines about a running copy
-
-#: Config key → Settings field, where they differ.
-_SETTING_OF = {"datadir": "datadirs", "control_group": "control_gid"}
-
 
 def _shown(value: object) -> str:
     """A setting as a log line shows it."""
@@ -190,11 +186,10 @@ class Daemon(Mover):
         except ScratchfsError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             raise
-        for key in sorted(RESTART_KEYS):
-            name = _SETTING_OF.get(key, key)
-            if getattr(new, name) != getattr(self.s, name):
-                log.warning("reload: %s changes need a restart; keeping %s", key, _shown(getattr(self.s, name)))
-                new = replace(new, **{name: getattr(self.s, name)})
+        for key in self.s.restart_needed(new):
+            name = FIELD_OF.get(key, key)
+            log.warning("reload: %s changes need a restart; keeping %s", key, _shown(getattr(self.s, name)))
+            new = replace(new, **{n: getattr(self.s, n) for n in {key, name} if hasattr(self.s, n)})
         self.s = new
         log.info("configuration reloaded")
         self._wake_policy.set()

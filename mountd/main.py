@@ -48,27 +48,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
     """The config file with the command line's settings on top (flag > file > default)."""
     cfg = cfgmod.load_config(args.config)
     cfg = cfgmod.apply_overrides(cfg, cfgmod.overrides_from_args(args))
-    return Settings(
-        datadirs=cfg.datadirs,
-        cachedir=cfg.cachedir,
-        mountdir=cfg.mountdir,
-        capacity=cfg.capacity,
-        reserve=cfg.reserve,
-        window=cfg.window,
-        min_residency=cfg.min_residency,
-        copy_bandwidth=float(cfg.copy_bandwidth),
-        pinned=cfg.pinned,
-        never_cache=cfg.never_cache,
-        allow_other=cfg.allow_other,
-        control_socket=cfg.control_socket,
-        control_gid=cfg.control_gid,
-        metrics_file=cfg.metrics_file,
-        block_cache=cfg.block_cache,
-        threads=cfg.threads,
-        scan_interval=cfg.scan_interval,
-        policy_interval=cfg.policy_interval,
-        debug=args.debug,
-    )
+    return Settings.of(cfg, debug=args.debug)
 
 
 def check(settings: Settings) -> None:

@@ -3,40 +3,29 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from scratchfs.copier import Identity, Partial, Progress
 from scratchfs.tiers import Dataset
 
-from .config import Share
+from .config import MountdConfig
 
 
 @dataclass(frozen=True)
-class Settings:
-    """What the daemon runs with (built from the configuration file and the flags)."""
+class Settings(MountdConfig):
+    """What the daemon runs with: the configuration (file, then flags on top; see
+    :mod:`mountd.config` for the keys and their defaults), and what only it and tests tune."""
 
-    datadirs: tuple[Path, ...]
-    cachedir: Path
-    mountdir: Path
-    capacity: Share = Share(percent=80.0)
-    reserve: Share = Share(nbytes=0)
-    window: float = 600.0
-    min_residency: float = 0.0
-    copy_bandwidth: float = 0.0  # bytes/s, 0 = unlimited
-    pinned: frozenset[str] = frozenset()
-    never_cache: frozenset[str] = frozenset()
-    allow_other: bool = False
-    control_socket: Path = Path("/run/scratchfs/mountd.sock")
-    control_gid: int | None = None
-    metrics_file: Path | None = None
-    block_cache: int = 64 << 20  # bytes of decoded blocks per image
-    threads: int | None = None
-    scan_interval: float = 2.0
-    policy_interval: float = 2.0
-    sample_interval: float = 1.0
+    sample_interval: float = 1.0  # seconds between trace flushes, metrics, progress lines
     max_copies: int = 1
     debug: bool = False
+
+    @classmethod
+    def of(cls, cfg: MountdConfig, **extra: Any) -> Settings:
+        """*cfg* with the settings that are not configuration keys (``extra``) on top."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, **extra)
 
 
 @dataclass
