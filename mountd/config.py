@@ -60,12 +60,12 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
 
 DEFAULT_PATH = Path("/etc/scratchfs/mountd.toml")
 
-#: Keys a SIGHUP reload cannot change: they need a restart.  (The socket is bound, the FUSE
-#: mount and its worker threads exist, open images have their block caches, the throughput
-#: statistics were built for the window.)  Everything else applies from the next round.
 #: Configuration key → MountdConfig field, where they differ (control_group is also kept as named).
 FIELD_OF = {"datadir": "datadirs", "control_group": "control_gid"}
 
+#: Keys a SIGHUP reload cannot change: they need a restart.  (The socket is bound, the FUSE
+#: mount and its worker threads exist, open images have their block caches, the throughput
+#: statistics were built for the window.)  Everything else applies from the next round.
 RESTART_KEYS = frozenset({
     "datadir", "cachedir", "mountdir", "allow_other", "control_group", "control_socket", "threads",
     "block_cache", "window",

@@ -314,10 +314,9 @@ class Mover:
     async def make_room(self, need: int) -> int:
         """Delete kept copies (and cancelled copies' temp files), oldest left first, until *need*
         more bytes fit in the cache: in the free space beyond the reserve and within the
-        capacity.  Returns how many bytes fit
-        without deleting more (not less than *need*: with no kept copy left, a copy that finds
-        the disk full fails as it would have; no more than ``ROOM_STEP`` while kept copies
-        remain)."""
+        capacity.  Returns how many bytes fit without deleting more (not less than *need*: with
+        no kept copy left, a copy that finds the disk full fails as it would have; no more than
+        ``ROOM_STEP`` while kept copies remain)."""
         if not self.reclaimable and need == 0:
             return 0
         async with self._room_lock:

@@ -149,9 +149,9 @@ Algorithm
    cancelling is a bet on rates measured now).  This is Smith's rule (most reads per second
    of copy first) with a price on the work put at risk.  Under constant rates it cannot go
    back and forth: the copy that took over never gives way to the one it replaced, since that
-   would need ``r_running * t_waiting > r_waiting * left``, the opposite of what let it start.  mountd starts the waiting one
-   next, before the cancelled one (which the policy's order may put first again).  Copies an
-   admin asked for (pins, prefetches) never give way.
+   would need ``r_running * t_waiting > r_waiting * left``, the opposite of what let it start.
+   mountd starts the waiting one next, before the cancelled one (which the policy's order may
+   put first again).  Copies an admin asked for (pins, prefetches) never give way.
 
 Datasets not in ``sizes`` (their image went away) are never held.
 """
