@@ -32,7 +32,7 @@ slurm-deps: deps
 	$(PYTHON) tests/slurm/harness.py install
 
 test: venv slurm-deps
-	$(PY) -m pytest
+	SCRATCHFS_NO_SKIPS=1 $(PY) -m pytest
 
 demo: venv
 	$(PY) tools/demo.py

@@ -46,3 +46,25 @@ def need_mounts() -> None:
         pytest.skip("kernel squashfs loop mounts need root")
     if not os.path.exists("/dev/fuse"):
         pytest.skip("/dev/fuse is missing")
+
+
+# `make test` sets SCRATCHFS_NO_SKIPS=1: there a skipped test is a test that did not run, and the
+# run fails instead of counting it as passed (a plain `pytest` still reports skips as skips).
+NO_SKIPS = "SCRATCHFS_NO_SKIPS"
+
+
+def _skipped(config: pytest.Config) -> list[Any]:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    return list(reporter.stats.get("skipped", [])) if reporter is not None else []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get(NO_SKIPS) == "1" and exitstatus == pytest.ExitCode.OK and _skipped(session.config):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    skipped = _skipped(config)
+    if os.environ.get(NO_SKIPS) == "1" and skipped:
+        terminalreporter.write_line(f"{len(skipped)} test(s) skipped; with {NO_SKIPS}=1 (make test) that fails the run",
+                                    red=True)  # fmt: skip
