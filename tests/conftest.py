@@ -53,18 +53,20 @@ def need_mounts() -> None:
 NO_SKIPS = "SCRATCHFS_NO_SKIPS"
 
 
-def _skipped(config: pytest.Config) -> list[Any]:
+def _failing_skips(config: pytest.Config) -> list[Any]:
+    """The skipped tests' reports, when SCRATCHFS_NO_SKIPS=1 makes them fail the run (else none)."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    return list(reporter.stats.get("skipped", [])) if reporter is not None else []
+    if os.environ.get(NO_SKIPS) != "1" or reporter is None:
+        return []
+    return list(reporter.stats.get("skipped", []))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if os.environ.get(NO_SKIPS) == "1" and exitstatus == pytest.ExitCode.OK and _skipped(session.config):
+    if exitstatus == pytest.ExitCode.OK and _failing_skips(session.config):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    skipped = _skipped(config)
-    if os.environ.get(NO_SKIPS) == "1" and skipped:
+    if skipped := _failing_skips(config):
         terminalreporter.write_line(f"{len(skipped)} test(s) skipped; with {NO_SKIPS}=1 (make test) that fails the run",
                                     red=True)  # fmt: skip
