@@ -38,7 +38,7 @@ from .namespace import Namespace
 from .reading import Reader, ReadState
 from .squashfs import CorruptImageError, ImageIOError, Inode, LibraryError, SquashfsError
 from .squashfs.errors import NotSquashfsError, UnsupportedImageError
-from .squashfs.image import MODE_OF_TYPE
+from .squashfs.inode import MODE_OF_TYPE
 from .tiers import Dataset
 
 log = logging.getLogger(__name__)

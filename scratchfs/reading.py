@@ -24,7 +24,7 @@ import trio
 
 from .decodepool import AHEAD, DEMAND, DecodePool
 from .squashfs import Image, ImageIOError, Inode
-from .squashfs.image import NO_FRAGMENT
+from .squashfs.inode import NO_FRAGMENT
 from .stats import CACHE
 from .tiers import Dataset
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from scratchfs.squashfs import BlockCache, CorruptImageError, Image, NotSquashfsError, SquashfsError
-from scratchfs.squashfs.image import Inode
+from scratchfs.squashfs import BlockCache, CorruptImageError, Image, Inode, NotSquashfsError, SquashfsError
+from scratchfs.squashfs.context import load_block_native
+from scratchfs.squashfs.inode import NO_FRAGMENT
 from tests import fuzz_worker, imagegen, mounts
 
 
@@ -136,9 +137,8 @@ def test_native_block_loader_agrees_with_pread_and_decompress(image: Path) -> No
     (not for lzo, whose decompressor is Python's); every one decodes to what the two-call path
     gives."""
     from scratchfs.squashfs import _lib as L
-    from scratchfs.squashfs import image as image_mod
 
-    assert image_mod._load_block_native is not None, "scratchfs/squashfs/_blockload*.so is missing: the build compiles it"
+    assert load_block_native is not None, "scratchfs/squashfs/_blockload*.so is missing: the build compiles it"
     with Image.open(image) as fast, Image.open(image) as slow:
         assert (fast._ctx().native is None) == (fast.info.compression == "lzo")
         slow._ctx().native = None
@@ -149,7 +149,7 @@ def test_native_block_loader_agrees_with_pread_and_decompress(image: Path) -> No
                 blocks.update(
                     (node.block_offsets[i], w) for i, w in enumerate(words) if w & L.SQFS_BLOCK_SIZE_MASK
                 )
-                if node.frag_index != image_mod.NO_FRAGMENT:
+                if node.frag_index != NO_FRAGMENT:
                     blocks.add(fast._fragment(node))
         packed = [(off, w) for off, w in sorted(blocks) if not w & L.SQFS_BLOCK_UNCOMPRESSED]
         assert len(packed) > 10

@@ -1,6 +1,7 @@
 """Our own squashfs reader over libsquashfs (squashfs-tools-ng 1.x) through ctypes."""
 
 from .cache import BlockCache
+from .directory import DirListing
 from .errors import (
     CorruptImageError,
     ImageIOError,
@@ -9,7 +10,9 @@ from .errors import (
     SquashfsError,
     UnsupportedImageError,
 )
-from .image import DirListing, Image, ImageInfo, Inode
+from .image import Image
+from .inode import Inode
+from .superblock import ImageInfo
 
 __all__ = [
     "BlockCache",

@@ -6,18 +6,20 @@ listings and decoded inodes live in bounded LRU caches; data and fragment blocks
 whole (pread + the image's decompressor, in one native call where ``_blockload.c`` is built)
 into a bounded, shared :class:`BlockCache`.
 
-Inodes and directories are decoded in Python from whole metadata blocks (pread + the image's
-decompressor, a few hundred uncompressed blocks kept per image): a ctypes call costs more than
-parsing an entry, and libsquashfs's readers take several calls per entry. That decoder accepts
-only what libsquashfs's readers would read successfully, checking the same bounds; on anything
-else (damage) it steps aside and libsquashfs's own readers decode the inode or directory, so
-errors and partial listings come from one place.
+Inodes (:mod:`.inode`) and directories (:mod:`.directory`) are decoded in Python from whole
+metadata blocks (:mod:`.metadata`: pread + the image's decompressor, a few hundred uncompressed
+blocks kept per image): a ctypes call costs more than parsing an entry, and libsquashfs's
+readers take several calls per entry. That decoder accepts only what libsquashfs's readers
+would read successfully, checking the same bounds; on anything else (damage) it steps aside and
+libsquashfs's own readers decode the inode or directory, so errors and partial listings come
+from one place.
 
 Thread safety: libsquashfs reader objects are not thread-safe, so every thread gets its own
-context (file handle, decompressor, metadata readers, xattr reader) on first use. What is
+context (:mod:`.context`: file handle, decompressor, metadata readers, xattr reader) on first use. What is
 shared is immutable after open (superblock copy, id list, fragment table, which is only looked
 up) or guarded by a lock (the caches).
 """
+
 
 from __future__ import annotations
 
@@ -26,267 +28,25 @@ import functools
 import itertools
 import logging
 import os
-import stat
-import struct
 import threading
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from ..native import load_built
 from . import _lib as L
 from ._lib import check, lib
 from .cache import BlockCache
-from .errors import CorruptImageError, ImageIOError, NotSquashfsError, SquashfsError, UnsupportedImageError
+from .context import ThreadContext
+from .directory import DirListing, parse_dir, read_dir
+from .errors import CorruptImageError, ImageIOError, NotSquashfsError, SquashfsError
+from .inode import NO_FRAGMENT, Inode, from_generic, parse_inode
+from .metadata import MetaBlocks
+from .superblock import ABSENT, describe, read_ids, read_super, validate
 
-MODE_OF_TYPE = {
-    1: stat.S_IFDIR,
-    2: stat.S_IFREG,
-    3: stat.S_IFLNK,
-    4: stat.S_IFBLK,
-    5: stat.S_IFCHR,
-    6: stat.S_IFIFO,
-    7: stat.S_IFSOCK,
-}
 log = logging.getLogger(__name__)
 
-NO_FRAGMENT = 0xFFFFFFFF
-XATTR_NONE = L.XATTR_NONE
 _IMAGE_KEYS = itertools.count(1)
-
-
-def _blockload_types(lib: ctypes.CDLL) -> bool:
-    fn = lib.scratchfs_load_block
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
-    fn.restype = ctypes.c_int
-    return True
-
-
-_LOAD_OK, _LOAD_IO, _LOAD_SHORT, _LOAD_DECODE = 0, 1, 2, 3  # _blockload.c's results
-# The block loader (_blockload.c, built with the package), or None: then each block takes an
-# os.pread and a decompressor call (two hand-backs of the GIL instead of one).
-# SCRATCHFS_BLOCKLOAD=0 turns it off (to compare).
-_blockload = load_built(Path(__file__).resolve().parent, "_blockload", "SCRATCHFS_BLOCKLOAD", _blockload_types)
-_load_block_native: Any = _blockload.scratchfs_load_block if _blockload is not None else None
-
-# Field layouts of sqfs_inode_generic_t (little-endian x86/arm hosts; checked by tests):
-# the 16-byte base + payload counters, then the type-specific union at offset 24.
-_INODE_HEAD = struct.Struct("<HHHHIIII")
-_FILE = struct.Struct("<IIII")
-_FILE_EXT = struct.Struct("<QQQIIII")
-_DIR = struct.Struct("<IIHHI")
-_DIR_EXT = struct.Struct("<IIIIHHI")
-_U32 = struct.Struct("<I")
-_U32X2 = struct.Struct("<II")
-_U32X3 = struct.Struct("<III")
-_DIR_ENTRY = struct.Struct("<HhHH")
-_BASE = struct.Struct("<HHHHII")  # on-disk inode header: type, mode, uid idx, gid idx, mtime, number
-_DIR_INDEX = struct.Struct("<III")  # start block, index, name size - 1 (then the name)
-META = L.SQFS_META_BLOCK_SIZE
-# On-disk bytes after the 16-byte header of each inode type, before any variable part.
-_INODE_FIXED = {1: 16, 2: 16, 3: 8, 4: 8, 5: 8, 6: 4, 7: 4, 8: 24, 9: 40, 10: 8, 11: 12, 12: 12, 13: 8, 14: 8}
-ABSENT = 0xFFFFFFFFFFFFFFFF
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    compression: str
-    block_size: int
-    inode_count: int
-    bytes_used: int
-    mkfs_time: int
-    fragment_count: int
-    id_count: int
-    has_fragments: bool
-    has_xattrs: bool
-    has_export_table: bool
-    no_fragments: bool
-    always_fragments: bool
-    duplicates: bool
-    version: str
-
-
-class Inode:
-    """A decoded inode: stat fields plus what reading its data needs. Immutable."""
-
-    __slots__ = (
-        "ino", "ref", "mode", "uid", "gid", "mtime", "size", "nlink", "rdev", "xattr_idx",
-        "blocks_start", "block_words", "_block_offsets", "frag_index", "frag_offset", "frag_loc",
-        "dir_block", "dir_offset", "dir_size", "target", "itype",
-    )  # fmt: skip
-
-    ino: int
-    ref: int
-    mode: int
-    uid: int
-    gid: int
-    mtime: int
-    size: int
-    nlink: int
-    rdev: int
-    xattr_idx: int
-    blocks_start: int
-    block_words: array[int] | None
-    _block_offsets: list[int] | None
-    frag_index: int
-    frag_offset: int
-    frag_loc: tuple[int, int] | None
-    dir_block: int
-    dir_offset: int
-    dir_size: int
-    target: bytes
-    itype: int  # on-disk inode type (1-7 basic, 8-14 extended)
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_file(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat.S_ISLNK(self.mode)
-
-    @property
-    def block_offsets(self) -> list[int]:
-        """Absolute on-disk offset of every data block (computed once)."""
-        offs = self._block_offsets
-        if offs is None:
-            words = self.block_words or ()
-            offs = list(accumulate((w & L.SQFS_BLOCK_SIZE_MASK for w in words), initial=self.blocks_start))
-            self._block_offsets = offs
-        return offs
-
-    def __repr__(self) -> str:
-        return f"<Inode {self.ino} ref={self.ref:#x} mode={self.mode:o} size={self.size}>"
-
-
-class _Context:
-    """One thread's libsquashfs objects. Never touched by another thread."""
-
-    def __init__(self, image: Image) -> None:
-        self.image = image
-        self.file = lib.sqfs_open_file(os.fsencode(image.path), L.SQFS_FILE_OPEN_READ_ONLY)
-        if not self.file:
-            raise ImageIOError(f"{image.path}: cannot open image")
-        self.cmp: Any = None
-        self.inode_reader: Any = None
-        self.dir_reader: Any = None
-        self.xattr_reader: Any = None
-        try:
-            cfg = L.sqfs_compressor_config_t()
-            sb = image._super
-            check(
-                lib.sqfs_compressor_config_init(
-                    ctypes.byref(cfg), sb.compression_id, sb.block_size, L.SQFS_COMP_FLAG_UNCOMPRESS
-                ),
-                "compressor configuration",
-            )
-            self._keep: list[Any] = []
-            if sb.compression_id == L.SQFS_COMP_LZO:
-                cmp, self._keep = L.lzo.compressor()
-                self._do_block = lambda _c, src, n, out, lim: L.lzo.decompress_into(src, n, out, lim)
-            else:
-                cmp = ctypes.POINTER(L.sqfs_compressor_t)()
-                check(lib.sqfs_compressor_create(ctypes.byref(cfg), ctypes.byref(cmp)), "creating decompressor")
-                self._do_block = cmp.contents.do_block
-            self.cmp = cmp
-            if sb.flags & L.SQFS_FLAG_COMPRESSOR_OPTIONS:
-                check(cmp.contents.read_options(cmp, self.file), "reading compressor options")
-            self.outbuf = ctypes.create_string_buffer(sb.block_size)
-            self.native: tuple[Any, ...] | None = None
-            if _load_block_native is not None and sb.compression_id != L.SQFS_COMP_LZO:
-                # Arguments of _blockload.c for this thread: decompressor, do_block, buffers,
-                # block size, and where it writes the length and the failure detail.
-                self.inbuf = ctypes.create_string_buffer(sb.block_size)
-                self.result = (ctypes.c_int32 * 2)()
-                self.native = (
-                    ctypes.cast(cmp, ctypes.c_void_p).value,
-                    ctypes.cast(cmp.contents.do_block, ctypes.c_void_p).value,
-                    ctypes.addressof(self.inbuf),
-                    ctypes.addressof(self.outbuf),
-                    sb.block_size,
-                    ctypes.addressof(self.result),
-                    ctypes.addressof(self.result) + 4,
-                )
-            self.metabuf = ctypes.create_string_buffer(META)
-            self.reset_meta()
-        except BaseException:
-            self.close()
-            raise
-
-    def reset_meta(self) -> None:
-        """(Re)create the metadata readers: after a decoding error their cached block is suspect."""
-        sb = self.image._super
-        for name in ("dir_reader", "inode_reader"):
-            L.destroy(getattr(self, name, None))
-            setattr(self, name, None)
-        self.inode_reader = lib.sqfs_meta_reader_create(self.file, self.cmp, sb.inode_table_start,
-                                                        sb.directory_table_start)  # fmt: skip
-        self.dir_reader = lib.sqfs_meta_reader_create(self.file, self.cmp, sb.directory_table_start,
-                                                      self.image._dir_table_end)  # fmt: skip
-        if not self.inode_reader or not self.dir_reader:
-            raise L.error_for(-1, "creating metadata readers")
-
-    def load(self, fd: int, off: int, n: int) -> bytes:
-        """Compressed data block of *n* bytes at *off*, read and decoded in one native call."""
-        cmp, do_block, inbuf, outbuf, limit, length, detail = self.native  # type: ignore[misc]
-        status = _load_block_native(fd, off, n, cmp, do_block, inbuf, outbuf, limit, length, detail)
-        if status == _LOAD_OK:
-            return ctypes.string_at(outbuf, self.result[0])
-        path = self.image.path
-        if status == _LOAD_IO:
-            code = self.result[1]
-            raise OSError(code, f"{os.strerror(code)}: reading {path} at {off}")
-        if status == _LOAD_SHORT:
-            raise ImageIOError(f"{path}: short read at {off} (image truncated?)")
-        raise CorruptImageError(f"{path}: data block does not decompress ({self.result[1]})")
-
-    def decompress(self, raw: bytes, limit: int) -> bytes:
-        n = self._do_block(self.cmp, raw, len(raw), self.outbuf, limit)
-        if n <= 0:
-            raise CorruptImageError(f"{self.image.path}: data block does not decompress ({n})")
-        return ctypes.string_at(self.outbuf, n)
-
-    def decompress_meta(self, raw: bytes) -> bytes | None:
-        """A metadata block's bytes, or None where libsquashfs's metadata reader fails too
-        (same decompressor, same 8 KiB output limit; an empty block fails every read)."""
-        n = self._do_block(self.cmp, raw, len(raw), self.metabuf, META)
-        return ctypes.string_at(self.metabuf, n) if n > 0 else None
-
-    def xattrs(self) -> Any:
-        if self.xattr_reader is None:
-            xr = lib.sqfs_xattr_reader_create(0)
-            if not xr:
-                raise L.error_for(-1, "creating xattr reader")
-            try:
-                check(
-                    lib.sqfs_xattr_reader_load(xr, ctypes.byref(self.image._super), self.file, self.cmp),
-                    f"{self.image.path}: reading xattr table",
-                )
-            except BaseException:
-                L.destroy(xr)
-                raise
-            self.xattr_reader = xr
-        return self.xattr_reader
-
-    def close(self) -> None:
-        for name in ("xattr_reader", "dir_reader", "inode_reader"):
-            L.destroy(getattr(self, name, None))
-            setattr(self, name, None)
-        if self.cmp:
-            if not getattr(self, "_keep", None):
-                L.destroy(ctypes.cast(self.cmp, ctypes.c_void_p).value)
-            self.cmp = None
-        L.destroy(self.file)
-        self.file = None
 
 
 class _LRU(OrderedDict[Any, Any]):
@@ -309,26 +69,6 @@ class _LRU(OrderedDict[Any, Any]):
             self.popitem(last=False)
 
 
-class DirListing:
-    """A directory's entries in on-disk (sorted) order: names, inode refs, inode numbers."""
-
-    __slots__ = ("names", "refs", "inos", "types", "index", "error")
-
-    def __init__(self, names: list[bytes], refs: list[int], inos: list[int], types: list[int],
-                 error: SquashfsError | None = None) -> None:  # fmt: skip
-        self.names = names
-        self.refs = refs
-        self.inos = inos
-        self.types = types  # basic inode type of each entry (1 dir, 2 file, 3 symlink, ...)
-        self.index = {n: i for i, n in enumerate(names)}
-        # Set when the listing broke off at damaged metadata: the entries before it are real,
-        # whether more exist is unknown.
-        self.error = error
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
 class Image:
     """A squashfs image opened read-only. See the module docstring for threading rules."""
 
@@ -345,21 +85,16 @@ class Image:
         self._key = next(_IMAGE_KEYS)  # cache keys are (image key, offset): fds get reused
         self._closed = False
         self._tls = threading.local()
-        self._contexts: list[_Context] = []
+        self._contexts: list[ThreadContext] = []
         self._ctx_lock = threading.Lock()
-        self._meta_lock = threading.Lock()
+        self._meta_lock = threading.Lock()  # guards the inode and directory caches
         self._frag_table: int | None = None
         self._frag_lookup = lib.sqfs_frag_table_lookup
         self._read_inode = lib.sqfs_meta_reader_read_inode
-        self._readdir = lib.sqfs_meta_reader_readdir
         self._free = lib.sqfs_free
         self.cache = block_cache if block_cache is not None else BlockCache(cache_size)
         self._inodes = _LRU(inode_cache)
         self._dirs = _LRU(1 << 30)
-        # Uncompressed metadata blocks: position → (bytes, position of the next block). Read
-        # without the lock (one dict lookup); added under it, oldest first out.
-        self._meta: dict[int, tuple[bytes, int]] = {}
-        self._meta_limit = max(1, meta_cache_blocks)
         self._dir_entries = 0
         self._dir_entry_limit = dir_cache_entries
         try:
@@ -370,6 +105,7 @@ class Image:
             raise NotSquashfsError(f"{self.path}: is a directory, not a squashfs image") from None
         except OSError as e:
             raise ImageIOError(f"{self.path}: {e.strerror}") from None
+        self._metablocks = MetaBlocks(self._fd, self._decompress_meta, meta_cache_blocks)
         try:
             self._open()
         except BaseException:
@@ -382,30 +118,14 @@ class Image:
 
     # ----------------------------------------------------------------- opening
     def _open(self) -> None:
-        st = os.fstat(self._fd)
-        if not stat.S_ISREG(st.st_mode) and not stat.S_ISBLK(st.st_mode):
-            raise NotSquashfsError(f"{self.path}: not a regular file")
-        self.file_size = st.st_size if stat.S_ISREG(st.st_mode) else _blockdev_size(self._fd)
-        head = os.pread(self._fd, 4, 0)
-        if head != b"hsqs":
-            raise NotSquashfsError(f"{self.path}: not a squashfs image (no 'hsqs' magic)")
-        if self.file_size < ctypes.sizeof(L.sqfs_super_t):
-            raise CorruptImageError(f"{self.path}: truncated image ({self.file_size} bytes)")
-        sb = L.sqfs_super_t()
-        f = lib.sqfs_open_file(os.fsencode(self.path), L.SQFS_FILE_OPEN_READ_ONLY)
-        if not f:
-            raise ImageIOError(f"{self.path}: cannot open image")
-        try:
-            check(lib.sqfs_super_read(ctypes.byref(sb), f), f"{self.path}: superblock")
-        finally:
-            L.destroy(f)
+        sb, self.file_size = read_super(self._fd, self.path)
+        self._dir_table_end = validate(sb, self.file_size, self.path)
         self._super = sb
         self._super_ptr = ctypes.pointer(sb)
-        self._validate_super()
         # Plain ints for the inode decoder (a ctypes field read costs more than a tuple's).
         self._inode_table = (sb.inode_table_start, sb.directory_table_start, sb.block_size)
         ctx = self._ctx()
-        self._ids = self._read_ids(ctx)
+        self._ids = read_ids(ctx, sb, self.path)
         if sb.fragment_entry_count and sb.fragment_table_start != ABSENT:
             tbl = lib.sqfs_frag_table_create(0)
             if not tbl:
@@ -419,22 +139,7 @@ class Image:
         self.root = self.inode_by_ref(sb.root_inode_ref)
         if not self.root.is_dir:
             raise CorruptImageError(f"{self.path}: root inode is not a directory")
-        self.info = ImageInfo(
-            compression=L.COMPRESSORS.get(sb.compression_id, str(sb.compression_id)),
-            block_size=sb.block_size,
-            inode_count=sb.inode_count,
-            bytes_used=sb.bytes_used,
-            mkfs_time=sb.modification_time,
-            fragment_count=sb.fragment_entry_count,
-            id_count=sb.id_count,
-            has_fragments=bool(sb.fragment_entry_count),
-            has_xattrs=sb.xattr_id_table_start != ABSENT and not sb.flags & L.SQFS_FLAG_NO_XATTRS,
-            has_export_table=sb.export_table_start != ABSENT and bool(sb.flags & L.SQFS_FLAG_EXPORTABLE),
-            no_fragments=bool(sb.flags & L.SQFS_FLAG_NO_FRAGMENTS),
-            always_fragments=bool(sb.flags & L.SQFS_FLAG_ALWAYS_FRAGMENTS),
-            duplicates=not sb.flags & L.SQFS_FLAG_NO_DUPLICATES,
-            version=f"{sb.version_major}.{sb.version_minor}",
-        )
+        self.info = describe(sb)
 
     def _advise_metadata(self, limit: int = 256 << 20) -> None:
         """Ask the kernel to read the metadata tables ahead (they sit at the end of the image).
@@ -450,69 +155,12 @@ class Image:
             except OSError:
                 log.debug("posix_fadvise failed on %s", self.path, exc_info=True)
 
-    def _validate_super(self) -> None:
-        sb = self._super
-        p = self.path
-        if sb.compression_id not in L.COMPRESSORS:
-            raise UnsupportedImageError(f"{p}: unknown compressor id {sb.compression_id}")
-        if sb.bytes_used > self.file_size:
-            raise CorruptImageError(
-                f"{p}: truncated image: superblock says {sb.bytes_used} bytes, file has {self.file_size}"
-            )
-        if sb.inode_count == 0:
-            raise CorruptImageError(f"{p}: superblock says the image has no inodes")
-        if not (ctypes.sizeof(L.sqfs_super_t) <= sb.inode_table_start < sb.directory_table_start < sb.bytes_used):
-            raise CorruptImageError(f"{p}: inode/directory table offsets out of order or beyond the image")
-        for name in ("id_table_start", "fragment_table_start", "export_table_start", "xattr_id_table_start"):
-            v = getattr(sb, name)
-            if v != ABSENT and v > sb.bytes_used:
-                raise CorruptImageError(f"{p}: {name.replace('_', ' ')} beyond the end of the image")
-        if sb.fragment_entry_count > self.file_size // 16 + 1:
-            raise CorruptImageError(f"{p}: absurd fragment count {sb.fragment_entry_count}")
-        # Every inode takes >= 20 bytes of an 8 KiB metadata block, and a compressed block
-        # takes >= 3 bytes on disk: more inodes than that cannot be in the inode table.
-        max_inodes = (sb.directory_table_start - sb.inode_table_start) // 3 * (8192 // 20) + 8192 // 20
-        if sb.inode_count > max_inodes:
-            raise CorruptImageError(f"{p}: absurd inode count {sb.inode_count} for its inode table")
-        if sb.export_table_start != ABSENT and sb.flags & L.SQFS_FLAG_EXPORTABLE:
-            index_bytes = -(-sb.inode_count // 1024) * 8  # one pointer per 8 KiB block of refs
-            nxt = min([v for v in (sb.id_table_start, sb.xattr_id_table_start, sb.bytes_used)
-                       if v != ABSENT and v > sb.export_table_start] or [sb.bytes_used])  # fmt: skip
-            if sb.export_table_start + index_bytes > nxt:
-                raise CorruptImageError(f"{p}: inode count {sb.inode_count} does not fit the export table")
-        if (sb.root_inode_ref >> 16) >= sb.directory_table_start - sb.inode_table_start:
-            raise CorruptImageError(f"{p}: root inode reference outside the inode table")
-        later = [
-            v
-            for v in (sb.fragment_table_start, sb.export_table_start, sb.id_table_start, sb.xattr_id_table_start)
-            if v != ABSENT and v > sb.directory_table_start
-        ]
-        self._dir_table_end = min(later) if later else sb.bytes_used
-
-    def _read_ids(self, ctx: _Context) -> list[int]:
-        sb = self._super
-        if sb.id_count == 0:
-            raise CorruptImageError(f"{self.path}: id table is empty")
-        tbl = lib.sqfs_id_table_create(0)
-        if not tbl:
-            raise L.error_for(-1, "creating id table")
-        try:
-            check(lib.sqfs_id_table_read(tbl, ctx.file, ctypes.byref(sb), ctx.cmp), f"{self.path}: id table")
-            out = ctypes.c_uint32()
-            ids = []
-            for i in range(sb.id_count):
-                check(lib.sqfs_id_table_index_to_id(tbl, i, ctypes.byref(out)), f"{self.path}: id table")
-                ids.append(out.value)
-            return ids
-        finally:
-            L.destroy(tbl)
-
-    def _ctx(self) -> _Context:
-        ctx: _Context | None = getattr(self._tls, "ctx", None)
+    def _ctx(self) -> ThreadContext:
+        ctx: ThreadContext | None = getattr(self._tls, "ctx", None)
         if ctx is None:
             if self._closed:
                 raise SquashfsError(f"{self.path}: image is closed")
-            ctx = _Context(self)
+            ctx = ThreadContext(self.path, self._super, self._dir_table_end)
             with self._ctx_lock:
                 self._contexts.append(ctx)
             self._tls.ctx = ctx
@@ -541,64 +189,6 @@ class Image:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---------------------------------------------------------- metadata blocks
-    def _meta_block(self, pos: int, start: int, limit: int) -> tuple[bytes, int] | None:
-        """(uncompressed bytes, position of the next block) of the metadata block at *pos* of the
-        table [start, limit), or None where libsquashfs's metadata reader would fail to load it.
-
-        The checks are the reader's own: the block starts inside the table, its stored size is
-        at most 8 KiB, it ends inside the table, it decompresses to at least one byte.
-        """
-        if pos < start or pos >= limit:
-            return None
-        hit = self._meta.get(pos)
-        if hit is not None:
-            return hit
-        raw = os.pread(self._fd, min(2 + META, limit - pos), pos)
-        if len(raw) < 2:
-            return None
-        head = raw[0] | raw[1] << 8
-        size = head & 0x7FFF
-        if size > META or pos + 2 + size > limit or len(raw) < 2 + size:
-            return None
-        if head & 0x8000:  # stored uncompressed
-            data: bytes | None = raw[2 : 2 + size]
-        else:
-            data = self._ctx().decompress_meta(raw[2 : 2 + size])
-        if not data:
-            return None
-        hit = (data, pos + 2 + size)
-        with self._meta_lock:
-            cache = self._meta
-            cache[pos] = hit
-            while len(cache) > self._meta_limit:
-                del cache[next(iter(cache))]
-        return hit
-
-    def _meta_span(self, pos: int, off: int, n: int, start: int, limit: int) -> bytes:
-        """Up to *n* bytes of the metadata stream from block *pos*, offset *off*, following the
-        chain of blocks as libsquashfs's reader does; short where the chain breaks (callers
-        that need the missing bytes leave the decoding to libsquashfs)."""
-        blk = self._meta_block(pos, start, limit)
-        if blk is None or off >= len(blk[0]):
-            return b""
-        data, nxt = blk
-        if off + n <= len(data):
-            return data[off : off + n]
-        # No more than the rest of the table can hold (8 KiB per block of >= 3 bytes).
-        n = min(n, ((limit - pos) // 3 + 1) * META)
-        parts = [data[off:]]
-        got = len(parts[0])
-        while got < n:
-            blk = self._meta_block(nxt, start, limit)
-            if blk is None:
-                break
-            data, nxt = blk
-            piece = data[: n - got]
-            parts.append(piece)
-            got += len(piece)
-        return b"".join(parts)
-
     # ------------------------------------------------------------------ inodes
     def inode_by_ref(self, ref: int) -> Inode:
         """Decode the inode at reference *ref* ((metadata block << 16) | offset)."""
@@ -613,128 +203,12 @@ class Image:
             self._inodes.store(ref, node)
         return node
 
-    def _parse_inode(self, ref: int) -> Inode | None:
-        """Decode the inode at *ref* from the metadata blocks; None when the image is damaged
-        there (anything libsquashfs or :meth:`_convert` would refuse): the caller then lets
-        libsquashfs decode it, which raises the error."""
-        start, limit, block_size = self._inode_table
-        pos, off = start + (ref >> 16), ref & 0xFFFF
-        blk = self._meta.get(pos) if pos < limit else None
-        if blk is None:
-            blk = self._meta_block(pos, start, limit)
-            if blk is None:
-                return None
-        buf = blk[0]
-        p = off
-        if off + 56 > len(buf):  # 56: the longest fixed part (header + extended file)
-            if off >= len(buf):
-                return None
-            buf, p = self._meta_span(pos, off, 56, start, limit), 0
-            if len(buf) < 16:
-                return None
-        t, mode, uid_idx, gid_idx, mtime, ino = _BASE.unpack_from(buf, p)
-        fixed = _INODE_FIXED.get(t)
-        if fixed is None:
-            return None
-        ids = self._ids
-        if uid_idx >= len(ids) or gid_idx >= len(ids):
-            return None
-        need = 16 + fixed
-        if len(buf) - p < need:
-            return None
-        basic = t - 7 if t > 7 else t
-        q = p + 16
-        n = self._inode_head(ref, t, basic, mode, uid_idx, gid_idx, mtime, ino)
-        n._block_offsets = None
-        n.frag_loc = None
-        n.rdev = 0
-        if basic == 2:
-            if t == 2:
-                n.blocks_start, frag, foff, size = _FILE.unpack_from(buf, q)
-                n.nlink = 1
-                n.xattr_idx = XATTR_NONE
-            else:
-                n.blocks_start, size, _sparse, n.nlink, frag, foff, n.xattr_idx = _FILE_EXT.unpack_from(buf, q)
-            full, tail = divmod(size, block_size)
-            if tail:
-                # libsquashfs counts the short last block when either fragment field says
-                # "none"; _convert refuses the image unless the index does.
-                if frag == NO_FRAGMENT:
-                    full += 1
-                elif foff == 0xFFFFFFFF:
-                    return None
-            if full:
-                q += fixed
-                if len(buf) - q < full * 4:
-                    buf, q = self._meta_span(pos, off, need + full * 4, start, limit), need
-                    if len(buf) < need + full * 4:
-                        return None
-                n.block_words = array("I", buf[q : q + full * 4])
-            else:
-                n.block_words = array("I")
-            n.size = size
-            n.frag_index = frag
-            n.frag_offset = foff
-            n.dir_block = n.dir_offset = n.dir_size = 0
-            n.target = b""
-            return n
-        n.blocks_start = 0
-        n.block_words = None
-        n.frag_index = NO_FRAGMENT
-        n.frag_offset = 0
-        if basic == 1:
-            if t == 1:
-                n.dir_block, n.nlink, size, n.dir_offset, _parent = _DIR.unpack_from(buf, q)
-                n.xattr_idx = XATTR_NONE
-            else:
-                n.nlink, size, n.dir_block, _parent, icount, n.dir_offset, n.xattr_idx = _DIR_EXT.unpack_from(buf, q)
-                if size and icount and not self._index_readable(buf, p, pos, off, icount):
-                    return None
-            n.size = n.dir_size = size
-            n.target = b""
-            return n
-        n.dir_block = n.dir_offset = n.dir_size = 0
-        n.target = b""
-        n.size = 0
-        n.xattr_idx = XATTR_NONE
-        if basic == 3:
-            n.nlink, size = _U32X2.unpack_from(buf, q)
-            total = need + size + (4 if t == 10 else 0)
-            if len(buf) - p < total:
-                buf, p = self._meta_span(pos, off, total, start, limit), 0
-                if len(buf) < total:
-                    return None
-            q = p + need
-            n.size = size
-            n.target = buf[q : q + size]
-            if t == 10:
-                (n.xattr_idx,) = _U32.unpack_from(buf, q + size)
-        elif basic in (4, 5):
-            if t > 7:
-                n.nlink, n.rdev, n.xattr_idx = _U32X3.unpack_from(buf, q)
-            else:
-                n.nlink, n.rdev = _U32X2.unpack_from(buf, q)
-        elif t > 7:
-            n.nlink, n.xattr_idx = _U32X2.unpack_from(buf, q)
-        else:
-            (n.nlink,) = _U32.unpack_from(buf, q)
-        return n
+    def _decompress_meta(self, raw: bytes) -> bytes | None:
+        return self._ctx().decompress_meta(raw)
 
-    def _index_readable(self, buf: bytes, p: int, pos: int, off: int, icount: int) -> bool:
-        """Whether the directory index after an extended directory inode (at *p* of *buf*, or
-        block *pos*, offset *off*) is all in the stream: libsquashfs reads it whole and fails
-        if it is not. We do not use it."""
-        start, limit = self._super.inode_table_start, self._super.directory_table_start
-        q = 40  # the first index entry, after the header and the fixed part
-        want = q + icount * 13  # each entry takes at least 13 bytes
-        for _ in range(icount):
-            if len(buf) - p < q + 12:
-                want = max(want, 2 * (q + 12))
-                buf, p = self._meta_span(pos, off, want, start, limit), 0
-                if len(buf) < q + 12:
-                    return False
-            q += 13 + _DIR_INDEX.unpack_from(buf, p + q)[2]
-        return len(buf) - p >= q or len(self._meta_span(pos, off, q, start, limit)) >= q
+    def _parse_inode(self, ref: int) -> Inode | None:
+        """The inode at *ref* decoded from the metadata blocks; None where they are damaged."""
+        return parse_inode(self._metablocks, ref, self._inode_table, self._ids)
 
     def _decode_inode(self, ref: int) -> Inode:
         """Decode the inode at *ref* with libsquashfs's inode reader (damaged metadata)."""
@@ -752,87 +226,22 @@ class Image:
         if not addr:
             raise CorruptImageError(f"{self.path}: inode {ref:#x} could not be read")
         try:
-            return self._convert(addr, ref)
+            return from_generic(addr, ref, self._ids, self._super.block_size, self.path)
         finally:
             self._free(addr)
 
-    def _inode_head(
-        self, ref: int, t: int, basic: int, mode: int, uid_idx: int, gid_idx: int, mtime: int, ino: int
-    ) -> Inode:
-        """An Inode with the fields of the common inode header set (ids already bounds-checked)."""
-        n = Inode()
-        n.ino = ino
-        n.ref = ref
-        n.itype = t
-        n.mode = MODE_OF_TYPE[basic] | (mode & 0o7777)
-        n.uid = self._ids[uid_idx]
-        n.gid = self._ids[gid_idx]
-        n.mtime = mtime
-        return n
-
-    def _convert(self, addr: int, ref: int) -> Inode:
-        """Decode a sqfs_inode_generic_t at *addr* (layout of libsquashfs 1.x, see _lib)."""
-        head = ctypes.string_at(addr, L.INODE_EXTRA_OFFSET)
-        t, mode, uid_idx, gid_idx, mtime, ino, _avail, used = _INODE_HEAD.unpack_from(head)
-        basic = t - 7 if t > 7 else t
-        if basic not in MODE_OF_TYPE:
-            raise CorruptImageError(f"{self.path}: inode {ref:#x} has unknown type {t}")
-        ids = self._ids
-        if uid_idx >= len(ids) or gid_idx >= len(ids):
-            raise CorruptImageError(f"{self.path}: inode {ref:#x} has an id index beyond the id table")
-        n = self._inode_head(ref, t, basic, mode, uid_idx, gid_idx, mtime, ino)
-        n.size = 0
-        n.nlink = 1
-        n.rdev = 0
-        n.blocks_start = 0
-        n.block_words = None
-        n._block_offsets = None
-        n.frag_index = NO_FRAGMENT
-        n.frag_offset = 0
-        n.frag_loc = None
-        n.dir_block = n.dir_offset = n.dir_size = 0
-        n.target = b""
-        n.xattr_idx = L.XATTR_NONE
-        if basic == 2:
-            if t == 2:
-                n.blocks_start, n.frag_index, n.frag_offset, n.size = _FILE.unpack_from(head, 24)
-            else:
-                n.blocks_start, n.size, _sparse, n.nlink, n.frag_index, n.frag_offset, n.xattr_idx = _FILE_EXT.unpack_from(head, 24)
-            count = used // 4
-            words = array("I")
-            if count:
-                words.frombytes(ctypes.string_at(addr + L.INODE_EXTRA_OFFSET, count * 4))
-            n.block_words = words
-            bs = self._super.block_size
-            full, tail = divmod(n.size, bs)
-            if count != full + (1 if tail and n.frag_index == NO_FRAGMENT else 0):
-                raise CorruptImageError(f"{self.path}: inode {n.ino}: block list does not match file size")
-        elif basic == 1:
-            if t == 1:
-                n.dir_block, n.nlink, n.dir_size, n.dir_offset, _parent = _DIR.unpack_from(head, 24)
-            else:
-                n.nlink, n.dir_size, n.dir_block, _parent, _icount, n.dir_offset, n.xattr_idx = _DIR_EXT.unpack_from(head, 24)
-            n.size = n.dir_size
-        elif basic == 3:
-            if t == 3:
-                n.nlink, n.size = _U32X2.unpack_from(head, 24)
-            else:
-                n.nlink, n.size, n.xattr_idx = _U32X3.unpack_from(head, 24)
-            if n.size > used:
-                raise CorruptImageError(f"{self.path}: inode {n.ino}: symlink target truncated")
-            n.target = ctypes.string_at(addr + L.INODE_EXTRA_OFFSET, n.size)
-        elif basic in (4, 5):
-            if t > 7:
-                n.nlink, n.rdev, n.xattr_idx = _U32X3.unpack_from(head, 24)
-            else:
-                n.nlink, n.rdev = _U32X2.unpack_from(head, 24)
-        elif t > 7:
-            n.nlink, n.xattr_idx = _U32X2.unpack_from(head, 24)
-        else:
-            (n.nlink,) = _U32.unpack_from(head, 24)
-        return n
-
     # ------------------------------------------------------------- directories
+    def _parse_dir(self, dir_inode: Inode) -> DirListing | None:
+        """A directory decoded from the metadata blocks; None where they are damaged."""
+        sb = self._super
+        return parse_dir(self._metablocks, dir_inode, sb.directory_table_start, self._dir_table_end, sb.inode_count)
+
+    def _read_dir(self, dir_inode: Inode) -> DirListing:
+        """A directory read through libsquashfs's readdir (damaged metadata)."""
+        sb = self._super
+        what = f"{self.path}: directory of inode {dir_inode.ino}"
+        return read_dir(self._ctx(), dir_inode, sb.directory_table_start, sb.inode_count, what)
+
     def listing(self, dir_inode: Inode) -> DirListing:
         """The entries of a directory (cached; bounded by total entries)."""
         if not dir_inode.is_dir:
@@ -853,119 +262,6 @@ class Image:
                     self._dir_entries -= len(old)
         return lst
 
-    def _parse_dir(self, dir_inode: Inode) -> DirListing | None:
-        """A directory's entries decoded from the metadata blocks; None when its metadata is
-        damaged (anything libsquashfs's readdir or :meth:`_read_dir` would refuse): the caller
-        then reads it through libsquashfs, which reports the error and the entries before it.
-
-        The listing is the directory's stored size minus 3 bytes of headers (count - 1, start
-        block, base inode number: 12 bytes) each followed by up to 256 entries (offset, inode
-        number delta, type, name size - 1: 8 bytes, then the name). Like libsquashfs, stop
-        when fewer than 10 bytes are left where a header would start and fewer than 6 where an
-        entry would; anything read past the listing's size means damage.
-        """
-        size = dir_inode.dir_size
-        if size <= 12:  # no room for a header: libsquashfs reads nothing and finds no entry
-            return DirListing([], [], [], [])
-        sb = self._super
-        start = sb.directory_table_start
-        end = size - 3
-        buf = self._meta_span(start + dir_inode.dir_block, dir_inode.dir_offset, end, start, self._dir_table_end)
-        if len(buf) < end:
-            return None
-        names: list[bytes] = []
-        refs: list[int] = []
-        inos: list[int] = []
-        types: list[int] = []
-        add_name, add_ref, add_ino, add_type = names.append, refs.append, inos.append, types.append
-        header = _U32X3.unpack_from
-        entry = _DIR_ENTRY.unpack_from
-        p = 0
-        while end - p > 9:
-            if p + 12 > end:
-                return None
-            count, block, base = header(buf, p)
-            if count > 255:
-                return None
-            p += 12
-            block <<= 16
-            for _ in range(count + 1):
-                if end - p <= 5:
-                    break
-                if p + 8 > end:
-                    return None
-                offset, delta, etype, nlen = entry(buf, p)
-                q = p + 9 + nlen
-                if q > end:
-                    return None
-                add_name(buf[p + 8 : q])
-                add_ref(block | offset)
-                add_ino((base + delta) & 0xFFFFFFFF)
-                add_type(etype)
-                p = q
-            if len(names) > sb.inode_count:
-                return None
-        # Names are checked all at once: '/' only as the separator, no NUL, no '.' or '..'.
-        joined = b"/".join(names)
-        if names and (b"\0" in joined or joined.count(b"/") != len(names) - 1):
-            return None
-        lst = DirListing(names, refs, inos, types)
-        if b"." in lst.index or b".." in lst.index:
-            return None
-        return lst
-
-    def _read_dir(self, dir_inode: Inode) -> DirListing:
-        """A directory's entries through libsquashfs's readdir (damaged metadata)."""
-        ctx = self._ctx()
-        state = L.sqfs_readdir_state_t()
-        state.init.block = self._super.directory_table_start + dir_inode.dir_block
-        state.init.offset = dir_inode.dir_offset
-        state.init.size = dir_inode.dir_size
-        state.current.block = state.init.block
-        state.current.offset = state.init.offset
-        state.current.size = state.init.size
-        ent = ctypes.c_void_p()
-        inum = ctypes.c_uint32()
-        iref = ctypes.c_uint64()
-        names: list[bytes] = []
-        refs: list[int] = []
-        inos: list[int] = []
-        types: list[int] = []
-        readdir = self._readdir
-        free = self._free
-        string_at = ctypes.string_at
-        args = (ctx.dir_reader, ctypes.byref(state), ctypes.byref(ent), ctypes.byref(inum), ctypes.byref(iref))
-        limit = self._super.inode_count
-        what = f"{self.path}: directory of inode {dir_inode.ino}"
-        hdr = L.DIR_ENTRY_NAME_OFFSET
-        try:
-            while True:
-                ret = readdir(*args)
-                if ret > 0:
-                    break
-                check(ret, what)
-                addr = ent.value
-                if not addr:
-                    raise CorruptImageError(f"{what}: unreadable entry")
-                try:
-                    _off, _diff, etype, size = _DIR_ENTRY.unpack_from(string_at(addr, hdr))
-                    name = string_at(addr + hdr, size + 1)
-                finally:
-                    free(addr)
-                if b"/" in name or b"\0" in name or name in (b".", b".."):
-                    raise CorruptImageError(f"{what}: invalid entry name {name!r}")
-                names.append(name)
-                refs.append(iref.value)
-                inos.append(inum.value)
-                types.append(etype)
-                if len(names) > limit:
-                    raise CorruptImageError(f"{what}: more entries than inodes in the image")
-        except SquashfsError as e:
-            ctx.reset_meta()
-            if not names:
-                raise
-            return DirListing(names, refs, inos, types, error=e)
-        return DirListing(names, refs, inos, types)
 
     def lookup(self, dir_inode: Inode, name: bytes) -> Inode | None:
         lst = self.listing(dir_inode)
@@ -1277,8 +573,4 @@ class Image:
     def statfs_counts(self) -> tuple[int, int]:
         """(bytes used by the image, inode count) for statfs."""
         return self._super.bytes_used, self._super.inode_count
-
-
-def _blockdev_size(fd: int) -> int:
-    return os.lseek(fd, 0, os.SEEK_END)
 
