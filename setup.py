@@ -26,7 +26,7 @@ setup(
             libraries=["dl"],
             extra_compile_args=["-O2", "-Wall"],
         ),
-        # Also loaded with ctypes (scratchfs/squashfs/image.py); optional, like the hook.
+        # Also loaded with ctypes (scratchfs/squashfs/context.py); optional, like the hook.
         Extension(
             "scratchfs.squashfs._blockload",
             sources=["scratchfs/squashfs/_blockload.c"],
