@@ -6,6 +6,7 @@ import pytest
 
 from scratchfs.errors import UsageError
 from scratchfs.jobs import TrackedJob, backoff_delay, decide, matching_ids, parse_launch_output
+from scratchfs.keepalive import cronblock
 from scratchfs.keepalive import schedule as sch
 from scratchfs.keepalive import slurm as sl
 
@@ -66,21 +67,21 @@ def test_warning_lead_only_for_long_limits() -> None:
 def test_block_install_is_idempotent_and_removal_keeps_other_lines() -> None:
     user = "# mine\n0 5 * * * /bin/echo hi\n#SCRON -t 5\n1 1 * * * /bin/true\n"
     body = ["#SCRON --job-name=x", "* * * * * /s cron"]
-    once = sch.with_block(user, "k", body)
-    twice = sch.with_block(once, "k", body)
-    assert once == twice and once.count(sch.block_begin("k")) == 1
+    once = cronblock.with_block(user, "k", body)
+    twice = cronblock.with_block(once, "k", body)
+    assert once == twice and once.count(cronblock.block_begin("k")) == 1
     assert once.startswith(user)
-    other = sch.with_block(once, "other", ["2 2 * * * /o"])
-    assert sch.split_block(other, "k")[1] == body and sch.split_block(other, "other")[1] == ["2 2 * * * /o"]
-    removed = sch.with_block(other, "k", [])
-    assert sch.block_begin("k") not in removed and "/bin/echo hi" in removed and "2 2 * * * /o" in removed
-    assert sch.with_block(sch.with_block("", "k", body), "k", []) == ""
+    other = cronblock.with_block(once, "other", ["2 2 * * * /o"])
+    assert cronblock.split_block(other, "k")[1] == body and cronblock.split_block(other, "other")[1] == ["2 2 * * * /o"]
+    removed = cronblock.with_block(other, "k", [])
+    assert cronblock.block_begin("k") not in removed and "/bin/echo hi" in removed and "2 2 * * * /o" in removed
+    assert cronblock.with_block(cronblock.with_block("", "k", body), "k", []) == ""
 
 
 def test_disabled_lines_detected() -> None:
     block = ["#DISABLED: #SCRON --job-name=x", "#DISABLED: * * * * * /s cron"]
-    assert sch.disabled_lines(block) == block and sch.active_cron_lines(block) == []
-    assert sch.active_cron_lines(["# c", "* * * * * /s cron"]) == ["* * * * * /s cron"]
+    assert cronblock.disabled_lines(block) == block and cronblock.active_cron_lines(block) == []
+    assert cronblock.active_cron_lines(["# c", "* * * * * /s cron"]) == ["* * * * * /s cron"]
 
 
 @pytest.mark.parametrize(("text", "job", "task"), [("123", 123, ""), ("123_7", 123, "7"),
