@@ -62,7 +62,7 @@ class _LRU(OrderedDict[Any, Any]):
             self.move_to_end(key)
         return v
 
-    def store(self, key: Any, value: Any, weight: int = 1) -> None:
+    def store(self, key: Any, value: Any) -> None:
         self[key] = value
         self.move_to_end(key)
         while len(self) > self.limit:
