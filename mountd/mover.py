@@ -162,6 +162,7 @@ class Mover:
             m.last_error = str(e)
             log.warning("copy of %s failed (%s); serving from scratch, retrying in %.0f s", m.name, e, delay)
         finally:
+            m.copied += max(job.progress.done - job.progress.resumed, 0)
             if left is None:  # gone already, unless a cancelled copy left it (of no use)
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.store.delete, tmp.name)

@@ -72,3 +72,4 @@ class Managed:
     adopting: bool = False
     prefetch: bool = False  # asked for by `ctl prefetch`: copied (and retried) regardless of demand
     logical: int = 0  # bytes of the files in the image, from its manifest (0: unknown)
+    copied: int = 0  # bytes its copies read from scratch since mountd started (cancelled ones too)

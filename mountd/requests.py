@@ -129,6 +129,7 @@ def status(d: Daemon) -> dict[str, Any]:
             "rate": ds.rate if ds else 0.0,
             "bytes_scratch": scratch_b,
             "bytes_cache": cache_b,
+            "bytes_copied": m.copied,
             "hit_ratio": ds.hit_ratio if ds else None,
             "pinned": name in pins,
             "never_cache": name in d.s.never_cache,

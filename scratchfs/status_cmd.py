@@ -103,7 +103,8 @@ def _when(ts: float | None) -> str:
 
 
 def format_status(st: dict[str, Any]) -> str:
-    rows = [("DATASET", "TIER", "SIZE", "RATE/s", "SCRATCH", "CACHE", "HIT", "PIN", "PROMOTED", "DEMOTED", "COPY")]
+    rows = [("DATASET", "TIER", "SIZE", "RATE/s", "SCRATCH", "CACHE", "HIT", "COPIED", "PIN", "PROMOTED", "DEMOTED",
+             "COPY")]
     notes = []
     for d in st.get("datasets", []):
         copy = d.get("copy")
@@ -111,7 +112,8 @@ def format_status(st: dict[str, Any]) -> str:
         hit = d.get("hit_ratio")
         rows.append((
             d["name"], d["tier"], format_size(d["size"]), format_size(d["rate"]), format_size(d["bytes_scratch"]),
-            format_size(d["bytes_cache"]), "-" if hit is None else f"{hit * 100:.0f}%", "yes" if d["pinned"] else "-",
+            format_size(d["bytes_cache"]), "-" if hit is None else f"{hit * 100:.0f}%",
+            format_size(d.get("bytes_copied", 0)), "yes" if d["pinned"] else "-",
             _when(d.get("last_promotion")), _when(d.get("last_demotion")), copy_text,
         ))  # fmt: skip
         if d.get("backing_gone"):

@@ -417,7 +417,9 @@ def test_status_ctl_permissions_metrics_reload_and_watcher(top: Path) -> None:
         res = md.cli("ctl", "pin", "beta", user="nobody", groups=staff)
         assert res.returncode == 0, res.stderr
         d = md.wait_tier("beta", "cache")
-        assert next(x for x in d["datasets"] if x["name"] == "beta")["pinned"] is True
+        beta = next(x for x in d["datasets"] if x["name"] == "beta")
+        assert beta["pinned"] is True
+        assert beta["bytes_copied"] == beta["size"], beta  # one whole copy, read from scratch once
         res = md.cli("ctl", "evict", "beta")
         assert res.returncode == 2 and "pinned" in res.stderr, res
         md.ctl("unpin", "beta")
@@ -770,6 +772,9 @@ def test_a_long_copy_gives_way_to_a_dataset_read_much_faster(top: Path) -> None:
         assert not os.path.exists(kept.group(1)) and md.dataset("big")["partial_copy"] is None  # type: ignore[index]
         # every copy of big after the first went on from the one before, none started from zero
         assert log.count(f"copying {md.data / 'big.sqfs'} ") == 1 + log.count("going on with the copy of"), log[-3000:]
+        # ... so all its copies together read its image from scratch once, no byte twice
+        d = md.dataset("big")
+        assert d is not None and d["bytes_copied"] == d["size"], d
         drop_pages(big_path)
         assert big_path.read_bytes() == big
 

@@ -59,7 +59,7 @@ STATUS = {
          "partial_copy": {"file": "/ssd/.x.1.part", "bytes_done": 120},
          "hit_ratio": 0.75, "pinned": True, "backing_gone": True, "backing": "/scratch/x.sqfs",
          "last_promotion": 1700000000.0, "last_demotion": None, "copy": None, "copy_failures": 0, "last_error": None},
-        {"name": "b", "tier": "scratch", "size": 200, "rate": 0.0, "bytes_scratch": 0, "bytes_cache": 0,
+        {"name": "b", "tier": "scratch", "size": 200, "rate": 0.0, "bytes_scratch": 0, "bytes_cache": 0, "bytes_copied": 250,
          "hit_ratio": None, "pinned": False, "backing_gone": False, "backing": "/scratch/b.sqfs",
          "kept_copy": "/ssd/b.sqfs", "last_promotion": None, "last_demotion": None, "copy_failures": 2, "last_error": "boom",
          "copy": {"phase": "copying", "bytes_done": 50, "bytes_total": 200, "fraction": 0.25, "rate": 1.0}},
@@ -79,6 +79,7 @@ def test_metrics_text_carries_the_status_figures() -> None:
     assert f'scratchfs_mountd_dataset_cached{{dataset="{esc}"}} 1' in lines
     assert 'scratchfs_mountd_dataset_copy_ratio{dataset="b"} 0.25' in lines
     assert 'scratchfs_mountd_dataset_copy_failures_total{dataset="b"} 2' in lines
+    assert 'scratchfs_mountd_dataset_copied_bytes_total{dataset="b"} 250' in lines
     assert not any(line.startswith("scratchfs_mountd_dataset_hit_ratio{dataset=\"b\"}") for line in lines)
     assert "scratchfs_mountd_cache_budget_bytes 900" in lines
     assert "scratchfs_mountd_cache_reclaimable_bytes 150" in lines
@@ -95,6 +96,8 @@ def test_status_text_says_backing_gone_failures_and_refusals() -> None:
     assert "c: refused" in out and "copying 25%" in out
     assert "b: its copy /ssd/b.sqfs is kept until its space is needed" in out and "150 B kept reclaimable" in out
     assert "its cancelled copy /ssd/.x.1.part (120 B of 300 B) is kept until its space is needed" in out
+    head, row = out.splitlines()[1], out.splitlines()[3]
+    assert row.startswith("b ") and row[head.index("COPIED") :].startswith("250 B"), out  # what its copies read
 
 
 def _ident(n: int = 1) -> Identity:
