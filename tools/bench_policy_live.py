@@ -64,23 +64,28 @@ class Job:
     scan: bool = False
 
 
+def repeated(rng: random.Random, name: str, end: float, first: tuple[float, float], length: tuple[float, float],
+             rate_mib: tuple[float, float], gap: tuple[float, float]) -> list[Job]:  # fmt: skip
+    """Jobs reading *name* one after the other until *end*, each of a length, rate and gap
+    after it drawn from these ranges; the first starting within *first*."""
+    jobs: list[Job] = []
+    t = rng.uniform(*first)
+    while t < end - 20:
+        n = min(rng.uniform(*length), end - t)
+        jobs.append(Job(t, name, rng.uniform(*rate_mib) * MiB, n))
+        t += n + rng.uniform(*gap)
+    return jobs
+
+
 def workload(rng: random.Random, names: list[str], minutes: float) -> list[Job]:
     """Three datasets read over and over, two now and then, three once (the rest of *names*)."""
     end = minutes * 60
     hot, warm, scans = names[:3], names[3:5], names[5:]
     jobs: list[Job] = []
     for name in hot:
-        t = rng.uniform(0, 30)
-        while t < end - 20:
-            length = min(rng.uniform(40, 120), end - t)
-            jobs.append(Job(t, name, rng.uniform(8, 24) * MiB, length))
-            t += length + rng.uniform(5, 40)
+        jobs += repeated(rng, name, end, first=(0, 30), length=(40, 120), rate_mib=(8, 24), gap=(5, 40))
     for name in warm:
-        t = rng.uniform(20, 90)
-        while t < end - 20:
-            length = min(rng.uniform(15, 40), end - t)
-            jobs.append(Job(t, name, rng.uniform(8, 16) * MiB, length))
-            t += length + rng.uniform(60, 150)
+        jobs += repeated(rng, name, end, first=(20, 90), length=(15, 40), rate_mib=(8, 16), gap=(60, 150))
     for name in scans:
         jobs.append(Job(rng.uniform(0, end * 0.7), name, rng.uniform(16, 32) * MiB, end, scan=True))
     return sorted(jobs, key=lambda j: j.start)
