@@ -19,8 +19,8 @@ are paced (each job at its own rate) and drop the pages they read, so every read
 Scratch is the local disk, not throttled: what is measured is which bytes come from where, not
 how fast; copies are limited to ``--copy-bw`` so that they take time, as on a real node.
 
-Needs root (FUSE mount with allow_other off is enough, but mountd's cache directory and
-mountpoint are made under /var/tmp). Takes ``--minutes`` plus about a minute.
+Needs root, as mountd does (its FUSE mount, its work directory under /var/tmp). Takes
+``--minutes`` plus about a minute.
 
     python tools/bench_policy_live.py [--minutes 8] [--seed 1] [--copy-bw 24M] [--window 30s]
                                       [--save-trace FILE]
@@ -148,7 +148,7 @@ def main() -> int:
     ap.add_argument("--save-trace", type=Path, help="keep the recorded trace in this file")
     args = ap.parse_args()
     if os.geteuid() != 0:
-        print("bench_policy_live: needs root (FUSE mount, /var/tmp work directory)", file=sys.stderr)
+        print("bench_policy_live: needs root, as mountd does", file=sys.stderr)
         return 7
     copy_bw, window = parse_size(args.copy_bw), parse_duration(args.window)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the finally below
