@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""The promotion policy live: a read workload through a real scratchfs-mountd, recorded with
-``--record-trace`` and replayed through ``tools/simulate_traces.py`` with the same settings.
+"""The promotion policy live: a read workload through a real mountd, recorded and replayed.
+
+The workload runs through a real ``scratchfs-mountd`` started with ``--record-trace``; the
+trace is then replayed through ``tools/simulate_traces.py`` with the same settings.
 
 Prints, for the same reads:
 
