@@ -265,14 +265,21 @@ class Mountd:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while os.path.ismount(self.mnt) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        if os.path.ismount(self.mnt):
-            sh(["umount", "-l", str(self.mnt)], check=False)
+        stop_mountd(self.pid, self.mnt)
+
+
+def stop_mountd(pid: int, mnt: Path) -> None:
+    """SIGTERM to the daemon *pid* (0: none), then wait up to 30 s for *mnt* to be unmounted
+    (it unmounts itself, and its trace and state files are written by then); lazily unmount
+    what is left."""
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while os.path.ismount(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if os.path.ismount(mnt):
+        sh(["umount", "-l", str(mnt)], check=False)
 
 
 def cat_rate(path: Path) -> float:

@@ -31,13 +31,11 @@ Needs root, as mountd does (its FUSE mount, its work directory under /var/tmp). 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,11 +46,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_mountd import BIN, MiB, data_file, sh, stop_mountd  # noqa: E402
+
 from scratchfs.status_cmd import request  # noqa: E402
 from scratchfs.units import format_size, parse_duration, parse_size  # noqa: E402
 
-MiB = 1 << 20
-BIN = Path(sys.executable).parent
 CHUNK = 256 * 1024
 SIZES_MIB = (48, 64, 96, 128, 160, 192, 256, 320)
 
@@ -126,21 +124,6 @@ def read_job(job: Job, path: Path, t0: float, deadline: float, errors: list[str]
         os.close(fd)
 
 
-def data_file(path: Path, size: int, seed: int) -> None:
-    """Mostly incompressible, like most datasets: random bytes with a little text between."""
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left > 0:
-            chunk = rng.randbytes(min(left, 4 * MiB - 4096)) + b"scratch dataset " * 256
-            f.write(chunk[:left])
-            left -= min(left, len(chunk))
-
-
-def sh(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, check=False)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--minutes", type=float, default=8.0, help="length of the workload (default 8)")
@@ -169,7 +152,7 @@ def main() -> int:
             src = top / f"src-{name}"
             src.mkdir()
             data_file(src / "data", mib * MiB, args.seed * 100 + i)
-            res = sh([str(BIN / "scratchfs"), "image", "build", str(src), str(data / f"{name}.sqfs")])
+            res = sh([str(BIN / "scratchfs"), "image", "build", str(src), str(data / f"{name}.sqfs")], check=False)
             if res.returncode != 0:
                 raise SystemExit(f"image build failed: {res.stderr.strip()}")
             shutil.rmtree(src)
@@ -180,7 +163,7 @@ def main() -> int:
             f'reserve = 0\nwindow = "{args.window}"\nmin_residency = 0\ncopy_bandwidth = {copy_bw}\n'
         )
         res = sh([str(BIN / "scratchfs-mountd"), "--config", str(config), "--socket", str(sock), "--log", str(log),
-                  "--record-trace", str(trace)])  # fmt: skip
+                  "--record-trace", str(trace)], check=False)  # fmt: skip
         if res.returncode != 0:
             raise SystemExit(f"scratchfs-mountd failed: {res.stderr.strip()}")
         pid = int(request(str(sock), {"op": "status"})["status"]["pid"])
@@ -204,10 +187,7 @@ def main() -> int:
         served_cache = sum(d["bytes_cache"] for d in st["datasets"])
         served = served_cache + sum(d["bytes_scratch"] for d in st["datasets"])
         copied = sum(d["bytes_copied"] for d in st["datasets"])
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while os.path.ismount(mnt) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        stop_mountd(pid, mnt)  # the trace is complete once it has unmounted
         pid = 0
         if args.save_trace:
             shutil.copyfile(trace, args.save_trace)
@@ -216,7 +196,7 @@ def main() -> int:
             return 1
         res = sh([sys.executable, str(Path(__file__).with_name("simulate_traces.py")), "--shapes", "", "--trace", str(trace),
                   "--capacity", str(capacity), "--copy-bandwidth", str(copy_bw), "--window", args.window,
-                  "--min-residency", "0", "--json"])  # fmt: skip
+                  "--min-residency", "0", "--json"], check=False)  # fmt: skip
         if res.returncode not in (0, 1):
             raise SystemExit(f"simulate_traces failed: {res.stderr.strip()}")
         rec: dict[str, Any] = json.loads(res.stdout)["traces"][0]
@@ -230,12 +210,7 @@ def main() -> int:
         print("targets on the recorded trace: " + ("PASS" if rec["pass"] else "FAIL: " + "; ".join(rec["failed"])))
         return 0
     finally:
-        if pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            time.sleep(2)
-        if os.path.ismount(mnt):
-            sh(["umount", "-l", str(mnt)])
+        stop_mountd(pid, mnt)
         shutil.rmtree(top, ignore_errors=True)
 
 
