@@ -363,7 +363,7 @@ class Daemon(Mover):
         return {n: m.logical for n, m in self.managed.items() if m.logical}
 
     def _start_trace(self, path: str, now: float) -> None:
-        self._trace = TraceRecorder(path, now, self._sizes(), self._logical_sizes())
+        self._trace = TraceRecorder(path, now, self._sizes(), self._logical_sizes(), self.s.sample_interval)
 
     def _flush_trace(self, now: float) -> None:
         if self._trace is not None and not self._trace.flush(now, self._sizes(), self._logical_sizes()):

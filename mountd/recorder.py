@@ -21,11 +21,13 @@ log = logging.getLogger(__name__)
 
 class TraceRecorder:
     def __init__(self, path: str, t0: float, sizes: Mapping[str, int],
-                 logical_sizes: Mapping[str, int] | None = None) -> None:  # fmt: skip
+                 logical_sizes: Mapping[str, int] | None = None, interval: float = 1.0) -> None:  # fmt: skip
         self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self._t0 = t0
         self._pending: dict[str, int] = {}
-        self._writer = TraceWriter(self._file, sizes, logical_sizes, recorder="scratchfs-mountd", started=time.time())
+        # interval: the sampling interval, which each event aggregates the reads of
+        self._writer = TraceWriter(self._file, sizes, logical_sizes, recorder="scratchfs-mountd", started=time.time(),
+                                   interval=interval)  # fmt: skip
 
     def count(self, dataset: str, nbytes: int) -> None:
         self._pending[dataset] = self._pending.get(dataset, 0) + nbytes

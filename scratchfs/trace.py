@@ -11,8 +11,10 @@ Format: JSON lines (UTF-8, optionally gzip-compressed when the file name ends in
   maps a dataset to its logical size: the bytes of its files, uncompressed (from the image's
   manifest).  The read path serves logical bytes while copies and the cache cost image bytes;
   a replay can scale one to the other with these two figures.  A dataset whose logical size is
-  unknown is left out.  Other header keys are allowed and ignored (a recorder may note its
-  host, start time, window…).
+  unknown is left out.  ``interval`` (optional, seconds) says that each event aggregates the
+  reads of its dataset over the ``interval`` seconds before its ``t`` (mountd's recorder writes
+  one event per dataset and sampling interval); a replay may spread its bytes over that time.
+  Other header keys are allowed and ignored (a recorder may note its host, start time…).
 
 * Then one line per read (or per aggregate of reads of one dataset in a short interval)::
 
@@ -66,6 +68,7 @@ class Trace:
     events: list[Event] = field(default_factory=list)
     meta: dict[str, object] = field(default_factory=dict)
     logical_sizes: dict[str, int] = field(default_factory=dict)  # dataset → bytes of its files, where known
+    interval: float | None = None  # each event stands for the reads of this many seconds before it
 
     @property
     def duration(self) -> float:
@@ -90,6 +93,14 @@ def _check_sizes(raw: object, where: str, key: str = "sizes") -> dict[str, int]:
             raise UsageError(f"{where}: size of {name!r} must be a non-negative integer")
         out[name] = size
     return out
+
+
+def _check_interval(raw: object, where: str) -> float | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw <= 0:
+        raise UsageError(f"{where}: 'interval' must be a positive number of seconds")
+    return float(raw)
 
 
 def _add_logical(trace: Trace, raw: object, where: str) -> None:
@@ -153,7 +164,9 @@ def write_trace(path: str | os.PathLike[str], trace: Trace) -> None:
         if str(path).endswith(".gz"):
             stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0)  # type: ignore[assignment]
         text = io.TextIOWrapper(stream, encoding="utf-8")
-        meta = {k: v for k, v in trace.meta.items() if k not in (HEADER_KEY, "sizes", "logical_sizes")}
+        meta = {k: v for k, v in trace.meta.items() if k not in (HEADER_KEY, "sizes", "logical_sizes", "interval")}
+        if trace.interval is not None:
+            meta["interval"] = trace.interval
         w = TraceWriter(text, trace.sizes, trace.logical_sizes, **meta)
         for e in trace.events:
             w.event(e.t, e.dataset, e.nbytes)
@@ -199,8 +212,8 @@ def parse_lines(lines: Iterable[str], where: str = "trace") -> Trace:
             if rec.get(HEADER_KEY) != FORMAT_VERSION:
                 raise UsageError(f"{loc}: not a scratchfs trace (header needs \"{HEADER_KEY}\": {FORMAT_VERSION})")
             sizes = _check_sizes(rec.get("sizes", {}), loc)
-            meta = {k: v for k, v in rec.items() if k not in (HEADER_KEY, "sizes", "logical_sizes")}
-            trace = Trace(sizes=sizes, meta=meta)
+            meta = {k: v for k, v in rec.items() if k not in (HEADER_KEY, "sizes", "logical_sizes", "interval")}
+            trace = Trace(sizes=sizes, meta=meta, interval=_check_interval(rec.get("interval"), loc))
             _add_logical(trace, rec.get("logical_sizes", {}), loc)
             continue
         if "t" not in rec and ("sizes" in rec or "logical_sizes" in rec):

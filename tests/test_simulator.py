@@ -392,3 +392,39 @@ def test_ours_lets_a_dataset_read_much_faster_go_before_a_long_copy() -> None:
     assert t_small < t_big + big / 10  # before the big copy would have ended
     assert t_again >= t_small + small / 10  # the big one again once the small one is copied
     assert r.drops == 1 and r.bytes_copied == big + small  # the cancelled copy's bytes were used
+
+
+def test_a_sampled_trace_is_spread_over_its_sampling_interval() -> None:
+    tr = Trace({"a": 10, "b": 10}, [Event(1.0, "a", 7), Event(1.0, "b", 4), Event(2.0, "a", 9)], interval=1.0)
+    out = model.spread(tr, 0.4)  # three parts of 1/3 s each
+    assert [(round(e.t, 3), e.dataset, e.nbytes) for e in out.events] == [
+        (0.333, "a", 2), (0.333, "b", 1), (0.667, "a", 2), (0.667, "b", 1), (1.0, "a", 3), (1.0, "b", 2),
+        (1.333, "a", 3), (1.667, "a", 3), (2.0, "a", 3),
+    ]  # fmt: skip
+    assert out.total_bytes == tr.total_bytes and out.interval == pytest.approx(1 / 3)
+    assert model.spread(tr, 1.0) is tr  # buckets no shorter than the interval: as it is
+    per_read = Trace({"a": 10}, [Event(1.0, "a", 7)])
+    assert model.spread(per_read, 0.1) is per_read  # a trace of single reads: as it is
+
+
+def test_a_dataset_read_all_the_time_is_never_idle_once_its_samples_are_spread() -> None:
+    """Sampled once a second, replayed into buckets of half a second: in one lump per sample the
+    dataset looks idle at every other round; spread, it is read at every round, as mountd saw it."""
+    from scratchfs.policy import demand_from_snapshot
+    from scratchfs.stats import SCRATCH, ThroughputStats
+
+    # a sample late in its bucket (at t + 0.45), a round early in another (at t + 0.2)
+    tr = Trace({"a": 10**9}, [Event(t + 0.45, "a", 10**6) for t in range(1, 61)], interval=1.0)
+
+    def idle_rounds(trace: Trace) -> int:
+        stats, events, idle = ThroughputStats(30.0, buckets=model.BUCKETS), list(trace.events), 0
+        for k in range(10, 60):  # a round a second, from t = 10.2 s to 59.2 s
+            now = k + 0.2
+            while events and events[0].t <= now:
+                e = events.pop(0)
+                stats.record(e.dataset, SCRATCH, e.nbytes, e.t)
+            idle += demand_from_snapshot(stats.snapshot(now))["a"].idle > 0
+        return idle
+
+    assert idle_rounds(tr) > 0
+    assert idle_rounds(model.spread(tr, 30.0 / model.BUCKETS)) == 0

@@ -74,6 +74,18 @@ def test_bad_logical_sizes_name_the_line(lines: list[str], match: str) -> None:
     assert "\n" not in str(e.value)
 
 
+def test_interval_reads_back_and_bad_ones_name_the_line(tmp_path: Path) -> None:
+    tr = Trace({"a": 5}, [Event(1.0, "a", 3)], interval=0.25)
+    write_trace(tmp_path / "t.jsonl", tr)
+    assert lines_of(tmp_path / "t.jsonl")[0]["interval"] == 0.25
+    back = read_trace(tmp_path / "t.jsonl")
+    assert back == tr and "interval" not in back.meta
+    assert parse_lines(['{"scratchfs_trace": 1, "sizes": {}}\n']).interval is None  # per-read traces have none
+    for bad in ("0", "-1", "true", '"1s"'):
+        with pytest.raises(UsageError, match=r"^t:1: 'interval' must be a positive number of seconds$"):
+            parse_lines([f'{{"scratchfs_trace": 1, "sizes": {{}}, "interval": {bad}}}\n'], where="t")
+
+
 def test_writer_writes_only_what_changed_and_drops_unknown_logical_sizes() -> None:
     out = io.StringIO()
     w = TraceWriter(out, {"a": 5, "b": 6}, {"a": 20, "b": 0, "ghost": 3}, host="n1")
@@ -95,7 +107,7 @@ def test_writer_writes_only_what_changed_and_drops_unknown_logical_sizes() -> No
 def test_recorder_writes_logical_sizes_to_a_real_file(tmp_path: Path) -> None:
     """mountd's recorder: header and later datasets carry their logical sizes; the trace reads back."""
     path = tmp_path / "reads.trace"
-    rec = TraceRecorder(str(path), 100.0, {"a": 1000}, {"a": 4000})
+    rec = TraceRecorder(str(path), 100.0, {"a": 1000}, {"a": 4000}, interval=0.5)
     rec.count("a", 300)
     rec.count("a", 200)
     assert rec.flush(101.0, {"a": 1000}, {"a": 4000})
@@ -108,6 +120,7 @@ def test_recorder_writes_logical_sizes_to_a_real_file(tmp_path: Path) -> None:
     assert tr.logical_sizes == {"a": 4000, "b": 150}
     assert tr.events == [Event(1.0, "a", 500), Event(2.5, "b", 70), Event(2.5, "c", 9)]
     assert tr.meta["recorder"] == "scratchfs-mountd"
+    assert tr.interval == 0.5  # each event aggregates one sampling interval of reads
     assert lines_of(path)[1] == {"t": 1.0, "dataset": "a", "bytes": 500}  # header already had a's logical size
 
 

@@ -29,6 +29,8 @@ from scratchfs.trace import Event, Trace  # noqa: E402
 from scratchfs.units import format_size  # noqa: E402
 
 MiB = 1 << 20
+#: Stats buckets per window, as mountd's ThroughputStats has them.
+BUCKETS = 60
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -221,7 +223,7 @@ class OursPolicy(SimPolicy):
 
     def __init__(self, trace: Trace, cfg: SimConfig) -> None:
         super().__init__(trace, cfg)
-        self.stats = ThroughputStats(cfg.window, buckets=60)
+        self.stats = ThroughputStats(cfg.window, buckets=BUCKETS)
         self.params = PolicyParams(
             horizon=HORIZON_WINDOWS * cfg.window,
             min_residency=cfg.min_residency,
@@ -309,7 +311,7 @@ class ScratchManagerPolicy(SimPolicy):
 
     def __init__(self, trace: Trace, cfg: SimConfig) -> None:
         super().__init__(trace, cfg)
-        self.stats = ThroughputStats(cfg.window, buckets=60)
+        self.stats = ThroughputStats(cfg.window, buckets=BUCKETS)
         self.order: dict[str, int] = {n: i for i, n in enumerate(trace.sizes)}
 
     def on_read(self, ev: Event, hit: bool) -> None:
@@ -490,7 +492,30 @@ def replay(trace: Trace, policy: SimPolicy) -> Result:
     return res
 
 
+def spread(trace: Trace, piece: float) -> Trace:
+    """The trace with each event of a sampled trace (``trace.interval``: each event aggregates
+    the reads of that many seconds before it, as mountd's recorder writes them) split into
+    equal parts over that time, none longer than ``piece`` (a stats bucket).  mountd's counters
+    saw those reads as they came; replayed in one lump per sampling interval, a dataset read
+    all the time would look idle in every other bucket when the buckets are shorter than the
+    interval.  Bytes and order of datasets are kept; other traces are returned as they are."""
+    interval = trace.interval
+    if interval is None or interval <= piece:
+        return trace
+    parts = math.ceil(interval / piece)
+    step = interval / parts
+    events: list[Event] = []
+    for e in trace.events:
+        share, rest = divmod(e.nbytes, parts)
+        for k in range(parts):
+            t = max(e.t - interval + (k + 1) * step, 0.0)
+            events.append(Event(t, e.dataset, share + (rest if k == parts - 1 else 0)))
+    events.sort(key=lambda e: e.t)  # stable: each event's parts stay in order
+    return Trace(trace.sizes, events, trace.meta, trace.logical_sizes, interval=step)
+
+
 def run_all(trace: Trace, cfg: SimConfig, exact_sm: bool = False) -> list[Result]:
+    trace = spread(trace, cfg.window / BUCKETS)
     results = [
         replay(trace, OursPolicy(trace, cfg)),
         replay(trace, LruPolicy(trace, cfg)),

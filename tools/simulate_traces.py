@@ -57,7 +57,11 @@ line per trace and per shape the traces passing; ``--scale`` shrinks them for qu
   once each, end to end.
 
 Recorded traces (``--trace FILE``, the format of :mod:`scratchfs.trace`, as mountd's
-``--record-trace`` writes it) are replayed the same way.
+``--record-trace`` writes it) are replayed the same way.  mountd's recorder writes one event
+per dataset and sampling interval (the header's ``interval``); where the stats buckets
+(window / 60) are shorter than that, each event is spread evenly over its interval before the
+replay (:func:`sim_replay.spread`), so the policies' counters see the reads over time as
+mountd's did, not in lumps that leave every other bucket empty.
 """
 
 from __future__ import annotations
