@@ -67,15 +67,22 @@ Algorithm
      (``remaining = last_run - run``);
    * *its last run* read at least ``LONG_RUN`` (1.5) times its size: its runs are long, so
      this one is taken to be long from its start;
-   * *runs here are long*: the dataset has no finished run yet, and of the datasets whose
-     runs are known (at least ``MIN_KNOWN_RUNS``), at least ``LONG_SHARE`` (half) are long.  A
-     dataset's last run is known once it is over: long if it read ``LONG_RUN`` times its size
-     or more.  A dataset with no finished run whose run going on has already read ``LONG_RUN``
-     times its size counts as a long one too, so the prior is there before any run has ended.
-     Where datasets are read by long jobs, again and again, a new one is copied at once instead
-     of after a rent-or-buy wait that, for a large image, lasts most of a job; where most runs
-     read a dataset once (a scan) or a part of it, a new dataset waits for its own run to show
-     it is long.
+   * *runs here are long*: the dataset has no finished run yet, and the runs of the others
+     say its run will read more than its size once copied.  The prior ``m`` is the upper
+     median, over the datasets whose last run is known (at least ``MIN_KNOWN_RUNS``), of their
+     last run's bytes per byte of image; the run is expected to read ``m * size`` in all, so
+     it is admitted when ``m * size - run - r * copy_time > size``, and its value counts no
+     more than that from the cache (``min(r * (H - copy_time), m * size - run - r *
+     copy_time)``, less the copy charge).  A dataset with no finished run whose run going on
+     has already read ``LONG_RUN`` times its size counts with what it has read, so the prior
+     is there before any run has ended.  Where datasets are read by long jobs, again and
+     again, a new one is copied at once instead of after a rent-or-buy wait that, for a large
+     image, lasts most of a job; where most runs read a dataset once (a scan) or a part of it,
+     a new dataset waits for its own run to show it is long.  The prior says how much
+     the run will read, not only that it will be long: a new dataset read fast is valued at
+     what its run is expected to read, not at its rate over the whole horizon, so it does not
+     displace a dataset in the middle of a run known to be long, as a scan started among
+     datasets read many times over would.
 
    So a dataset read once, start to end (a scan), never qualifies on its own and stays on
    scratch; one read over and over qualifies after its first pass; one whose last run was
@@ -178,9 +185,7 @@ HORIZON_WINDOWS = 4
 
 #: A run that read at least this many times its dataset's image size is a long run.
 LONG_RUN = 1.5
-#: New datasets are admitted at once when at least this share of the known last runs are long...
-LONG_SHARE = 0.5
-#: ...out of at least this many datasets whose last run is known.
+#: New datasets are judged by the last runs of others once at least this many are known.
 MIN_KNOWN_RUNS = 3
 #: A copy cancelled to let a faster-read dataset go first costs its bytes copied this many times.
 WASTE = 2.0
@@ -388,28 +393,40 @@ def best_subset(items: Iterable[tuple[str, int, float]], budget: int, resolution
 # -- the policy -------------------------------------------------------------------------------
 
 
-def runs_are_long(demand: Mapping[str, Demand], sizes: Mapping[str, int]) -> bool:
-    """Whether, of the datasets whose runs are known (at least ``MIN_KNOWN_RUNS``), at least
-    ``LONG_SHARE`` read ``LONG_RUN`` times their image size or more in their last run, or
-    (with no finished run) in the run going on."""
-    known: list[bool] = []
+def run_prior(demand: Mapping[str, Demand], sizes: Mapping[str, int]) -> float:
+    """What a dataset's first run is expected to read here, in multiples of its image size.
+
+    Of the datasets whose last run is known (at least ``MIN_KNOWN_RUNS``), the upper median of
+    their last runs' bytes per byte of image; a dataset with no finished run whose run going
+    on has already read ``LONG_RUN`` times its size counts with what it has read (a short one
+    may still grow: unknown).  0 with fewer known runs.
+    """
+    known: list[float] = []
     for n, d in demand.items():
-        if n not in sizes:
+        size = sizes.get(n, 0)
+        if size <= 0:
             continue
         if d.last_run_bytes > 0:
-            known.append(d.last_run_bytes >= LONG_RUN * sizes[n])
-        elif d.estimate > 0 and d.run >= LONG_RUN * sizes[n]:
-            known.append(True)  # a first run already long; a short one may still grow: unknown
-    return len(known) >= MIN_KNOWN_RUNS and sum(known) >= LONG_SHARE * len(known)
+            known.append(d.last_run_bytes / size)
+        elif d.estimate > 0 and d.run >= LONG_RUN * size:
+            known.append(d.run / size)
+    if len(known) < MIN_KNOWN_RUNS:
+        return 0.0
+    return sorted(known)[len(known) // 2]
 
 
-def admitted(d: Demand, size: int, copy_time: float, long_here: bool) -> bool:
-    """Whether a candidate's current run is expected to be long (see the module docstring)."""
-    if d.after_copy(copy_time) > size:
-        return True
-    if d.last_run_bytes >= LONG_RUN * size:
-        return True
-    return d.last_run_bytes == 0 and long_here
+def admitted(d: Demand, size: int, copy_time: float, prior: float) -> float | None:
+    """Whether a candidate's current run is expected to be long (see the module docstring):
+    ``None`` if not, else the most its copy is expected to serve (``math.inf``: whatever the
+    horizon holds; admitted by the prior: what the prior expects its run to read once copied).
+    """
+    if d.after_copy(copy_time) > size or d.last_run_bytes >= LONG_RUN * size:
+        return math.inf
+    if d.last_run_bytes == 0:
+        by_prior = prior * size - d.run - d.estimate * copy_time
+        if by_prior > size:
+            return by_prior
+    return None
 
 
 def _last_run(demand: Mapping[str, Demand], name: str) -> float:
@@ -452,7 +469,7 @@ def choose(
     # ... and of those, no more than the run going on is expected to read once copied
     spare_gains: dict[str, float] = {}
     expected: dict[str, float] = {}  # ... the one or the other, as admitted or not
-    long_here = runs_are_long(demand, sizes)
+    prior = run_prior(demand, sizes)
     for name in eligible:
         d = demand.get(name)
         size = sizes[name]
@@ -464,12 +481,12 @@ def choose(
             copy_time = size / bw if bw > 0 and not copied else 0.0
             gain = d.predicted(copy_time, horizon)
             within_run = min(gain, max(d.after_copy(copy_time), 0.0))
-            admit = admitted(d, size, copy_time, long_here)
-            if admit:
-                values[name] = gain - (0.0 if copied else params.copy_charge * size)
+            cap = admitted(d, size, copy_time, prior)
+            if cap is not None:
+                values[name] = min(gain, cap) - (0.0 if copied else params.copy_charge * size)
             if name not in cached:
                 gains[name], spare_gains[name] = gain, within_run
-                expected[name] = gain if admit else within_run
+                expected[name] = min(gain, cap) if cap is not None else within_run
         if name in cached:
             as_held = d.held_rate(params.held_floor) * horizon * (1 + params.hysteresis)
             if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping

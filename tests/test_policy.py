@@ -189,8 +189,13 @@ def test_a_new_dataset_is_admitted_at_once_where_runs_are_long_but_not_where_the
     assert d.hold == {"new"} and d.reasons["new"] == "value"
     assert choose(demand={"new": new, **others(1.0)}, **common).hold == frozenset()  # scans
     assert choose(demand={"new": new, **others(4.0, n=2)}, **common).hold == frozenset()  # too few known
-    # before any run has ended: runs going on that already read 1.5 times their size count as long
-    going = {f"o{i}": Demand(rate=rate, age=3600, run_bytes=1.5 * sizes[f"o{i}"]) for i in (1, 2, 3)}
+    # the prior is how much a run reads, not only whether it is long: runs of 1.5 times their
+    # size are long, but one of 1.5 × 200 GiB, 18 GB read and 129 GB more read during the copy,
+    # would read less than its size from the copy
+    assert choose(demand={"new": new, **others(1.5)}, **common).hold == frozenset()
+    # before any run has ended: runs going on that already read 1.5 times their size count, with
+    # what they have read
+    going = {f"o{i}": Demand(rate=rate, age=3600, run_bytes=3 * sizes[f"o{i}"]) for i in (1, 2, 3)}
     assert "new" in choose(demand={"new": new, **going}, **common).hold
     # ... but runs going on that have read less are not known to be short (nor long) yet: with
     # one long run going and two shorter ones, too few runs are known
@@ -448,6 +453,27 @@ def test_free_space_shrinking_forces_demotion() -> None:
     d = choose(demand=demand, sizes=sizes, capacity=20 * GiB, free=-3 * GiB, cached={"a": 0.0, "b": 0.0}, now=1e5, params=params)
     assert d.budget == 7 * GiB
     assert d.hold == {"a"} and d.demote == {"b"}
+
+
+def test_a_new_dataset_admitted_by_the_prior_is_valued_at_what_the_prior_expects() -> None:
+    """A dataset nobody has seen run, read fast: the prior says how much its run reads, so it is
+    not valued at its rate over the whole horizon and does not displace a dataset in the middle
+    of a run it reads many times over."""
+    params = PolicyParams(horizon=2400, copy_bandwidth=500e6, spare=False)
+    size = 10 * GiB
+    sizes = {"new": size, "inc": size, "o1": size, "o2": size, "o3": size}
+    others = {f"o{i}": Demand(last_run_bytes=4 * size) for i in (1, 2, 3)}  # runs here read 4× their size
+    new = Demand(rate=1e9, age=5, run_bytes=5e9)  # ten times the incumbent's rate, 5 s old
+    inc = Demand(rate=1e8, recent_rate=1e8, age=3600, run_bytes=3.6e11)
+    common = dict(sizes=sizes, capacity=15 * GiB, free=5 * GiB, cached={"inc": 0.0}, now=1e5, params=params)
+    d = choose(demand={"new": new, "inc": inc, **others}, **common)
+    assert d.hold == {"inc"}
+    copy_time = size / 500e6
+    expect = 4 * size - 5e9 - 1e9 * copy_time  # what the prior says its run reads once copied
+    assert d.expected["new"] == pytest.approx(expect) and expect > size  # admitted, at that
+    assert d.value["new"] == pytest.approx(expect - params.copy_charge * size)
+    # with the room, it is copied
+    assert choose(demand={"new": new, **others}, **{**common, "capacity": 30 * GiB, "free": 30 * GiB, "cached": {}}).hold == {"new"}
 
 
 def test_demand_from_snapshot() -> None:
