@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from scratchfs.errors import ScratchfsError, UsageError
-from scratchfs.policy import PolicyParams
+from scratchfs.policy import PolicyParams, demand_from_snapshot
+from scratchfs.stats import SCRATCH, ThroughputStats
 from scratchfs.trace import Event, Trace, read_trace, write_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -410,9 +411,6 @@ def test_a_sampled_trace_is_spread_over_its_sampling_interval() -> None:
 def test_a_dataset_read_all_the_time_is_never_idle_once_its_samples_are_spread() -> None:
     """Sampled once a second, replayed into buckets of half a second: in one lump per sample the
     dataset looks idle at every other round; spread, it is read at every round, as mountd saw it."""
-    from scratchfs.policy import demand_from_snapshot
-    from scratchfs.stats import SCRATCH, ThroughputStats
-
     # a sample late in its bucket (at t + 0.45), a round early in another (at t + 0.2)
     tr = Trace({"a": 10**9}, [Event(t + 0.45, "a", 10**6) for t in range(1, 61)], interval=1.0)
 
