@@ -69,8 +69,10 @@ Algorithm
      this one is taken to be long from its start;
    * *runs here are long*: the dataset has no finished run yet, and the runs of the others
      say its run will read more than its size once copied.  The prior ``m`` is the upper
-     median, over the datasets whose last run is known (at least ``MIN_KNOWN_RUNS``), of their
-     last run's bytes per byte of image; the run is expected to read ``m * size`` in all, so
+     quartile (``PRIOR_QUANTILE``), over the datasets whose last run is known (at least
+     ``MIN_KNOWN_RUNS``), of their last run's bytes per byte of image (a tuning figure,
+     measured with ``tools/simulate_traces.py``: the median held the first runs of large hot
+     datasets back); the run is expected to read ``m * size`` in all, so
      it is admitted when ``m * size - run - r * copy_time > size``, and its value counts no
      more than that from the cache (``min(r * (H - copy_time), m * size - run - r *
      copy_time)``, less the copy charge).  A dataset with no finished run whose run going on
@@ -185,8 +187,10 @@ HORIZON_WINDOWS = 4
 
 #: A run that read at least this many times its dataset's image size is a long run.
 LONG_RUN = 1.5
-#: New datasets are judged by the last runs of others once at least this many are known.
+#: New datasets are judged by the last runs of others once at least this many are known...
 MIN_KNOWN_RUNS = 3
+#: ...by the run this far up their sizes (in bytes read per byte of image), lowest first.
+PRIOR_QUANTILE = 0.75
 #: A copy cancelled to let a faster-read dataset go first costs its bytes copied this many times.
 WASTE = 2.0
 
@@ -396,8 +400,8 @@ def best_subset(items: Iterable[tuple[str, int, float]], budget: int, resolution
 def run_prior(demand: Mapping[str, Demand], sizes: Mapping[str, int]) -> float:
     """What a dataset's first run is expected to read here, in multiples of its image size.
 
-    Of the datasets whose last run is known (at least ``MIN_KNOWN_RUNS``), the upper median of
-    their last runs' bytes per byte of image; a dataset with no finished run whose run going
+    Of the datasets whose last run is known (at least ``MIN_KNOWN_RUNS``), the upper quartile
+    (``PRIOR_QUANTILE``) of their last runs' bytes per byte of image; a dataset with no finished run whose run going
     on has already read ``LONG_RUN`` times its size counts with what it has read (a short one
     may still grow: unknown).  0 with fewer known runs.
     """
@@ -412,7 +416,7 @@ def run_prior(demand: Mapping[str, Demand], sizes: Mapping[str, int]) -> float:
             known.append(d.run / size)
     if len(known) < MIN_KNOWN_RUNS:
         return 0.0
-    return sorted(known)[len(known) // 2]
+    return sorted(known)[min(len(known) - 1, int(PRIOR_QUANTILE * len(known)))]
 
 
 def admitted(d: Demand, size: int, copy_time: float, prior: float) -> float | None:

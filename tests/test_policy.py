@@ -464,7 +464,7 @@ def test_a_new_dataset_admitted_by_the_prior_is_valued_at_what_the_prior_expects
     sizes = {"new": size, "inc": size, "o1": size, "o2": size, "o3": size}
     others = {f"o{i}": Demand(last_run_bytes=4 * size) for i in (1, 2, 3)}  # runs here read 4× their size
     new = Demand(rate=1e9, age=5, run_bytes=5e9)  # ten times the incumbent's rate, 5 s old
-    inc = Demand(rate=1e8, recent_rate=1e8, age=3600, run_bytes=3.6e11)
+    inc = Demand(rate=1e8, recent_rate=1e8, age=3600, run_bytes=3.6e11, last_run_bytes=2 * size)
     common = dict(sizes=sizes, capacity=15 * GiB, free=5 * GiB, cached={"inc": 0.0}, now=1e5, params=params)
     d = choose(demand={"new": new, "inc": inc, **others}, **common)
     assert d.hold == {"inc"}
