@@ -486,11 +486,12 @@ def choose(
             gain = d.predicted(copy_time, horizon)
             within_run = min(gain, max(d.after_copy(copy_time), 0.0))
             cap = admitted(d, size, copy_time, prior)
-            if cap is not None:
-                values[name] = min(gain, cap) - (0.0 if copied else params.copy_charge * size)
+            served = min(gain, cap) if cap is not None else None  # admitted: what its copy serves
+            if served is not None:
+                values[name] = served - (0.0 if copied else params.copy_charge * size)
             if name not in cached:
                 gains[name], spare_gains[name] = gain, within_run
-                expected[name] = min(gain, cap) if cap is not None else within_run
+                expected[name] = served if served is not None else within_run
         if name in cached:
             as_held = d.held_rate(params.held_floor) * horizon * (1 + params.hysteresis)
             if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping

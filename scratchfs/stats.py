@@ -50,6 +50,10 @@ CACHE = "cache"
 
 
 
+#: Buckets per window, unless told otherwise (mountd's counters).
+BUCKETS = 60
+
+
 class _Run:
     """Run bookkeeping of one dataset, updated by snapshots only."""
 
@@ -159,7 +163,7 @@ class ThroughputStats:
     def __init__(
         self,
         window: float,
-        buckets: int = 60,
+        buckets: int = BUCKETS,
         *,
         start: float = 0.0,
         recent_fraction: float = 0.25,

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 HEADER_KEY = "scratchfs_trace"
+#: Header keys with a meaning of their own; the others are kept in ``Trace.meta``.
+_FIELDS = (HEADER_KEY, "sizes", "logical_sizes", "interval")
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def write_trace(path: str | os.PathLike[str], trace: Trace) -> None:
         if str(path).endswith(".gz"):
             stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0)  # type: ignore[assignment]
         text = io.TextIOWrapper(stream, encoding="utf-8")
-        meta = {k: v for k, v in trace.meta.items() if k not in (HEADER_KEY, "sizes", "logical_sizes", "interval")}
+        meta = {k: v for k, v in trace.meta.items() if k not in _FIELDS}
         if trace.interval is not None:
             meta["interval"] = trace.interval
         w = TraceWriter(text, trace.sizes, trace.logical_sizes, **meta)
@@ -212,7 +214,7 @@ def parse_lines(lines: Iterable[str], where: str = "trace") -> Trace:
             if rec.get(HEADER_KEY) != FORMAT_VERSION:
                 raise UsageError(f"{loc}: not a scratchfs trace (header needs \"{HEADER_KEY}\": {FORMAT_VERSION})")
             sizes = _check_sizes(rec.get("sizes", {}), loc)
-            meta = {k: v for k, v in rec.items() if k not in (HEADER_KEY, "sizes", "logical_sizes", "interval")}
+            meta = {k: v for k, v in rec.items() if k not in _FIELDS}
             trace = Trace(sizes=sizes, meta=meta, interval=_check_interval(rec.get("interval"), loc))
             _add_logical(trace, rec.get("logical_sizes", {}), loc)
             continue

@@ -24,13 +24,11 @@ from scratchfs.policy import (  # noqa: E402
     demand_from_snapshot,
     gives_way,
 )
-from scratchfs.stats import CACHE, SCRATCH, ThroughputStats  # noqa: E402
+from scratchfs.stats import BUCKETS, CACHE, SCRATCH, ThroughputStats  # noqa: E402
 from scratchfs.trace import Event, Trace  # noqa: E402
 from scratchfs.units import format_size  # noqa: E402
 
 MiB = 1 << 20
-#: Stats buckets per window, as mountd's ThroughputStats has them.
-BUCKETS = 60
 
 
 # -- configuration ----------------------------------------------------------------------------
