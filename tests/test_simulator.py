@@ -46,8 +46,8 @@ def check_structure(report: dict, totals: dict[str, int] | None = None) -> None:
 
 
 def test_synthetic_shapes_small(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, report = run_json(capsys, ["--scale", "0.04", "--shapes", "hot,shift,cold,scan", "--interval", "60s"])
-    assert [t["trace"] for t in report["traces"]] == ["hot", "shift", "cold", "scan"]
+    rc, report = run_json(capsys, ["--scale", "0.04", "--shapes", "hot,shift,cold,scan,jobs", "--interval", "60s"])
+    assert [t["trace"] for t in report["traces"]] == ["hot", "shift", "cold", "scan", "jobs"]
     assert rc == (0 if all(t["pass"] for t in report["traces"]) else 1)
     check_structure(report)
 

@@ -40,55 +40,18 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_mountd import BIN, MiB, data_file, sh, stop_mountd  # noqa: E402
+from sim_shapes import JOB_SIZES, Job, job_workload  # noqa: E402
 
 from scratchfs.status_cmd import request  # noqa: E402
 from scratchfs.units import format_size, parse_duration, parse_size  # noqa: E402
 
 CHUNK = 256 * 1024
-SIZES_MIB = (48, 64, 96, 128, 160, 192, 256, 320)
-
-
-@dataclass(frozen=True)
-class Job:
-    start: float  # seconds from the start of the workload
-    dataset: str
-    rate: float  # bytes/s
-    length: float  # seconds (a scan: until the end of its file)
-    scan: bool = False
-
-
-def repeated(rng: random.Random, name: str, end: float, first: tuple[float, float], length: tuple[float, float],
-             rate_mib: tuple[float, float], gap: tuple[float, float]) -> list[Job]:  # fmt: skip
-    """Jobs reading *name* one after the other until *end*, each of a length, rate and gap
-    after it drawn from these ranges; the first starting within *first*."""
-    jobs: list[Job] = []
-    t = rng.uniform(*first)
-    while t < end - 20:
-        n = min(rng.uniform(*length), end - t)
-        jobs.append(Job(t, name, rng.uniform(*rate_mib) * MiB, n))
-        t += n + rng.uniform(*gap)
-    return jobs
-
-
-def workload(rng: random.Random, names: list[str], minutes: float) -> list[Job]:
-    """Three datasets read over and over, two now and then, three once (the rest of *names*)."""
-    end = minutes * 60
-    hot, warm, scans = names[:3], names[3:5], names[5:]
-    jobs: list[Job] = []
-    for name in hot:
-        jobs += repeated(rng, name, end, first=(0, 30), length=(40, 120), rate_mib=(8, 24), gap=(5, 40))
-    for name in warm:
-        jobs += repeated(rng, name, end, first=(20, 90), length=(15, 40), rate_mib=(8, 16), gap=(60, 150))
-    for name in scans:
-        jobs.append(Job(rng.uniform(0, end * 0.7), name, rng.uniform(16, 32) * MiB, end, scan=True))
-    return sorted(jobs, key=lambda j: j.start)
 
 
 def read_job(job: Job, path: Path, t0: float, deadline: float, errors: list[str]) -> None:
@@ -145,8 +108,8 @@ def main() -> int:
     pid = 0
     try:
         rng = random.Random(args.seed)
-        names = [f"ds{i}" for i in range(len(SIZES_MIB))]
-        sizes = list(SIZES_MIB)
+        names = [f"ds{i}" for i in range(len(JOB_SIZES))]
+        sizes = list(JOB_SIZES)
         rng.shuffle(sizes)
         for i, (name, mib) in enumerate(zip(names, sizes, strict=True)):
             src = top / f"src-{name}"
@@ -167,7 +130,7 @@ def main() -> int:
         if res.returncode != 0:
             raise SystemExit(f"scratchfs-mountd failed: {res.stderr.strip()}")
         pid = int(request(str(sock), {"op": "status"})["status"]["pid"])
-        jobs = workload(rng, names, args.minutes)
+        jobs = job_workload(rng, names, args.minutes * 60)
         print(f"# {len(names)} images, {format_size(total)} in all, capacity {format_size(capacity)} (35 %); "
               f"window {window:g} s, copies at {format_size(copy_bw)}/s; {len(jobs)} jobs over "
               f"{args.minutes:g} min (seed {args.seed})", flush=True)  # fmt: skip

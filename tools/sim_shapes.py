@@ -1,4 +1,4 @@
-"""The trace simulator's synthetic trace shapes (``hot``, ``shift``, ``cold``, ``scan``; see
+"""The trace simulator's synthetic trace shapes (``hot``, ``shift``, ``cold``, ``scan``, ``jobs``; see
 ``simulate_traces.py``), each a seeded generator of a :class:`scratchfs.trace.Trace` and the
 cache capacity to replay it with."""
 
@@ -142,9 +142,76 @@ def shape_scan(rng: random.Random, scale: float) -> Shape:
     return Shape("scan", Trace(sizes, events), capacity)
 
 
+#: The ``jobs`` workload's image sizes, in size units (MiB for tools/bench_policy_live.py).
+JOB_SIZES = (48, 64, 96, 128, 160, 192, 256, 320)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One reader of a job workload: from *start*, *dataset* read at *rate* for *length*."""
+
+    start: float
+    dataset: str
+    rate: float  # bytes/s
+    length: float  # a scan: until the end of the workload (its reader stops at the end of the file)
+    scan: bool = False
+
+
+def job_workload(rng: random.Random, names: list[str], end: float, unit: float = 1.0, rate_unit: float = MiB) -> list[Job]:
+    """Datasets read as jobs on a cluster read them: each by one job at a time.
+
+    The first three of *names* are read over and over (jobs of 40–120 time units at 8–24 rate
+    units, 5–40 units apart, the first within 30), the next two now and then (15–40 long at
+    8–16, 60–150 apart, the first within 20–90), the rest scanned once, end to end, at 16–32,
+    starting within the first 70 % of *end*.  A time unit is *unit* seconds, a rate unit
+    *rate_unit* bytes/s: tools/bench_policy_live.py runs it live in seconds and MiB/s; the
+    ``jobs`` shape stretches it to the other shapes' scale.
+    """
+
+    def repeated(name: str, first: tuple[float, float], length: tuple[float, float],
+                 rate: tuple[float, float], gap: tuple[float, float]) -> list[Job]:  # fmt: skip
+        out: list[Job] = []
+        t = rng.uniform(*first) * unit
+        while t < end - 20 * unit:
+            n = min(rng.uniform(*length) * unit, end - t)
+            out.append(Job(t, name, rng.uniform(*rate) * rate_unit, n))
+            t += n + rng.uniform(*gap) * unit
+        return out
+
+    hot, warm, scans = names[:3], names[3:5], names[5:]
+    jobs: list[Job] = []
+    for name in hot:
+        jobs += repeated(name, first=(0, 30), length=(40, 120), rate=(8, 24), gap=(5, 40))
+    for name in warm:
+        jobs += repeated(name, first=(20, 90), length=(15, 40), rate=(8, 16), gap=(60, 150))
+    for name in scans:
+        jobs.append(Job(rng.uniform(0, end * 0.7), name, rng.uniform(16, 32) * rate_unit, end, scan=True))
+    return sorted(jobs, key=lambda j: j.start)
+
+
+def shape_jobs(rng: random.Random, scale: float) -> Shape:
+    """tools/bench_policy_live.py's workload at the other shapes' scale: time ×20 (jobs of
+    13–40 minutes, pauses of 2–13 minutes between a hot dataset's jobs), images of 20–130 GiB,
+    rates ×20.8 (170–500 MiB/s), over 6 hours."""
+    unit = 20.0 * max(scale, 0.05)
+    size_unit = 417 * MiB * scale  # the live workload's MiB, so that copy time / job time is kept
+    names = [f"ds{i}" for i in range(len(JOB_SIZES))]
+    units = list(JOB_SIZES)
+    rng.shuffle(units)
+    sizes = {nm: int(u * size_unit) for nm, u in zip(names, units)}
+    duration = 6 * 3600 * max(scale, 0.05)
+    jobs = []
+    for j in job_workload(rng, names, duration, unit, 20.8 * MiB):
+        length = min(sizes[j.dataset] / j.rate if j.scan else j.length, duration - j.start)
+        jobs.append((j.start, j.dataset, j.rate, length))
+    events = _jobs_to_events(jobs, 5.0, rng)
+    return Shape("jobs", Trace(sizes, events), int(sum(sizes.values()) * 0.35))
+
+
 SHAPES: dict[str, Callable[[random.Random, float], Shape]] = {
     "hot": lambda rng, scale: shape_hot(rng, scale),
     "shift": lambda rng, scale: shape_hot(rng, scale, shift=True),
     "cold": shape_cold,
     "scan": shape_scan,
+    "jobs": shape_jobs,
 }

@@ -55,6 +55,10 @@ line per trace and per shape the traces passing; ``--scale`` shrinks them for qu
   (0.5–8 GiB) each read by one to three short jobs reading 10–50 % of it, at random times.
 * ``scan``    — a steady hot set of 5 images, and every 2 hours a job scanning 40 large images
   once each, end to end.
+* ``jobs``    — 8 images of 20–130 GiB, each read by one job at a time, as
+  ``tools/bench_policy_live.py`` reads them live, stretched to this scale: three read over and
+  over (jobs of 13–40 minutes at 170–500 MiB/s, 2–13 minutes apart), two by a short job now and
+  then, three scanned once.  The pauses between a dataset's jobs are shorter than the window.
 
 Recorded traces (``--trace FILE``, the format of :mod:`scratchfs.trace`, as mountd's
 ``--record-trace`` writes it) are replayed the same way.  mountd's recorder writes one event
