@@ -193,6 +193,11 @@ MIN_KNOWN_RUNS = 3
 PRIOR_QUANTILE = 0.75
 #: A copy cancelled to let a faster-read dataset go first costs its bytes copied this many times.
 WASTE = 2.0
+#: Reads are on and off when more than this share of the pauses seen (at least ON_OFF_PAUSES)...
+ON_OFF_SHARE = 0.5
+ON_OFF_PAUSES = 3
+#: ...and then an incumbent in a run is valued at no less than this share of the run's mean rate.
+RUN_RATE_SHARE = 0.7
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,8 @@ class Demand:
     run_bytes: float | None = None  # bytes of the current run (None: rate × age)
     last_run_bytes: float = 0.0  # bytes of the previous run
     idle: float = 0.0  # seconds since the last read, beyond one stats bucket (0: being read now)
+    runs: int = 0  # finished runs: pauses that ended a run
+    resumed: int = 0  # pauses within a run that ended with reads again
 
     @property
     def estimate(self) -> float:
@@ -287,7 +294,7 @@ def demand_from_snapshot(snap: StatsSnapshot, scale: Mapping[str, float] | None 
         idle = max(snap.now - snap.resolution - d.last_read, 0.0) if d.last_read is not None else 0.0
         if not d.window_bytes:
             if d.last_run_bytes:
-                out[name] = Demand(last_run_bytes=d.last_run_bytes * ratio.get(name, 1.0), idle=idle)
+                out[name] = Demand(last_run_bytes=d.last_run_bytes * ratio.get(name, 1.0), idle=idle, runs=d.runs, resumed=d.resumed)
             continue
         k = ratio.get(name, 1.0)
         age = max(snap.now - d.active_since, 0.0) if d.active_since is not None else 0.0
@@ -300,6 +307,8 @@ def demand_from_snapshot(snap: StatsSnapshot, scale: Mapping[str, float] | None 
             run_bytes=d.run_bytes * k,
             last_run_bytes=d.last_run_bytes * k,
             idle=idle,
+            runs=d.runs,
+            resumed=d.resumed,
         )
     return out
 
@@ -419,6 +428,16 @@ def run_prior(demand: Mapping[str, Demand], sizes: Mapping[str, int]) -> float:
     return sorted(known)[min(len(known) - 1, int(PRIOR_QUANTILE * len(known)))]
 
 
+def on_and_off(demand: Mapping[str, Demand]) -> bool:
+    """Whether the datasets being read (reads in the window) are read on and off: of the pauses
+    seen in their runs (at least ``ON_OFF_PAUSES``), more than ``ON_OFF_SHARE`` ended with reads
+    again rather than with the end of the run (see the module docstring)."""
+    active = [d for d in demand.values() if d.estimate > 0]
+    resumed = sum(d.resumed for d in active)
+    pauses = resumed + sum(d.runs for d in active)
+    return pauses >= ON_OFF_PAUSES and resumed > ON_OFF_SHARE * pauses
+
+
 def admitted(d: Demand, size: int, copy_time: float, prior: float) -> float | None:
     """Whether a candidate's current run is expected to be long (see the module docstring):
     ``None`` if not, else the most its copy is expected to serve (``math.inf``: whatever the
@@ -473,7 +492,8 @@ def choose(
     # ... and of those, no more than the run going on is expected to read once copied
     spare_gains: dict[str, float] = {}
     expected: dict[str, float] = {}  # ... the one or the other, as admitted or not
-    prior = run_prior(demand, sizes)
+    intermittent = on_and_off(demand)
+    prior = 0.0 if intermittent else run_prior(demand, sizes)
     for name in eligible:
         d = demand.get(name)
         size = sizes[name]
@@ -493,7 +513,10 @@ def choose(
                 gains[name], spare_gains[name] = gain, within_run
                 expected[name] = served if served is not None else within_run
         if name in cached:
-            as_held = d.held_rate(params.held_floor) * horizon * (1 + params.hysteresis)
+            held_rate = d.held_rate(params.held_floor)
+            if intermittent and d.estimate > 0 and d.age > 0:  # a pause says little: its run's mean rate
+                held_rate = max(held_rate, RUN_RATE_SHARE * d.run / d.age)
+            as_held = held_rate * horizon * (1 + params.hysteresis)
             if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping
                 as_held += min(size, d.remaining())
             # never worth less than it would be as a candidate: it has its copy

@@ -26,6 +26,10 @@ after a snapshot found the window empty, and ends at the first snapshot that fin
 empty again (so runs are separated by at least a window without reads).  Per dataset the
 snapshot reports the bytes of the current run and of the previous run: what lets the
 promotion policy tell a dataset read long, again and again, from one read once end to end.
+Within a run, a *pause* begins at a snapshot that finds no reads in the newest
+``PAUSE_BUCKETS`` buckets; it either ends with reads again (counted in ``resumed``) or ends the
+run (counted in ``runs``): whether the workload reads datasets on and off, job after job, or
+stops reading them for good when they pause.
 Datasets seen before are remembered (totals and last run) until
 :meth:`ThroughputStats.forget` or :meth:`ThroughputStats.retain`.  Like ``active_since``, runs
 rely on snapshots being taken more often than once per window.
@@ -52,18 +56,22 @@ CACHE = "cache"
 
 #: Buckets per window, unless told otherwise (mountd's counters).
 BUCKETS = 60
+#: A run pauses when this many of its newest buckets (the one filling now included) hold no reads.
+PAUSE_BUCKETS = 3
 
 
 class _Run:
     """Run bookkeeping of one dataset, updated by snapshots only."""
 
-    __slots__ = ("since", "base", "prev_bytes", "runs", "idle")
+    __slots__ = ("since", "base", "prev_bytes", "runs", "paused", "resumed", "idle")
 
     def __init__(self) -> None:
         self.since: float | None = None  # start of the current run, None between runs
         self.base = 0  # the dataset's total bytes before the current run
         self.prev_bytes = 0  # bytes of the previous finished run
         self.runs = 0  # finished runs
+        self.paused = False  # the current run is in a pause
+        self.resumed = 0  # pauses that ended with reads again, within their run
         self.idle: DatasetStats | None = None  # figures while nothing is in the window
 
 
@@ -107,6 +115,7 @@ class DatasetStats:
     run_bytes: int = 0  # bytes of the current run (0 between runs)
     last_run_bytes: int = 0  # bytes of the previous finished run
     runs: int = 0  # finished runs
+    resumed: int = 0  # pauses within a run that ended with reads again (see the module docstring)
     last_read: float | None = None  # end of the newest bucket holding reads (at most now); None: never read
 
     def tier_total(self, tier: str) -> int:
@@ -295,10 +304,16 @@ class ThroughputStats:
                     run.prev_bytes = total - run.base
                     run.runs += 1
                     run.since = None
+                    run.paused = False
             elif run.since is None:
                 assert first is not None
                 run.since = max(first * self.width, self.start)
                 run.base = total - wb
+            else:  # the run goes on: in a pause, or out of one?
+                quiet = newest <= idx - PAUSE_BUCKETS
+                if run.paused and not quiet:
+                    run.resumed += 1
+                run.paused = quiet
             ds = DatasetStats(
                 name=name,
                 tiers=tiers,
@@ -311,6 +326,7 @@ class ThroughputStats:
                 run_bytes=total - run.base if run.since is not None else 0,
                 last_run_bytes=run.prev_bytes,
                 runs=run.runs,
+                resumed=run.resumed,
                 last_read=min((newest + 1) * self.width, now) if newest >= 0 else None,
             )
             run.idle = ds if wb == 0 else None

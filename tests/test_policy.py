@@ -9,7 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchfs.policy import WASTE, Demand, PolicyParams, best_subset, choose, demand_from_snapshot, gives_way
+from scratchfs.policy import (
+    RUN_RATE_SHARE,
+    WASTE,
+    Demand,
+    PolicyParams,
+    best_subset,
+    choose,
+    demand_from_snapshot,
+    gives_way,
+    on_and_off,
+)
 from scratchfs.stats import SCRATCH, ThroughputStats
 
 GiB = 1 << 30
@@ -476,6 +486,40 @@ def test_a_new_dataset_admitted_by_the_prior_is_valued_at_what_the_prior_expects
     assert choose(demand={"new": new, **others}, **{**common, "capacity": 30 * GiB, "free": 30 * GiB, "cached": {}}).hold == {"new"}
 
 
+def test_on_and_off_is_learnt_from_the_pauses_of_the_datasets_being_read() -> None:
+    on = Demand(rate=1e8, resumed=3, runs=1)  # being read; 3 of its 4 pauses resumed
+    assert on_and_off({"a": on})
+    assert not on_and_off({"a": Demand(rate=1e8, resumed=2)})  # too few pauses to tell
+    assert not on_and_off({"a": Demand(rate=1e8, resumed=2, runs=2)})  # half: not more than half
+    assert not on_and_off({"a": on, "b": Demand(rate=1e6, runs=3)})  # pooled: 3 of 7
+    assert on_and_off({"a": on, "b": Demand(last_run_bytes=1, runs=3)})  # not being read: not counted
+    assert not on_and_off({})
+
+
+def test_where_reads_are_on_and_off_a_paused_incumbent_keeps_its_run_rate_and_no_prior_is_used() -> None:
+    """A hot dataset between two of its jobs: where pauses have mostly ended with reads again, it
+    is valued at RUN_RATE_SHARE of its run's mean rate and keeps its place against a dataset read
+    a little faster than half of that; where they have mostly ended runs, it gives its place up.
+    There, too, a new dataset is not copied on the strength of the others' runs."""
+    params = PolicyParams(horizon=1200, copy_bandwidth=0, spare=False)
+    size = 10 * GiB
+    inc = dict(rate=1e8, recent_rate=0.0, age=3000, run_bytes=3e11, idle=30)  # mean 1e8/s, paused
+    cand = Demand(rate=8e7, recent_rate=8e7, age=600)  # its run so far says long
+    common = dict(sizes={"inc": size, "cand": size}, capacity=15 * GiB, free=5 * GiB, cached={"inc": 0.0}, now=1e5, params=params)
+    on = choose(demand={"inc": Demand(**inc, resumed=4), "cand": cand}, **common)
+    assert on.hold == {"inc"}
+    assert on.value["inc"] == pytest.approx(RUN_RATE_SHARE * 1e8 * 1200 * (1 + params.hysteresis))
+    off = choose(demand={"inc": Demand(**inc, resumed=1, runs=3), "cand": cand}, **common)
+    assert off.hold == {"cand"} and off.demote == {"inc"}
+    # the prior: runs of others read 4× their size; a new dataset read fast is not admitted
+    others = {f"o{i}": Demand(last_run_bytes=4 * size) for i in (1, 2, 3)}
+    new = Demand(rate=1e9, recent_rate=1e9, age=5, run_bytes=5e9)
+    sizes = {"new": size, "o1": size, "o2": size, "o3": size, "inc": size}
+    room = dict(sizes=sizes, capacity=50 * GiB, free=50 * GiB, cached={}, now=1e5, params=params)
+    assert choose(demand={"new": new, **others, "inc": Demand(**inc, resumed=1, runs=3)}, **room).hold == {"new"}
+    assert choose(demand={"new": new, **others, "inc": Demand(**inc, resumed=4)}, **room).hold == set()
+
+
 def test_demand_from_snapshot() -> None:
     s = ThroughputStats(window=600, buckets=60)
     for t in range(300, 400):
@@ -488,8 +532,8 @@ def test_demand_from_snapshot() -> None:
     assert dem.run == 100_000_000
     assert demand_from_snapshot(snap)["idle"].run == 5
     later = demand_from_snapshot(s.snapshot(1000.0))  # nothing in the window: only the last run
-    assert later == {"a": Demand(last_run_bytes=100_000_000, idle=1000 - 10 - 400),
-                     "idle": Demand(last_run_bytes=5, idle=1000 - 10 - 10)}  # fmt: skip
+    assert later == {"a": Demand(last_run_bytes=100_000_000, idle=1000 - 10 - 400, runs=1),
+                     "idle": Demand(last_run_bytes=5, idle=1000 - 10 - 10, runs=1)}  # fmt: skip
     s.record("never", SCRATCH, 7, 1001.0)  # read, but no snapshot saw it in a run
     assert "never" not in demand_from_snapshot(s.snapshot(1700.0))
 

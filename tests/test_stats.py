@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchfs.stats import CACHE, SCRATCH, ThroughputStats
+from scratchfs.stats import CACHE, PAUSE_BUCKETS, SCRATCH, ThroughputStats
 
 
 def test_window_rate_and_totals() -> None:
@@ -144,6 +144,34 @@ def test_runs_current_and_previous() -> None:
     a = s.snapshot(210.0).datasets["a"]
     assert (a.run_bytes, a.last_run_bytes, a.runs, a.active_since) == (70, 3300, 1, 200.0)
     assert a.total_bytes == 3300 + 70
+
+
+def test_pauses_that_resume_are_told_from_pauses_that_end_the_run() -> None:
+    """A run with no reads in its newest PAUSE_BUCKETS buckets is in a pause; reads again within
+    the window count a pause resumed, a window without reads ends the run (a run, not a resume)."""
+    s = ThroughputStats(window=60, buckets=6)  # 10 s buckets
+
+    def read(t0: int, t1: int) -> None:
+        for t in range(t0, t1):
+            s.record("a", SCRATCH, 100, float(t))
+            s.snapshot(float(t))
+
+    read(0, 30)
+    assert s.snapshot(35.0).datasets["a"].resumed == 0  # one quiet bucket: no pause
+    read(36, 40)
+    for t in range(40, 75, 5):  # 35 s quiet, within the window: a pause...
+        s.snapshot(float(t))
+    assert s.snapshot(75.0).datasets["a"].resumed == 0
+    read(75, 80)  # ...that ends with reads again
+    a = s.snapshot(80.0).datasets["a"]
+    assert (a.resumed, a.runs, a.active_since) == (1, 0, 0.0)
+    for t in range(80, 150, 5):  # a window without reads: this pause ends the run
+        s.snapshot(float(t))
+    a = s.snapshot(150.0).datasets["a"]
+    assert (a.resumed, a.runs, a.active_since) == (1, 1, None)
+    read(200, 210)  # a new run starts out of no pause
+    assert s.snapshot(210.0).datasets["a"].resumed == 1
+    assert PAUSE_BUCKETS == 3
 
 
 def test_idle_figures_follow_late_records() -> None:
