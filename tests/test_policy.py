@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 
 import pytest
@@ -10,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchfs.policy import (
+    ON_OFF_PAUSES,
+    ON_OFF_SHARE,
     RUN_RATE_SHARE,
     WASTE,
     Demand,
@@ -487,12 +490,15 @@ def test_a_new_dataset_admitted_by_the_prior_is_valued_at_what_the_prior_expects
 
 
 def test_on_and_off_is_learnt_from_the_pauses_of_the_datasets_being_read() -> None:
-    on = Demand(rate=1e8, resumed=3, runs=1)  # being read; 3 of its 4 pauses resumed
+    n = ON_OFF_PAUSES
+    k = math.floor(ON_OFF_SHARE * 2 * n) + 1  # of 2n pauses, the fewest resumed that are more than the share
+    on = Demand(rate=1e8, resumed=k, runs=2 * n - k)
     assert on_and_off({"a": on})
-    assert not on_and_off({"a": Demand(rate=1e8, resumed=2)})  # too few pauses to tell
-    assert not on_and_off({"a": Demand(rate=1e8, resumed=2, runs=2)})  # half: not more than half
-    assert not on_and_off({"a": on, "b": Demand(rate=1e6, runs=3)})  # pooled: 3 of 7
-    assert on_and_off({"a": on, "b": Demand(last_run_bytes=1, runs=3)})  # not being read: not counted
+    assert on_and_off({"a": Demand(rate=1e8, resumed=n)})  # every pause resumed
+    assert not on_and_off({"a": Demand(rate=1e8, resumed=n - 1)})  # too few pauses to tell
+    assert not on_and_off({"a": Demand(rate=1e8, resumed=k - 1, runs=2 * n - k + 1)})  # not more than the share
+    assert not on_and_off({"a": on, "b": Demand(rate=1e6, runs=2 * n)})  # pooled: k of 4n
+    assert on_and_off({"a": on, "b": Demand(last_run_bytes=1, runs=2 * n)})  # not being read: not counted
     assert not on_and_off({})
 
 
@@ -506,18 +512,18 @@ def test_where_reads_are_on_and_off_a_paused_incumbent_keeps_its_run_rate_and_no
     inc = dict(rate=1e8, recent_rate=0.0, age=3000, run_bytes=3e11, idle=30)  # mean 1e8/s, paused
     cand = Demand(rate=8e7, recent_rate=8e7, age=600)  # its run so far says long
     common = dict(sizes={"inc": size, "cand": size}, capacity=15 * GiB, free=5 * GiB, cached={"inc": 0.0}, now=1e5, params=params)
-    on = choose(demand={"inc": Demand(**inc, resumed=4), "cand": cand}, **common)
+    on = choose(demand={"inc": Demand(**inc, resumed=ON_OFF_PAUSES), "cand": cand}, **common)
     assert on.hold == {"inc"}
     assert on.value["inc"] == pytest.approx(RUN_RATE_SHARE * 1e8 * 1200 * (1 + params.hysteresis))
-    off = choose(demand={"inc": Demand(**inc, resumed=1, runs=3), "cand": cand}, **common)
+    off = choose(demand={"inc": Demand(**inc, resumed=1, runs=ON_OFF_PAUSES), "cand": cand}, **common)
     assert off.hold == {"cand"} and off.demote == {"inc"}
     # the prior: runs of others read 4× their size; a new dataset read fast is not admitted
     others = {f"o{i}": Demand(last_run_bytes=4 * size) for i in (1, 2, 3)}
     new = Demand(rate=1e9, recent_rate=1e9, age=5, run_bytes=5e9)
     sizes = {"new": size, "o1": size, "o2": size, "o3": size, "inc": size}
     room = dict(sizes=sizes, capacity=50 * GiB, free=50 * GiB, cached={}, now=1e5, params=params)
-    assert choose(demand={"new": new, **others, "inc": Demand(**inc, resumed=1, runs=3)}, **room).hold == {"new"}
-    assert choose(demand={"new": new, **others, "inc": Demand(**inc, resumed=4)}, **room).hold == set()
+    assert choose(demand={"new": new, **others, "inc": Demand(**inc, resumed=1, runs=ON_OFF_PAUSES)}, **room).hold == {"new"}
+    assert choose(demand={"new": new, **others, "inc": Demand(**inc, resumed=ON_OFF_PAUSES)}, **room).hold == set()
 
 
 def test_demand_from_snapshot() -> None:
