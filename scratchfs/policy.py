@@ -261,10 +261,14 @@ class Demand:
     def run(self) -> float:
         return self.run_bytes if self.run_bytes is not None else self.rate * self.age
 
-    def held_rate(self, floor: float) -> float:
+    def held_rate(self, floor: float, run_share: float = 0.0) -> float:
         """The rate a cached dataset is valued at: its recent rate, not below ``floor`` times its
-        rate over the window (see the module docstring)."""
-        return max(self.recent_rate, floor * self.rate)
+        rate over the window, nor, in a run, below ``run_share`` times the run's mean rate (where
+        reads are on and off; see the module docstring)."""
+        rate = max(self.recent_rate, floor * self.rate)
+        if run_share > 0 and self.estimate > 0 and self.age > 0:
+            rate = max(rate, run_share * self.run / self.age)
+        return rate
 
     def remaining(self) -> float:
         """Bytes the current run is expected to read from now on (0 between runs).
@@ -425,9 +429,9 @@ def run_prior(demand: Mapping[str, Demand], sizes: Mapping[str, int]) -> float:
     """What a dataset's first run is expected to read here, in multiples of its image size.
 
     Of the datasets whose last run is known (at least ``MIN_KNOWN_RUNS``), the upper quartile
-    (``PRIOR_QUANTILE``) of their last runs' bytes per byte of image; a dataset with no finished run whose run going
-    on has already read ``LONG_RUN`` times its size counts with what it has read (a short one
-    may still grow: unknown).  0 with fewer known runs.
+    (``PRIOR_QUANTILE``) of their last runs' bytes per byte of image; a dataset with no finished
+    run whose run going on has already read ``LONG_RUN`` times its size counts with what it has
+    read (a short one may still grow: unknown).  0 with fewer known runs.
     """
     known: list[float] = []
     for n, d in demand.items():
@@ -528,10 +532,8 @@ def choose(
                 gains[name], spare_gains[name] = gain, within_run
                 expected[name] = served if served is not None else within_run
         if name in cached:
-            held_rate = d.held_rate(params.held_floor)
-            if intermittent and d.estimate > 0 and d.age > 0:  # a pause says little: its run's mean rate
-                held_rate = max(held_rate, RUN_RATE_SHARE * d.run / d.age)
-            as_held = held_rate * horizon * (1 + params.hysteresis)
+            run_share = RUN_RATE_SHARE if intermittent else 0.0  # a pause says little: its run's mean rate
+            as_held = d.held_rate(params.held_floor, run_share) * horizon * (1 + params.hysteresis)
             if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping
                 as_held += min(size, d.remaining())
             # never worth less than it would be as a candidate: it has its copy
