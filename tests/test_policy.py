@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scratchfs.policy import (
     ON_OFF_PAUSES,
     ON_OFF_SHARE,
+    PRIOR_RAMP,
     RUN_RATE_SHARE,
     WASTE,
     Demand,
@@ -487,6 +488,35 @@ def test_a_new_dataset_admitted_by_the_prior_is_valued_at_what_the_prior_expects
     assert d.value["new"] == pytest.approx(expect - params.copy_charge * size)
     # with the room, it is copied
     assert choose(demand={"new": new, **others}, **{**common, "capacity": 30 * GiB, "free": 30 * GiB, "cached": {}}).hold == {"new"}
+
+
+def test_a_burst_admitted_by_the_prior_counts_only_the_reads_it_has_shown() -> None:
+    """A new dataset read for a minute, three times as fast as an incumbent paused between two
+    jobs of a long run (a scan of a small image looks like that), is valued at its bytes so far
+    spread over PRIOR_RAMP of the horizon, not at its rate: it does not displace the incumbent.
+    Read that fast for that long, it does."""
+    params = PolicyParams(horizon=2400, copy_bandwidth=500e6, spare=False)
+    size = 10 * GiB
+    sizes = {"new": size, "inc": size, "o1": size, "o2": size, "o3": size}
+    others = {f"o{i}": Demand(last_run_bytes=60 * size) for i in (1, 2, 3)}  # runs here read 60× their size
+    inc = Demand(rate=1e7, recent_rate=1e7, age=3600, run_bytes=3.6e10, idle=30)
+    common = dict(sizes=sizes, capacity=15 * GiB, free=5 * GiB, cached={"inc": 0.0}, now=1e5, params=params)
+    copy_time = size / 500e6
+    full = PRIOR_RAMP * params.horizon
+    young = Demand(rate=3e7, recent_rate=3e7, age=60, run_bytes=3e7 * 60)
+    assert young.after_copy(copy_time) <= size  # its own run does not admit it: the prior does
+    d = choose(demand={"new": young, "inc": inc, **others}, **common)
+    assert d.hold == {"inc"}
+    shown = 3e7 * (params.horizon - copy_time) * 60 / full
+    assert shown < 60 * size - 3e7 * (60 + copy_time)  # below what the prior expects its run to read
+    assert d.value["new"] == pytest.approx(shown - params.copy_charge * size)
+    old = Demand(rate=3e7, recent_rate=3e7, age=full, run_bytes=3e7 * full)
+    assert old.after_copy(copy_time) <= size
+    d = choose(demand={"new": old, "inc": inc, **others}, **common)
+    assert d.hold == {"new"} and d.demote == {"inc"}
+    # with the room, the burst is copied at once all the same
+    room = {**common, "capacity": 30 * GiB, "free": 30 * GiB, "cached": {}}
+    assert choose(demand={"new": young, **others}, **room).hold == {"new"}
 
 
 def test_on_and_off_is_learnt_from_the_pauses_of_the_datasets_being_read() -> None:
