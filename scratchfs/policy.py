@@ -104,9 +104,10 @@ Algorithm
      seconds only: admitted on the prior alone, a run counts its rate in full once it has
      lasted ``PRIOR_RAMP`` of the horizon (an eighth: half a window in mountd) and in
      proportion before, as if its bytes so far were spread over that time (scratch_manager's
-     window throughput spreads them over half its window).  With the room it is copied at
-     once all the same; but a burst of a minute at a high rate, such as the scan of a small
-     image, does not displace a hot dataset paused between two of its jobs.  Tuning figures
+     window throughput spreads them over half its window).  Where there is room it is copied
+     at once all the same (as spare space while its value is not yet positive, step 6); but
+     a burst of a minute at a high rate, such as the scan of a small image, does not displace
+     a hot dataset paused between two of its jobs.  Tuning figures
      (``tools/simulate_traces.py``): on ``jobs`` 30 → 32 of 40 seeds, one more recorded trace
      meets the targets; on ``hot`` and ``shift`` it costs 0.0013 of hit ratio on average
      (at most 0.014), by copying some long first runs later.  Ramped over a quarter window

@@ -517,6 +517,11 @@ def test_a_burst_admitted_by_the_prior_counts_only_the_reads_it_has_shown() -> N
     # with the room, the burst is copied at once all the same
     room = {**common, "capacity": 30 * GiB, "free": 30 * GiB, "cached": {}}
     assert choose(demand={"new": young, **others}, **room).hold == {"new"}
+    # read for seconds only, its value is below its copy charge yet: with room it is copied as
+    # spare space
+    burst = Demand(rate=3e7, recent_rate=3e7, age=5, run_bytes=3e7 * 5)
+    d = choose(demand={"new": burst, **others}, **{**room, "params": replace(params, spare=True)})
+    assert d.value["new"] <= 0 and d.hold == {"new"} and d.reasons["new"] == "spare"
 
 
 def test_on_and_off_is_learnt_from_the_pauses_of_the_datasets_being_read() -> None:
