@@ -528,6 +528,7 @@ def choose(
     expected: dict[str, float] = {}  # ... the one or the other, as admitted or not
     intermittent = on_and_off(demand)
     prior = 0.0 if intermittent else run_prior(demand, sizes)
+    run_share = RUN_RATE_SHARE if intermittent else 0.0  # a pause says little: an incumbent's run's mean rate
     for name in eligible:
         d = demand.get(name)
         size = sizes[name]
@@ -550,7 +551,6 @@ def choose(
                 gains[name], spare_gains[name] = gain, within_run
                 expected[name] = served if served is not None else within_run
         if name in cached:
-            run_share = RUN_RATE_SHARE if intermittent else 0.0  # a pause says little: its run's mean rate
             as_held = d.held_rate(params.held_floor, run_share) * horizon * (1 + params.hysteresis)
             if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping
                 as_held += min(size, d.remaining())
