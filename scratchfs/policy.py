@@ -32,8 +32,7 @@ Algorithm
    the window (so a rise is seen within a fraction of the window).  Value is the bytes
    expected to be read over a fixed ``horizon`` ``H`` (mountd: four windows):
 
-   * cached (incumbent): ``value = r_held * H * (1 + hysteresis)`` (``r_held``: below, and
-     see "through its own pauses"), plus, while it is being
+   * cached (incumbent): ``value = r_held * H * (1 + hysteresis)``, plus, while it is being
      read now (``idle == 0``), its ``size`` but no more than its run is expected to read from
      now on (``remaining``, below): demoting a dataset in the middle of a run gives up a copy
      that run may well want back, and getting it back reads its size from scratch again; a run
@@ -71,23 +70,6 @@ Algorithm
    to 30 at 5 (4 and 6 do as well as 5); switched on earlier (3 pauses, half of them) it
    reaches 33 but fires on ``hot`` traces, where the run's mean rate holds datasets whose
    demand went elsewhere (``hot`` seed 70 misses).
-
-   **Through its own pauses.**  The rule above looks at all datasets together and needs a few
-   pauses first; this one looks at each incumbent alone.  An incumbent whose own pauses have
-   more often ended with reads again than ended its runs (``resumed > runs``; :mod:`.stats`
-   counts a run followed by reads again within ``RETURN_WINDOWS`` windows as a pause resumed)
-   is valued at no less than its long-term rate (its reads decayed with a time constant of
-   ``LONG_WINDOWS`` windows: two horizons in mountd), in a pause as well as while it is read,
-   and even once its reads have left the window.  Where the datasets read job after job need
-   more room than there is, one between two of its jobs otherwise gives its place to a dataset
-   read by a short job (valued at its rate now over the whole horizon) and is copied back when
-   its next job starts, over and over; keeping the datasets read most over the last hours is
-   what the offline optimum does there.  A dataset whose demand went elsewhere has mostly
-   ended runs, so its past reads do not hold its place; a candidate is valued on its reads now.
-   Tuning figures (``tools/simulate_traces.py``): on ``jobs`` 32 → 39 of 40 seeds meet the
-   targets, and all five recorded traces; without counting returns as resumed pauses, 38 and
-   four; a time constant of 4 windows misses a recorded trace, one of 16 misses three more
-   of 32 ``hot``/``shift`` traces with thin margins.
 
    **Admission.**  A candidate is given that value only if its current run is expected to be
    long, by one of three rules:
@@ -285,7 +267,6 @@ class Demand:
     idle: float = 0.0  # seconds since the last read, beyond one stats bucket (0: being read now)
     runs: int = 0  # finished runs: pauses that ended a run
     resumed: int = 0  # pauses within a run that ended with reads again
-    long_rate: float = 0.0  # bytes/s, decayed over several windows (see :mod:`.stats`)
 
     @property
     def estimate(self) -> float:
@@ -347,13 +328,7 @@ def demand_from_snapshot(snap: StatsSnapshot, scale: Mapping[str, float] | None 
         idle = max(snap.now - snap.resolution - d.last_read, 0.0) if d.last_read is not None else 0.0
         if not d.window_bytes:
             if d.last_run_bytes:
-                out[name] = Demand(
-                    last_run_bytes=d.last_run_bytes * ratio.get(name, 1.0),
-                    idle=idle,
-                    runs=d.runs,
-                    resumed=d.resumed,
-                    long_rate=d.long_rate(snap.now, snap.tau) * ratio.get(name, 1.0),
-                )
+                out[name] = Demand(last_run_bytes=d.last_run_bytes * ratio.get(name, 1.0), idle=idle, runs=d.runs, resumed=d.resumed)
             continue
         k = ratio.get(name, 1.0)
         age = max(snap.now - d.active_since, 0.0) if d.active_since is not None else 0.0
@@ -368,7 +343,6 @@ def demand_from_snapshot(snap: StatsSnapshot, scale: Mapping[str, float] | None 
             idle=idle,
             runs=d.runs,
             resumed=d.resumed,
-            long_rate=d.long_rate(snap.now, snap.tau) * k,
         )
     return out
 
@@ -577,10 +551,7 @@ def choose(
                 gains[name], spare_gains[name] = gain, within_run
                 expected[name] = served if served is not None else within_run
         if name in cached:
-            rate = d.held_rate(params.held_floor, run_share)
-            if d.resumed > d.runs:  # read on and off: through its pauses, at its long-term rate
-                rate = max(rate, d.long_rate)
-            as_held = rate * horizon * (1 + params.hysteresis)
+            as_held = d.held_rate(params.held_floor, run_share) * horizon * (1 + params.hysteresis)
             if d.estimate > 0 and d.idle <= 0:  # in the middle of a run: its copy is worth keeping
                 as_held += min(size, d.remaining())
             # never worth less than it would be as a candidate: it has its copy
