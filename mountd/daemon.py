@@ -395,8 +395,9 @@ class Daemon(Mover):
         params = PolicyParams(
             horizon=HORIZON_WINDOWS * self.s.window, min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth
         )
+        recopied = {n: m.recopied for n, m in self.managed.items() if m.recopied}
         d = choose(demand=demand, sizes=sizes, capacity=self.capacity_now, cached=cached, reclaimable=kept,
-                   free=max(0, free + self.reclaimable_bytes()),
+                   free=max(0, free + self.reclaimable_bytes()), recopied=recopied,
                    pinned=forced, never_cache=self.s.never_cache, now=now, params=params)  # fmt: skip
         self.last_decision = d
         for name in sorted(d.demote):

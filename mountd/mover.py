@@ -28,6 +28,7 @@ from scratchfs.copier import (
     verify_copy,
 )
 from scratchfs.errors import ScratchfsError
+from scratchfs.policy import copied_back
 from scratchfs.squashfs import Image, Inode, SquashfsError
 from scratchfs.stats import CACHE, SCRATCH
 from scratchfs.tiers import WARM_BYTES, warm_copy
@@ -118,6 +119,9 @@ class Mover:
             return
         m.job = CopyJob(Progress(m.size), started=trio.current_time(), why=why, logged=trio.current_time())
         m.promoted_at = m.job.started
+        if copied_back(m.demoted_at, m.job.started, self.s.window):
+            m.recopied += 1
+        m.demoted_at = None  # one copy back per demotion (not its retries)
         self._nursery.start_soon(self._copy, m, m.job)
 
     async def _copy(self, m: Managed, job: CopyJob) -> None:
@@ -275,6 +279,7 @@ class Mover:
         m.ds.swap(img, SCRATCH, on_idle)
         m.cache_file, m.checksum, m.promoted_at = None, None, None
         m.last_demotion = time.time()
+        m.demoted_at = trio.current_time() if why != "evict" else None  # an admin's eviction is no policy's mistake
         log.info("demoted %s (%s): now served from %s", m.name, why, m.backing)
         self._wake_policy.set()
         return True

@@ -65,6 +65,8 @@ class Managed:
     promoted_at: float | None = None  # trio time of the promotion decision (policy input)
     last_promotion: float | None = None  # wall clock
     last_demotion: float | None = None
+    demoted_at: float | None = None  # trio time of the last demotion (policy input)
+    recopied: int = 0  # copies that copied it back soon after a demotion (policy input)
     job: CopyJob | None = None
     failures: int = 0
     retry_at: float = 0.0

@@ -130,6 +130,7 @@ def status(d: Daemon) -> dict[str, Any]:
             "bytes_scratch": scratch_b,
             "bytes_cache": cache_b,
             "bytes_copied": m.copied,
+            "copied_back": m.recopied,  # copies soon after a demotion by the policy (policy input)
             "hit_ratio": ds.hit_ratio if ds else None,
             "pinned": name in pins,
             "never_cache": name in d.s.never_cache,

@@ -27,6 +27,7 @@ _DATASET_METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("dataset_copy_ratio", "gauge", "Fraction done of the copy in progress.", "copy_fraction"),
     ("dataset_copy_failures_total", "counter", "Failed copies of the dataset.", "copy_failures"),
     ("dataset_copied_bytes_total", "counter", "Bytes read from scratch by copies of the dataset.", "bytes_copied"),
+    ("dataset_copied_back_total", "counter", "Copies of the dataset soon after the policy demoted it.", "copied_back"),
 )
 
 

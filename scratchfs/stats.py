@@ -29,7 +29,18 @@ promotion policy tell a dataset read long, again and again, from one read once e
 Within a run, a *pause* begins at a snapshot that finds no reads in the newest
 ``PAUSE_BUCKETS`` buckets; it either ends with reads again (counted in ``resumed``) or ends the
 run (counted in ``runs``): whether the workload reads datasets on and off, job after job, or
-stops reading them for good when they pause.
+stops reading them for good when they pause.  A finished run followed by reads again less
+than ``RETURN_WINDOWS`` windows after its last read is also counted in ``returns`` (it still
+separates the two runs and counts in ``runs``): a dataset read by one job after another, with
+a gap between jobs a little longer than the window, is read on and off all the same.
+
+Long-term rate
+--------------
+Per dataset the snapshot also carries its reads decayed exponentially with the time constant
+``tau`` (``LONG_WINDOWS`` windows by default): ``long_bytes`` at ``long_at``;
+:meth:`DatasetStats.long_rate` turns them into bytes/s at any later time.  Under constant
+demand ``r`` it tends to ``r``; it remembers a dataset read job after job through its pauses
+for several windows, where the window rate forgets it within one.
 Datasets seen before are remembered (totals and last run) until
 :meth:`ThroughputStats.forget` or :meth:`ThroughputStats.retain`.  Like ``active_since``, runs
 rely on snapshots being taken more often than once per window.
@@ -58,12 +69,17 @@ CACHE = "cache"
 BUCKETS = 60
 #: A run pauses when this many of its newest buckets (the one filling now included) hold no reads.
 PAUSE_BUCKETS = 3
+#: A finished run counts as a return too if reads came again within this many windows of its
+#: last read.
+RETURN_WINDOWS = 2.0
+#: Time constant of the long-term rate, in windows.
+LONG_WINDOWS = 8.0
 
 
 class _Run:
     """Run bookkeeping of one dataset, updated by snapshots only."""
 
-    __slots__ = ("since", "base", "prev_bytes", "runs", "paused", "resumed", "idle")
+    __slots__ = ("since", "base", "prev_bytes", "runs", "paused", "resumed", "idle", "ended", "decayed", "decayed_at", "decayed_total", "returns")
 
     def __init__(self) -> None:
         self.since: float | None = None  # start of the current run, None between runs
@@ -73,6 +89,11 @@ class _Run:
         self.paused = False  # the current run is in a pause
         self.resumed = 0  # pauses that ended with reads again, within their run
         self.idle: DatasetStats | None = None  # figures while nothing is in the window
+        self.ended: float | None = None  # end of the last read of the previous run
+        self.decayed = 0.0  # reads decayed with the time constant tau, as of decayed_at
+        self.decayed_at = 0.0
+        self.decayed_total = 0  # the dataset's total bytes as of decayed_at
+        self.returns = 0  # finished runs followed by reads again within RETURN_WINDOWS windows
 
 
 class _Ring:
@@ -116,7 +137,16 @@ class DatasetStats:
     last_run_bytes: int = 0  # bytes of the previous finished run
     runs: int = 0  # finished runs
     resumed: int = 0  # pauses within a run that ended with reads again (see the module docstring)
+    returns: int = 0  # finished runs followed by reads again within RETURN_WINDOWS windows
     last_read: float | None = None  # end of the newest bucket holding reads (at most now); None: never read
+    long_bytes: float = 0.0  # reads decayed with the snapshot's time constant tau, as of long_at
+    long_at: float = 0.0
+
+    def long_rate(self, now: float, tau: float) -> float:
+        """The long-term rate (bytes/s) at *now* (at least ``long_at``; see the module docstring)."""
+        if tau <= 0:
+            return 0.0
+        return self.long_bytes * math.exp(-max(now - self.long_at, 0.0) / tau) / tau
 
     def tier_total(self, tier: str) -> int:
         t = self.tiers.get(tier)
@@ -139,6 +169,7 @@ class StatsSnapshot:
     span: float  # seconds the window figures really cover
     resolution: float  # bucket width, seconds
     datasets: Mapping[str, DatasetStats] = field(default_factory=dict)
+    tau: float = 0.0  # time constant of the long-term rates, seconds
 
     def rate(self, name: str) -> float:
         d = self.datasets.get(name)
@@ -191,6 +222,7 @@ class ThroughputStats:
         self._rings: dict[tuple[str, str], _Ring] = {}
         self._by_name: dict[str, list[tuple[str, _Ring]]] = {}  # the rings of each dataset
         self._runs: dict[str, _Run] = {}
+        self.tau = LONG_WINDOWS * self.window
 
     # -- hot path -------------------------------------------------------------------------
 
@@ -301,6 +333,7 @@ class ThroughputStats:
                 tiers[tier] = TierStats(tb, tr, tb / span, ring.total_bytes, ring.total_reqs)
             if wb == 0:
                 if run.since is not None:  # the run ended
+                    run.ended = (newest + 1) * self.width
                     run.prev_bytes = total - run.base
                     run.runs += 1
                     run.since = None
@@ -309,11 +342,17 @@ class ThroughputStats:
                 assert first is not None
                 run.since = max(first * self.width, self.start)
                 run.base = total - wb
+                if run.ended is not None and run.since - run.ended < RETURN_WINDOWS * self.window:
+                    run.returns += 1  # the pause that ended the last run: reads came again soon
+                run.ended = None
             else:  # the run goes on: in a pause, or out of one?
                 quiet = newest <= idx - PAUSE_BUCKETS
                 if run.paused and not quiet:
                     run.resumed += 1
                 run.paused = quiet
+            decay = math.exp(-max(now - run.decayed_at, 0.0) / self.tau)
+            run.decayed = run.decayed * decay + (total - run.decayed_total)
+            run.decayed_at, run.decayed_total = now, total
             ds = DatasetStats(
                 name=name,
                 tiers=tiers,
@@ -327,8 +366,11 @@ class ThroughputStats:
                 last_run_bytes=run.prev_bytes,
                 runs=run.runs,
                 resumed=run.resumed,
+                returns=run.returns,
                 last_read=min((newest + 1) * self.width, now) if newest >= 0 else None,
+                long_bytes=run.decayed,
+                long_at=run.decayed_at,
             )
             run.idle = ds if wb == 0 else None
             out[name] = ds
-        return StatsSnapshot(now=now, window=self.window, span=span, resolution=self.width, datasets=out)
+        return StatsSnapshot(now=now, window=self.window, span=span, resolution=self.width, datasets=out, tau=self.tau)

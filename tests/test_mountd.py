@@ -783,7 +783,8 @@ def test_a_demoted_copy_is_kept_until_its_space_is_needed(top: Path) -> None:
     """A dataset the policy demotes keeps its copy on the SSD: wanted again, it is served from
     that copy at once, with nothing copied; a copy that needs the space deletes it first, and
     our files never take more than the capacity.  Copies are limited to 1 MiB/s, so the copy of
-    b (12 MiB) needs the space of a's kept copy only in its last second or so."""
+    b (12 MiB) needs the space of a's kept copy only in its last second or so.  A copy of a
+    soon after its demotion counts as a copy back."""
     a, b = payload(3 * MiB, 31), payload(12 * MiB, 32)
     md = Mountd(top, copy_bandwidth="1M")
     img_a = build_image(make_tree(top / "src-a", {"a.bin": a}), md.data / "a.sqfs")
@@ -836,6 +837,15 @@ def test_a_demoted_copy_is_kept_until_its_space_is_needed(top: Path) -> None:
         assert not file_a.exists() and ds(md.status(), "a")["kept_copy"] is None
         assert biggest <= capacity and used() <= capacity, (biggest, used(), capacity)
         assert (md.mnt / "a" / "a.bin").read_bytes() == a and (md.mnt / "b" / "b.bin").read_bytes() == b
+        # a wanted again, its kept copy gone: copied back soon after the policy demoted it, which
+        # status counts (a policy input); being served from the kept copy was not a copy back
+        assert ds(md.status(), "a")["copied_back"] == 0
+        md.ctl_direct("unpin", "b")
+        md.ctl_direct("pin", "a")
+        st = md.wait_tier("a", "cache", timeout=60)
+        assert ds(st, "a")["copied_back"] == 1 and ds(st, "b")["copied_back"] == 0
+        line = 'scratchfs_mountd_dataset_copied_back_total{dataset="a"} 1'
+        wait_for(lambda: md.metrics.exists() and line in md.metrics.read_text().splitlines(), "copy back in the metrics", md=md)
 
 
 def test_kept_copies_go_first_when_the_disk_fills_up(top: Path) -> None:

@@ -59,7 +59,7 @@ STATUS = {
          "partial_copy": {"file": "/ssd/.x.1.part", "bytes_done": 120},
          "hit_ratio": 0.75, "pinned": True, "backing_gone": True, "backing": "/scratch/x.sqfs",
          "last_promotion": 1700000000.0, "last_demotion": None, "copy": None, "copy_failures": 0, "last_error": None},
-        {"name": "b", "tier": "scratch", "size": 200, "rate": 0.0, "bytes_scratch": 0, "bytes_cache": 0, "bytes_copied": 250,
+        {"name": "b", "tier": "scratch", "size": 200, "rate": 0.0, "bytes_scratch": 0, "bytes_cache": 0, "bytes_copied": 250, "copied_back": 3,
          "hit_ratio": None, "pinned": False, "backing_gone": False, "backing": "/scratch/b.sqfs",
          "kept_copy": "/ssd/b.sqfs", "last_promotion": None, "last_demotion": None, "copy_failures": 2, "last_error": "boom",
          "copy": {"phase": "copying", "bytes_done": 50, "bytes_total": 200, "fraction": 0.25, "rate": 1.0}},
@@ -80,6 +80,7 @@ def test_metrics_text_carries_the_status_figures() -> None:
     assert 'scratchfs_mountd_dataset_copy_ratio{dataset="b"} 0.25' in lines
     assert 'scratchfs_mountd_dataset_copy_failures_total{dataset="b"} 2' in lines
     assert 'scratchfs_mountd_dataset_copied_bytes_total{dataset="b"} 250' in lines
+    assert 'scratchfs_mountd_dataset_copied_back_total{dataset="b"} 3' in lines
     assert not any(line.startswith("scratchfs_mountd_dataset_hit_ratio{dataset=\"b\"}") for line in lines)
     assert "scratchfs_mountd_cache_budget_bytes 900" in lines
     assert "scratchfs_mountd_cache_reclaimable_bytes 150" in lines

@@ -14,17 +14,19 @@ from scratchfs.policy import (
     ON_OFF_PAUSES,
     ON_OFF_SHARE,
     PRIOR_RAMP,
+    RECOPIES,
     RUN_RATE_SHARE,
     WASTE,
     Demand,
     PolicyParams,
     best_subset,
     choose,
+    copied_back,
     demand_from_snapshot,
     gives_way,
     on_and_off,
 )
-from scratchfs.stats import SCRATCH, ThroughputStats
+from scratchfs.stats import LONG_WINDOWS, RETURN_WINDOWS, SCRATCH, ThroughputStats
 
 GiB = 1 << 30
 NAMES = [f"d{i}" for i in range(8)]
@@ -561,6 +563,40 @@ def test_where_reads_are_on_and_off_a_paused_incumbent_keeps_its_run_rate_and_no
     assert choose(demand={"new": new, **others, "inc": Demand(**inc, resumed=ON_OFF_PAUSES)}, **room).hold == set()
 
 
+def test_an_incumbent_read_on_and_off_and_copied_back_is_valued_at_its_long_term_rate() -> None:
+    """A dataset between two of its jobs, for longer than the window (no reads in it): if it was
+    copied back soon after a demotion RECOPIES times and its own pauses have more often ended
+    with reads again than not, it is valued at its long-term rate and keeps its place against a
+    dataset being read a little slower than that; if either is not so, it is worth nothing and
+    gives its place up.  A candidate's long-term rate counts for nothing: it is valued at what
+    it is read at now."""
+    params = PolicyParams(horizon=1200, copy_bandwidth=0, spare=False)
+    size = 10 * GiB
+    paused = dict(last_run_bytes=5e11, idle=700, long_rate=1e8)  # between jobs
+    cand = Demand(rate=9e7, recent_rate=9e7, age=600, long_rate=1e9)  # its run so far says long
+    common = dict(sizes={"inc": size, "cand": size}, capacity=15 * GiB, free=5 * GiB, cached={"inc": 0.0}, now=1e5, params=params)
+    back = {"inc": RECOPIES, "cand": 5}
+    # its pauses resumed more often than they ended its runs; or its runs mostly ended with
+    # reads again soon (returns: counted in runs, and as resumed pauses here)
+    for inc in (Demand(**paused, resumed=3, runs=2), Demand(**paused, resumed=1, runs=3, returns=2)):
+        on = choose(demand={"inc": inc, "cand": cand}, recopied=back, **common)
+        assert on.hold == {"inc"}
+        assert on.value["inc"] == pytest.approx(1e8 * 1200 * (1 + params.hysteresis))
+        assert on.value["cand"] == pytest.approx(9e7 * 1200 - params.copy_charge * size)
+    for inc, recopied in [(Demand(**paused, resumed=2, runs=2), back),  # as many runs ended
+                          (Demand(**paused, resumed=1, runs=3, returns=1), back),  # returns, but as many ended
+                          (Demand(**paused, resumed=3, runs=2), {"inc": RECOPIES - 1}),  # not copied back enough
+                          (Demand(**paused, resumed=3, runs=2), None)]:  # fmt: skip
+        off = choose(demand={"inc": inc, "cand": cand}, recopied=recopied, **common)
+        assert off.hold == {"cand"} and off.demote == {"inc"}
+
+
+def test_copied_back() -> None:
+    assert copied_back(1000.0, 1000.0 + RETURN_WINDOWS * 600 - 1, 600)
+    assert not copied_back(1000.0, 1000.0 + RETURN_WINDOWS * 600, 600)
+    assert not copied_back(None, 1000.0, 600)
+
+
 def test_demand_from_snapshot() -> None:
     s = ThroughputStats(window=600, buckets=60)
     for t in range(300, 400):
@@ -572,9 +608,11 @@ def test_demand_from_snapshot() -> None:
     assert dem.rate == pytest.approx(1e6)  # rate while active, not diluted over the window
     assert dem.run == 100_000_000
     assert demand_from_snapshot(snap)["idle"].run == 5
-    later = demand_from_snapshot(s.snapshot(1000.0))  # nothing in the window: only the last run
-    assert later == {"a": Demand(last_run_bytes=100_000_000, idle=1000 - 10 - 400, runs=1),
-                     "idle": Demand(last_run_bytes=5, idle=1000 - 10 - 10, runs=1)}  # fmt: skip
+    later = demand_from_snapshot(s.snapshot(1000.0))  # nothing in the window: the last run ...
+    # ... and the long-term rate: what the snapshot at 400 s counted, decayed over 600 s
+    decay = math.exp(-600 / (LONG_WINDOWS * 600)) / (LONG_WINDOWS * 600)
+    assert later == {"a": Demand(last_run_bytes=100_000_000, idle=1000 - 10 - 400, runs=1, long_rate=pytest.approx(1e8 * decay)),
+                     "idle": Demand(last_run_bytes=5, idle=1000 - 10 - 10, runs=1, long_rate=pytest.approx(5 * decay))}  # fmt: skip
     s.record("never", SCRATCH, 7, 1001.0)  # read, but no snapshot saw it in a run
     assert "never" not in demand_from_snapshot(s.snapshot(1700.0))
 

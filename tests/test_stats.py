@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchfs.stats import CACHE, PAUSE_BUCKETS, SCRATCH, ThroughputStats
+from scratchfs.stats import CACHE, LONG_WINDOWS, PAUSE_BUCKETS, RETURN_WINDOWS, SCRATCH, ThroughputStats
 
 
 def test_window_rate_and_totals() -> None:
@@ -148,7 +150,8 @@ def test_runs_current_and_previous() -> None:
 
 def test_pauses_that_resume_are_told_from_pauses_that_end_the_run() -> None:
     """A run with no reads in its newest PAUSE_BUCKETS buckets is in a pause; reads again within
-    the window count a pause resumed, a window without reads ends the run (a run, not a resume)."""
+    the window count a pause resumed, a window without reads ends the run (a run, not a resume),
+    and counts a return too if reads came again within RETURN_WINDOWS windows of the last one."""
     s = ThroughputStats(window=60, buckets=6)  # 10 s buckets
 
     def read(t0: int, t1: int) -> None:
@@ -169,9 +172,36 @@ def test_pauses_that_resume_are_told_from_pauses_that_end_the_run() -> None:
         s.snapshot(float(t))
     a = s.snapshot(150.0).datasets["a"]
     assert (a.resumed, a.runs, a.active_since) == (1, 1, None)
-    read(200, 210)  # a new run starts out of no pause
-    assert s.snapshot(210.0).datasets["a"].resumed == 1
-    assert PAUSE_BUCKETS == 3
+    read(200, 210)  # a new run, RETURN_WINDOWS windows after the last read: the run did end
+    a = s.snapshot(210.0).datasets["a"]
+    assert (a.resumed, a.runs, a.returns, a.last_run_bytes) == (1, 1, 0, 3900)
+    for t in range(210, 280, 5):  # a window without reads ends this run too ...
+        s.snapshot(float(t))
+    assert s.snapshot(280.0).datasets["a"].runs == 2
+    read(280, 285)  # ... but reads came again 70 s after the last one: a return
+    a = s.snapshot(285.0).datasets["a"]
+    assert (a.resumed, a.runs, a.returns, a.last_run_bytes, a.active_since) == (1, 2, 1, 1000, 280.0)
+    assert PAUSE_BUCKETS == 3 and RETURN_WINDOWS == 2
+
+
+def test_long_term_rate_follows_demand_and_decays_through_pauses() -> None:
+    """Constant demand: the long-term rate tends to the rate; reads stopped: it decays with the
+    time constant tau (LONG_WINDOWS windows), also while the snapshot reuses idle figures."""
+    s = ThroughputStats(window=60, buckets=6)
+    tau = LONG_WINDOWS * 60
+    for t in range(0, 4000):
+        s.record("a", SCRATCH, 1000, float(t))
+        if t % 2 == 0:
+            s.snapshot(float(t))
+    snap = s.snapshot(4000.0)
+    a = snap.datasets["a"]
+    assert snap.tau == tau
+    assert a.long_rate(4000.0, tau) == pytest.approx(1000, rel=0.01)
+    later = s.snapshot(4000.0 + tau).datasets["a"]  # no reads for tau: window empty, run over
+    assert later.window_bytes == 0 and later.runs == 1
+    assert later.long_rate(4000.0 + tau, tau) == pytest.approx(1000 / math.e, rel=0.01)
+    again = s.snapshot(4000.0 + 2 * tau).datasets["a"]  # the idle figures, reused
+    assert again.long_rate(4000.0 + 2 * tau, tau) == pytest.approx(1000 / math.e**2, rel=0.01)
 
 
 def test_idle_figures_follow_late_records() -> None:
@@ -191,10 +221,14 @@ def test_idle_figures_follow_late_records() -> None:
 @settings(max_examples=150, deadline=None)
 @given(gaps=st.lists(st.tuples(st.floats(0.1, 150), st.integers(0, 1000)), min_size=1, max_size=40))
 def test_runs_match_brute_force(gaps: list[tuple[float, int]]) -> None:
-    """Snapshots before and after each read: a run ends where a snapshot sees an empty window."""
+    """Snapshots before and after each read: a run ends where a snapshot sees an empty window;
+    it counts as finished, and as a return too if the next run's first read came less than
+    RETURN_WINDOWS windows after the end of its last read's bucket."""
     s = ThroughputStats(window=60, buckets=6)
     reads: list[tuple[float, int]] = []
     runs: list[int] = []  # bytes of each run, brute force
+    returned = 0  # runs followed by the next one within RETURN_WINDOWS windows
+    ended: float | None = None
     in_run = False
     t = 0.0
     for gap, n in gaps:
@@ -202,11 +236,15 @@ def test_runs_match_brute_force(gaps: list[tuple[float, int]]) -> None:
         idx = int(t // 10)
         if in_run and not any(idx - 6 < int(rt // 10) <= idx and rn for rt, rn in reads):
             in_run = False
+            ended = (int(max(rt for rt, _ in reads) // 10) + 1) * 10.0
         s.snapshot(t)
         s.record("d", SCRATCH, n, t)
         reads.append((t, n))
         s.snapshot(t)
         if n and not in_run:
+            if ended is not None and idx * 10.0 - ended < RETURN_WINDOWS * 60:
+                returned += 1
+            ended = None
             runs.append(0)
             in_run = True
         if in_run:
@@ -216,4 +254,5 @@ def test_runs_match_brute_force(gaps: list[tuple[float, int]]) -> None:
     assert d.run_bytes == (runs[-1] if in_run else 0)
     assert d.last_run_bytes == (finished[-1] if finished else 0)
     assert d.runs == len(finished)
+    assert d.returns == returned
     assert d.total_bytes == sum(n for _, n in reads)

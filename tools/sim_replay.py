@@ -21,6 +21,7 @@ from scratchfs.policy import (  # noqa: E402
     PolicyParams,
     best_subset,
     choose,
+    copied_back,
     demand_from_snapshot,
     gives_way,
 )
@@ -229,6 +230,8 @@ class OursPolicy(SimPolicy):
             hysteresis=cfg.hysteresis,
         )
         self.last_scratch_read: dict[str, float] = {}
+        self.demoted_at: dict[str, float] = {}  # as mountd: when each was last demoted ...
+        self.recopied: dict[str, int] = {}  # ... and how often copied back soon after
         # image bytes per served byte, where the trace knows the logical size
         self.scale = {n: trace.sizes[n] / v for n, v in trace.logical_sizes.items() if n in trace.sizes and v > 0}
 
@@ -240,6 +243,12 @@ class OursPolicy(SimPolicy):
             self.last_scratch_read[ev.dataset] = ev.t
             if last is None or ev.t - last > self.cfg.interval:
                 self.round(ev.t)
+
+    def drop_unwanted(self, want: Collection[str], now: float) -> None:
+        for name in self.cache.ready:
+            if name not in want:
+                self.demoted_at[name] = now
+        super().drop_unwanted(want, now)
 
     def on_copy_done(self, now: float) -> None:
         self.round(now)  # as mountd: the copier is free, the next copy starts now
@@ -257,6 +266,7 @@ class OursPolicy(SimPolicy):
             now=now,
             params=self.params,
             reclaimable=kept,
+            recopied=self.recopied,
         )
         self.drop_unwanted(d.hold, now)
         cache, sizes = self.cache, self.trace.sizes
@@ -276,6 +286,8 @@ class OursPolicy(SimPolicy):
         for name in queue:
             if cache.queue:
                 break
+            if copied_back(self.demoted_at.pop(name, None), now, self.cfg.window):
+                self.recopied[name] = self.recopied.get(name, 0) + 1
             cache.promote(name, now)
 
 
