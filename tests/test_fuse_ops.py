@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from scratchfs import reading
 from scratchfs.fuse_ops import ERRNO_TABLE, Operations, errno_for
 from scratchfs.squashfs import CorruptImageError, Image, ImageIOError, LibraryError, SquashfsError
 from scratchfs.tiers import Dataset
+
+from tests.mounts import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -391,10 +392,7 @@ def test_read_waiting_on_the_cached_copy_finishes_there_on_demotion(image: Path,
         assert not scratch_loads  # scratch was not read
         # closed once its last user let go: the decode pool's worker thread may release its hold
         # just after the read it served has returned
-        deadline = time.monotonic() + 10
-        while not cached._closed and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert cached._closed
+        wait_for(lambda: cached._closed, "the demoted cached image closed", timeout=10, interval=0.01)
     finally:
         gate.set()
         o.close()
