@@ -21,7 +21,6 @@ from scratchfs import reading
 from scratchfs.fuse_ops import ERRNO_TABLE, Operations, errno_for
 from scratchfs.squashfs import CorruptImageError, Image, ImageIOError, LibraryError, SquashfsError
 from scratchfs.tiers import Dataset
-
 from tests.mounts import wait_for
 
 
