@@ -467,6 +467,8 @@ def best_subset(items: Iterable[tuple[str, int, float]], budget: int, resolution
     pos = [it for it in items if it[2] > 0 and 0 <= it[1] <= budget]
     if budget <= 0 or not pos:
         return [name for name, size, _ in pos if size == 0]
+    if sum(size for _, size, _ in pos) <= budget:
+        return [name for name, _, _ in pos]  # all fit: nothing to choose between
     value = {name: v for name, _, v in pos}
     sizes = {name: s for name, s, _ in pos}
     picks = [_greedy(pos, budget)]
