@@ -23,6 +23,7 @@ awaits; worker threads get plain values and return plain values.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -396,13 +397,17 @@ class Daemon(Mover):
             horizon=HORIZON_WINDOWS * self.s.window, min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth
         )
         recopied = {n: m.recopied for n, m in self.managed.items() if m.recopied}
-        d = choose(demand=demand, sizes=sizes, capacity=self.capacity_now, cached=cached, reclaimable=kept,
-                   free=max(0, free + self.reclaimable_bytes()), recopied=recopied,
-                   pinned=forced, never_cache=self.s.never_cache, now=now, params=params)  # fmt: skip
+        # A round over many datasets can take tens of milliseconds: computed in a worker thread
+        # so that FUSE requests are served meanwhile (the inputs are this round's own copies).
+        d = await trio.to_thread.run_sync(functools.partial(
+            choose, demand=demand, sizes=sizes, capacity=self.capacity_now, cached=cached, reclaimable=kept,
+            free=max(0, free + self.reclaimable_bytes()), recopied=recopied,
+            pinned=forced, never_cache=self.s.never_cache, now=now, params=params))  # fmt: skip
         self.last_decision = d
+        pinned_now = self.pins() - forced  # pinned by an admin meanwhile: not demoted for this round
         for name in sorted(d.demote):
             m = self.managed.get(name)
-            if m is None:
+            if m is None or name in pinned_now:
                 continue
             if m.job is not None:
                 log.info("cancelling the copy of %s (no longer wanted)", name)
