@@ -17,7 +17,8 @@ key                 value                                                  defau
 ``reserve``         free space never to use on the cache filesystem        ``"5%"``
                     (bytes or ``"N%"``)
 ``window``          throughput window: ``"10m"``, seconds                  ``"10m"``
-``min_residency``   a promoted dataset stays at least this long            ``"10m"``
+``min_residency``   a promoted dataset stays at least this long; 0: no     ``0``
+                    floor (the policy's hysteresis keeps it from flapping)
 ``copy_bandwidth``  copier limit, bytes/s (``"200M"``); 0 = unlimited      ``0``
 ``pinned``          dataset names always held in the cache if they fit     ``[]``
 ``never_cache``     dataset names never copied to the cache                ``[]``
@@ -101,7 +102,7 @@ class MountdConfig:
     capacity: Share = Share(percent=80.0)
     reserve: Share = Share(percent=5.0)
     window: float = 600.0
-    min_residency: float = 600.0
+    min_residency: float = 0.0
     copy_bandwidth: int = 0
     pinned: frozenset[str] = frozenset()
     never_cache: frozenset[str] = frozenset()

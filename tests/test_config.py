@@ -44,7 +44,7 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
     assert cfg.datadirs == (Path("/scratch/ds"),)
     assert cfg.capacity_bytes(1000) == 800  # 80 % default
     assert cfg.reserve_bytes(1000) == 50
-    assert cfg.window == 600 and cfg.min_residency == 600
+    assert cfg.window == 600 and cfg.min_residency == 0
     assert cfg.copy_bandwidth == 0 and cfg.allow_other is True and cfg.control_gid is None
 
 

@@ -41,7 +41,7 @@ class SimConfig:
     copy_bandwidth: float = 500 * MiB  # bytes/s, 0 = instant
     window: float = 600.0
     interval: float = 2.0  # policy round (mountd's default policy_interval)
-    min_residency: float = 600.0
+    min_residency: float = 0.0  # mountd's default
     hysteresis: float = PolicyParams.hysteresis  # mountd's
     oracle_horizons: tuple[float, ...] = (1.0, 3.0, 9.0)  # × window
 

@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--copy-bandwidth", default="500M", help="copier bandwidth, bytes/s (0 = instant) [500M]")
     p.add_argument("--window", default="10m", help="throughput window [10m]")
     p.add_argument("--interval", default="2s", help="policy round (mountd's default policy_interval) [2s]")
-    p.add_argument("--min-residency", default="10m", help="[10m]")
+    p.add_argument("--min-residency", default="0", help="mountd's min_residency [0]")
     p.add_argument("--scale", type=float, default=1.0, help="shrink synthetic traces (sizes, durations) by this factor")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
