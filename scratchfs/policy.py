@@ -159,7 +159,9 @@ Algorithm
    frontier of (exact bytes, value) states.  The frontier is exact while it has at most
    ``2 * resolution`` states; beyond that each ``budget / resolution`` band of sizes keeps only
    its best state.  Either way the sums are exact bytes: no rounding can overshoot.  The
-   dynamic programme runs only while ``items * resolution`` stays small enough for a round.
+   dynamic programme runs only while ``items * resolution`` stays small enough for a round,
+   and not at all when everything valued fits (all of it is taken: often so, with many small
+   datasets and room for them).
 
 6. **Keep idle incumbents** while there is room: cached datasets that lost their demand stay
    (best value per byte first) as long as nothing with value needs the space, so returning
