@@ -474,3 +474,45 @@ def test_a_demotion_warms_again_for_a_reader_that_overtook_the_warmed_bytes(imag
         assert img.read_view(f, WARM_BYTES, WARM_BYTES // 2, load=False) is not None  # really decoded
     finally:
         img.close()
+
+
+def test_a_pin_that_arrives_while_the_policy_chooses_is_not_undone_by_that_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """policy_round computes the policy's choice in a worker thread, so a `ctl pin` can land
+    between the round's inputs and its demotions.  The choice here is a stand-in that pins
+    "a" while it runs (as the control request would) and asks to demote both cached
+    datasets: only "b" is demoted; "a" waits for the next round, which sees the pin.  The
+    daemon's state and the round itself are real; demote is recorded instead of switching
+    readers (there is no FUSE layer here)."""
+    import trio
+
+    from mountd import daemon
+    from mountd.records import Managed, Settings
+    from scratchfs.policy import Decision
+
+    d = daemon.Daemon(Settings(datadirs=(tmp_path,), cachedir=tmp_path, mountdir=tmp_path))
+    for name in ("a", "b"):
+        d.managed[name] = Managed(name=name, ds=None, backing=tmp_path / f"{name}.sqfs", identity=None,  # type: ignore[arg-type]
+                                  size=4096, cache_file=f"{name}.sqfs", promoted_at=0.0)  # fmt: skip
+    in_trio: list[bool] = []  # whether the choice ran in trio's thread
+
+    def choice(**kw: object) -> Decision:
+        try:
+            trio.lowlevel.current_task()
+            in_trio.append(True)
+        except RuntimeError:
+            in_trio.append(False)
+        d.ctl_pins.add("a")
+        cached = frozenset(kw["cached"])  # type: ignore[arg-type]
+        return Decision(hold=frozenset(), promote=frozenset(), demote=cached, budget=0)
+
+    demoted: list[str] = []
+
+    async def demote(m: Managed, why: str = "policy", keep: bool = True) -> bool:
+        demoted.append(m.name)
+        return True
+
+    monkeypatch.setattr(daemon, "choose", choice)
+    monkeypatch.setattr(d, "demote", demote)
+    trio.run(d.policy_round)
+    assert in_trio == [False]  # computed in a worker thread
+    assert demoted == ["b"]
