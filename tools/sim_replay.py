@@ -16,6 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mountd.config import MountdConfig  # noqa: E402
 from scratchfs.policy import (  # noqa: E402
     HORIZON_WINDOWS,
     PolicyParams,
@@ -39,9 +40,9 @@ MiB = 1 << 20
 class SimConfig:
     capacity: int
     copy_bandwidth: float = 500 * MiB  # bytes/s, 0 = instant
-    window: float = 600.0
-    interval: float = 2.0  # policy round (mountd's default policy_interval)
-    min_residency: float = 0.0  # mountd's default
+    window: float = MountdConfig.window  # mountd's defaults, here and below
+    interval: float = MountdConfig.policy_interval  # policy round
+    min_residency: float = MountdConfig.min_residency
     hysteresis: float = PolicyParams.hysteresis  # mountd's
     oracle_horizons: tuple[float, ...] = (1.0, 3.0, 9.0)  # × window
 
