@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from mountd.cachestore import LOCK_NAME, STATE_NAME
 from scratchfs.status_cmd import request
 from scratchfs.trace import read_trace
 from tests import mounts
@@ -290,7 +291,9 @@ def payload(n: int, seed: int) -> bytes:
 
 
 def cache_files(md: Mountd) -> set[str]:
-    return {n for n in os.listdir(md.cache) if not n.startswith(".scratchfs-mountd")}
+    """The cache directory's files but mountd's lock, its state record and that record's
+    atomic-write temp file (``.NAME.XXXX.tmp``: there for a moment each time it is written)."""
+    return {n for n in os.listdir(md.cache) if n not in (STATE_NAME, LOCK_NAME) and not n.startswith(f".{STATE_NAME}.")}
 
 
 def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30.0, md: Mountd | None = None) -> Any:
