@@ -591,6 +591,35 @@ def test_an_incumbent_read_on_and_off_and_copied_back_is_valued_at_its_long_term
         assert off.hold == {"cand"} and off.demote == {"inc"}
 
 
+def test_an_incumbent_paused_in_a_run_whose_pauses_resume_keeps_its_copy_worth_for_a_while() -> None:
+    """An incumbent paused for a minute in the middle of a long run keeps what its copy is
+    worth to that run (its size) less the share of the window it has been paused, if its own
+    pauses have more often ended with reads again than ended its runs: it keeps its place
+    against a dataset read a little faster than its held rate.  Not so if its runs mostly end
+    at a pause, nor once the pause nears a window, nor where reads are on and off (the run's
+    mean rate values it there)."""
+    params = PolicyParams(horizon=1200, window=600, copy_bandwidth=0, spare=False)
+    size = 10 * GiB
+    run = dict(rate=1e8, recent_rate=0.0, age=600, run_bytes=6e10, last_run_bytes=5e10)  # paused
+    cand = Demand(rate=7.8e7, recent_rate=7.8e7, age=600)  # its run so far says long
+    common = dict(sizes={"inc": size, "cand": size}, capacity=15 * GiB, free=5 * GiB, cached={"inc": 0.0}, now=1e5, params=params)
+    held = 0.5 * 1e8 * 1200 * (1 + params.hysteresis)  # held_floor × its window rate
+    cand_value = 7.8e7 * 1200 - params.copy_charge * size
+    assert held < cand_value < held + size
+    resumes = Demand(**run, idle=60, runs=1, returns=1)  # its last run ended with reads again soon
+    d = choose(demand={"inc": resumes, "cand": cand}, **common)
+    assert d.hold == {"inc"}
+    assert d.value["inc"] == pytest.approx(held + (1 - 60 / 600) * size)
+    assert d.value["cand"] == pytest.approx(cand_value)
+    for inc in (Demand(**run, idle=60, runs=2, resumed=1),  # its pauses mostly ended its runs
+                replace(resumes, idle=540)):  # paused for most of a window
+        d = choose(demand={"inc": inc, "cand": cand}, **common)
+        assert d.hold == {"cand"} and d.demote == {"inc"}
+    # reads on and off here (another dataset's pauses): valued at its run's mean rate, no more
+    on_off = choose(demand={"inc": resumes, "cand": cand, "other": Demand(rate=1e6, resumed=ON_OFF_PAUSES)}, **common)
+    assert on_off.value["inc"] == pytest.approx(RUN_RATE_SHARE * 1e8 * 1200 * (1 + params.hysteresis))
+
+
 def test_copied_back() -> None:
     assert copied_back(1000.0, 1000.0 + RETURN_WINDOWS * 600 - 1, 600)
     assert not copied_back(1000.0, 1000.0 + RETURN_WINDOWS * 600, 600)

@@ -219,7 +219,7 @@ def test_recorded_logical_sizes_scale_ours() -> None:
     first_hit = []
     for tr in (plain, packed):
         pol = model.OursPolicy(tr, cfg)
-        pol.params = PolicyParams(horizon=120, copy_bandwidth=0, min_residency=0, spare=False)
+        pol.params = PolicyParams(horizon=120, window=60, copy_bandwidth=0, min_residency=0, spare=False)
         r = model.replay(tr, pol)
         first_hit.append(r.hit_bytes)
     assert first_hit[0] > first_hit[1] > 0
@@ -287,7 +287,7 @@ def _copy_starts(pol: model.SimPolicy) -> list[tuple[str, float]]:
 
 def _promotions(trace: Trace, cfg: model.SimConfig, spare: bool) -> dict[str, list[float]]:
     pol = model.OursPolicy(trace, cfg)
-    pol.params = PolicyParams(horizon=2 * cfg.window, copy_bandwidth=cfg.copy_bandwidth, min_residency=0, spare=spare)
+    pol.params = PolicyParams(horizon=2 * cfg.window, window=cfg.window, copy_bandwidth=cfg.copy_bandwidth, min_residency=0, spare=spare)
     starts = _copy_starts(pol)
     model.replay(trace, pol)
     times: dict[str, list[float]] = {}

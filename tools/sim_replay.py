@@ -226,6 +226,7 @@ class OursPolicy(SimPolicy):
         self.stats = ThroughputStats(cfg.window, buckets=BUCKETS)
         self.params = PolicyParams(
             horizon=HORIZON_WINDOWS * cfg.window,
+            window=cfg.window,
             min_residency=cfg.min_residency,
             copy_bandwidth=cfg.copy_bandwidth,
             hysteresis=cfg.hysteresis,
