@@ -44,8 +44,8 @@ Algorithm
      more often ended with reads again than ended its runs (``resumed + returns > runs -
      returns``, as in "through its own pauses" below), unless reads here are on and off (see
      "reads on and off": its run's mean rate holds it then).  Without this, a job pausing for
-     seconds (9 s of a 30 s window, on recorded seed 2) gave its copy up to a dataset read at about its held
-     rate, and was copied back moments later when the job went on.  Tuning figures
+     seconds (9 s of a 30 s window, on recorded seed 2) gave its copy up to a dataset read at
+     about its held rate, and was copied back moments later when the job went on.  Tuning figures
      (``tools/simulate_traces.py``): all five recorded traces meet the targets (seed 2:
      hit ratio 0.688 against 0.664, copies 0.99× scratch_manager's against 1.04×), ``jobs``
      40 of 40 seeds, and ``hot``/``shift``/``scan`` miss on the same three of 525 traces as
