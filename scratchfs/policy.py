@@ -209,6 +209,18 @@ Algorithm
    dataset being read (``r > 0``) from one that is not (``r = 0``), so under constant demand a
    loan given back is never asked for again.
 
+   **Known defect: flapping when demand changes.**  The argument above needs each dataset to
+   be worth at least as much cached as not.  An incumbent whose recent rate fell is valued at
+   its floor, its worth as a candidate *with* the copy time and copy charge; demoted, its copy
+   is still on the disk (``reclaimable``) and it is valued as a candidate *without* them, so
+   higher.  With no hysteresis between the two, it is demoted and taken back round after
+   round: replayed by the simulator, 48 of the 120 ``hot``/``shift`` traces of seeds 0–59
+   have a dataset demoted and promoted again within 10 s, up to 72 times in one trace (its
+   readers switched back and forth, its copy kept and served again each time, and a copy
+   started for the dataset displacing it cancelled as often).
+   Counting an incumbent's floor without the copy costs removes most of them but costs hit
+   ratio elsewhere (``hot`` seed 189 falls 0.0065 below scratch_manager's): not fixed yet.
+
 8. **A copy gives way** (:func:`gives_way`, called by mountd and the simulator with the copy
    that is running and the first of ``queue``).  Copies run one at a time, so a large copy
    started for a moderate demand can keep a dataset read much faster waiting for most of its
