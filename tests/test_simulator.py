@@ -426,3 +426,14 @@ def test_a_dataset_read_all_the_time_is_never_idle_once_its_samples_are_spread()
 
     assert idle_rounds(tr) > 0
     assert idle_rounds(model.spread(tr, 30.0 / model.BUCKETS)) == 0
+
+
+def test_a_promotion_soon_after_a_demotion_counts_as_a_flap() -> None:
+    cache = model.CacheModel({"a": 100, "b": 100}, bandwidth=0, capacity=200, keep=True)
+    cache.promote("a", 0.0)
+    cache.demote("a", 5.0)
+    cache.promote("a", 5.0 + model.FLAP_SECONDS)  # taken back (from its kept copy) in time
+    cache.demote("a", 20.0)
+    cache.promote("a", 20.0 + model.FLAP_SECONDS + 1)  # later: not a flap
+    cache.promote("b", 1.0)  # never demoted
+    assert cache.flaps == 1 and cache.drops == 2

@@ -50,6 +50,10 @@ class SimConfig:
 # -- the cache and its copier -----------------------------------------------------------------
 
 
+#: A dataset promoted again within this many seconds of its demotion counts as a flap.
+FLAP_SECONDS = 10.0
+
+
 class CacheModel:
     """Images held or being copied, one serial copier at a fixed bandwidth.
 
@@ -75,6 +79,8 @@ class CacheModel:
         self.bytes_copied = 0
         self.copies = 0
         self.drops = 0
+        self.dropped_at: dict[str, float] = {}  # name → when it was last demoted
+        self.flaps = 0  # promotions of a dataset within FLAP_SECONDS of its demotion
 
     @property
     def reclaimable(self) -> list[str]:
@@ -135,6 +141,8 @@ class CacheModel:
     def promote(self, name: str, now: float) -> None:
         if name in self:
             return
+        if now - self.dropped_at.get(name, -math.inf) <= FLAP_SECONDS:
+            self.flaps += 1
         size = self.sizes[name]
         self.used += size
         self.peak = max(self.peak, self.used)
@@ -178,6 +186,7 @@ class CacheModel:
             return
         self.used -= self.sizes[name]
         self.drops += 1
+        self.dropped_at[name] = now
 
 
 # -- policies ---------------------------------------------------------------------------------
@@ -464,6 +473,7 @@ class Result:
     bytes_copied: int = 0
     copies: int = 0
     drops: int = 0
+    flaps: int = 0  # promotions within FLAP_SECONDS of the same dataset's demotion
     peak: int = 0
     capacity: int = 0
     note: str = ""
@@ -500,6 +510,7 @@ def replay(trace: Trace, policy: SimPolicy) -> Result:
     res.bytes_copied = cache.bytes_copied
     res.copies = cache.copies
     res.drops = cache.drops
+    res.flaps = cache.flaps
     res.peak = cache.peak
     return res
 

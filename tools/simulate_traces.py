@@ -38,7 +38,9 @@ Copy model (all policies): one copier, serial, at ``--copy-bandwidth`` bytes/s (
 A promoted image takes ``size / bandwidth`` seconds after the copies queued before it; reads of
 it go to scratch until its copy has finished.  Space is taken when a copy is queued.  Dropping
 an image frees its space at once; a copy dropped mid-way counts the bytes it had copied.
-"Bytes copied" is what the copier read from scratch.
+"Bytes copied" is what the copier read from scratch.  ``flaps`` counts promotions of a dataset
+within ``FLAP_SECONDS`` (10 s) of its demotion: a policy taking back what it just gave up
+(informational, not a target).
 
 Byte hit ratio: bytes of trace reads served from the cache / all bytes of trace reads.
 
@@ -100,7 +102,7 @@ log = logging.getLogger("simulate_traces")
 
 def _fmt_row(trace: str, r: Result) -> str:
     return (
-        f"{trace:<10} {r.policy:<16} {r.hit_ratio:>7.3f} {format_size(r.bytes_copied):>11} {r.copies:>6} "
+        f"{trace:<10} {r.policy:<16} {r.hit_ratio:>7.3f} {format_size(r.bytes_copied):>11} {r.copies:>6} {r.flaps:>5} "
         f"{r.peak / r.capacity if r.capacity else 0:>6.3f}  {r.note}"
     )
 
@@ -267,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in _shape_summary(records):
             print(line)
         return 0 if all_ok else 1
-    print(f"{'trace':<10} {'policy':<16} {'hit':>7} {'copied':>11} {'copies':>6} {'peak':>6}")
+    print(f"{'trace':<10} {'policy':<16} {'hit':>7} {'copied':>11} {'copies':>6} {'flaps':>5} {'peak':>6}")
     for rec in records:
         for r in rec["results"]:
             print(_fmt_row(str(rec["trace"]), Result(**{k: v for k, v in r.items() if k != "hit_ratio"})))
