@@ -219,7 +219,10 @@ Algorithm
    readers switched back and forth, its copy kept and served again each time, and a copy
    started for the dataset displacing it cancelled as often).
    Counting an incumbent's floor without the copy costs removes most of them but costs hit
-   ratio elsewhere (``hot`` seed 189 falls 0.0065 below scratch_manager's): not fixed yet.
+   ratio elsewhere (``hot`` seed 189 falls 0.0065 below scratch_manager's); so does valuing a
+   reclaimable candidate at no more than it would be worth cached (without the hysteresis):
+   ``hot`` 255–265 traces with flaps 5 → 1, ``hot`` 189 the same −0.0065 (it has only two
+   flaps, from t=10092; its loss is a different course after them).  Not fixed yet.
 
 8. **A copy gives way** (:func:`gives_way`, called by mountd and the simulator with the copy
    that is running and the first of ``queue``).  Copies run one at a time, so a large copy
