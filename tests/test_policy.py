@@ -610,9 +610,6 @@ def test_an_incumbent_paused_in_a_run_whose_pauses_resume_keeps_its_copy_worth_f
     d = choose(demand={"inc": resumes, "cand": cand}, **common)
     assert d.hold == {"inc"}
     assert d.value["inc"] == pytest.approx(held + (1 - 60 / 600) * size)
-    for bad in (0.0, -1.0):
-        with pytest.raises(ValueError):
-            PolicyParams(window=bad)
     assert d.value["cand"] == pytest.approx(cand_value)
     for inc in (Demand(**run, idle=60, runs=2, resumed=1),  # its pauses mostly ended its runs
                 replace(resumes, idle=540)):  # paused for most of a window
@@ -621,6 +618,10 @@ def test_an_incumbent_paused_in_a_run_whose_pauses_resume_keeps_its_copy_worth_f
     # reads on and off here (another dataset's pauses): valued at its run's mean rate, no more
     on_off = choose(demand={"inc": resumes, "cand": cand, "other": Demand(rate=1e6, resumed=ON_OFF_PAUSES)}, **common)
     assert on_off.value["inc"] == pytest.approx(RUN_RATE_SHARE * 1e8 * 1200 * (1 + params.hysteresis))
+    # the window the pause is measured against must be positive
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError):
+            PolicyParams(window=bad)
 
 
 def test_copied_back() -> None:
