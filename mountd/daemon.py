@@ -41,7 +41,6 @@ from scratchfs.errors import ScratchfsError
 from scratchfs.image.manifest import read_manifest
 from scratchfs.namespace import Namespace
 from scratchfs.policy import (
-    HORIZON_WINDOWS,
     Decision,
     Demand,
     PolicyParams,
@@ -393,12 +392,7 @@ class Daemon(Mover):
         }
         # Datasets whose backing is gone can only be served from the cache: hold them like pins.
         forced = self.pins() | {n for n, m in self.managed.items() if m.backing_gone}
-        params = PolicyParams(
-            horizon=HORIZON_WINDOWS * self.s.window,
-            window=self.s.window,
-            min_residency=self.s.min_residency,
-            copy_bandwidth=self.s.copy_bandwidth,
-        )
+        params = PolicyParams.for_window(self.s.window, min_residency=self.s.min_residency, copy_bandwidth=self.s.copy_bandwidth)
         recopied = {n: m.recopied for n, m in self.managed.items() if m.recopied}
         # A round over many datasets can take tens of milliseconds: computed in a worker thread
         # so that FUSE requests are served meanwhile (the inputs are this round's own copies).

@@ -303,6 +303,12 @@ class PolicyParams:
     spare: bool = True  # fill space no valued dataset wants with datasets that would be read from it
     resolution: int = 1000  # knapsack DP size units
 
+    @classmethod
+    def for_window(cls, window: float, **kw: Any) -> PolicyParams:
+        """The params mountd (and the simulator replaying it) run with for a throughput
+        ``window``: the horizon is ``HORIZON_WINDOWS`` windows."""
+        return cls(horizon=HORIZON_WINDOWS * window, window=window, **kw)
+
     def __post_init__(self) -> None:
         if not (self.horizon > 0 and self.window > 0):
             raise ValueError("horizon and window must be positive")

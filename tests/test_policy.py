@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchfs.policy import (
+    HORIZON_WINDOWS,
     ON_OFF_PAUSES,
     ON_OFF_SHARE,
     PRIOR_RAMP,
@@ -618,6 +619,8 @@ def test_an_incumbent_paused_in_a_run_whose_pauses_resume_keeps_its_copy_worth_f
     # reads on and off here (another dataset's pauses): valued at its run's mean rate, no more
     on_off = choose(demand={"inc": resumes, "cand": cand, "other": Demand(rate=1e6, resumed=ON_OFF_PAUSES)}, **common)
     assert on_off.value["inc"] == pytest.approx(RUN_RATE_SHARE * 1e8 * 1200 * (1 + params.hysteresis))
+    # mountd's params for a window: the horizon is HORIZON_WINDOWS windows
+    assert PolicyParams.for_window(30.0, spare=False) == PolicyParams(horizon=HORIZON_WINDOWS * 30.0, window=30.0, spare=False)
     # the window the pause is measured against must be positive
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError):

@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mountd.config import MountdConfig  # noqa: E402
 from scratchfs.policy import (  # noqa: E402
-    HORIZON_WINDOWS,
     PolicyParams,
     best_subset,
     choose,
@@ -233,9 +232,8 @@ class OursPolicy(SimPolicy):
     def __init__(self, trace: Trace, cfg: SimConfig) -> None:
         super().__init__(trace, cfg)
         self.stats = ThroughputStats(cfg.window, buckets=BUCKETS)
-        self.params = PolicyParams(
-            horizon=HORIZON_WINDOWS * cfg.window,
-            window=cfg.window,
+        self.params = PolicyParams.for_window(
+            cfg.window,
             min_residency=cfg.min_residency,
             copy_bandwidth=cfg.copy_bandwidth,
             hysteresis=cfg.hysteresis,
